@@ -1,0 +1,1 @@
+"""Subcommands of the ``sense-jax`` CLI (see :mod:`sense_jax.cli`)."""

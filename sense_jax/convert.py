@@ -1,0 +1,400 @@
+"""Conversion between transformers (PyTorch) checkpoints and Flax params pytrees.
+
+Sources: a local transformers model directory holding ``config.json`` and one of
+``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``, or
+``pytorch_model.bin`` (sharded or not; read with ``torch.load(weights_only=True)`` and only when
+torch is installed); or a hub id, downloaded with huggingface_hub where the hub is reachable.
+
+Conversion is data: each family (``sense_jax/models/*.py``) gives a table of
+:class:`~sense_jax.models.ParamRule` rows, and the same table drives export back to transformers'
+names. A checkpoint is accepted only when every tensor maps to a parameter of ours, every
+parameter of ours is filled, and every shape matches exactly (as nanoGPT's ``from_pretrained``).
+
+A converted directory holds ``config.json`` (transformers' own), the tokenizer files,
+``sense_jax.json`` (what this is and where it came from) and ``params/`` (an Orbax checkpoint of
+the float32 params pytree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from sense_jax.errors import ConversionError
+from sense_jax.io_utils import atomic_directory, read_json, write_json_atomic
+from sense_jax.models import ModelFamily, get_family
+
+FORMAT_VERSION = 1
+METADATA_FILE = "sense_jax.json"
+PARAMS_DIR = "params"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spm.model",
+    "tokenizer.model",
+)
+
+
+# --- Reading a transformers checkpoint --------------------------------------------------------
+
+def resolve_source(src: str | os.PathLike) -> Path:
+    """A local directory as is, or a hub id downloaded to the local cache.
+
+    Raises:
+      ConversionError: ``src`` is neither an existing directory nor a downloadable hub id.
+    """
+    path = Path(src)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ConversionError(f"{path} is a file; expected a transformers model directory")
+    if str(src).count("/") > 1 or str(src).startswith((".", "/", "~")):
+        raise ConversionError(f"model directory not found: {path}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(src), allow_patterns=[
+            "config.json", "*.safetensors", "*.safetensors.index.json", *TOKENIZER_FILES]))
+    except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
+        raise ConversionError(
+            f"{src!r} is not a local directory and could not be fetched from the hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def read_hf_config(model_dir: Path) -> dict:
+    """transformers' ``config.json`` of ``model_dir`` as a dict (ConversionError if absent/invalid)."""
+    try:
+        return read_json(model_dir / "config.json", "config.json")
+    except ConversionError:
+        raise
+    except Exception as e:
+        raise ConversionError(str(e)) from None
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    """The weight files of ``model_dir``, preferring safetensors; checks index files' shards."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = model_dir / index_name
+        if index.exists():
+            weight_map = read_json(index, "index file").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ConversionError(f"{index}: no 'weight_map' object")
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (model_dir / f).is_file()]
+            if missing:
+                raise ConversionError(f"{index} lists shard(s) that are missing: {missing}")
+            return [model_dir / f for f in files]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (model_dir / name).is_file():
+            return [model_dir / name]
+    raise ConversionError(
+        f"{model_dir}: no weights found (expected model.safetensors, "
+        "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json)")
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConversionError(f"{path}: not a readable safetensors file ({e}); "
+                              "it may be truncated or corrupt") from None
+
+
+def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(
+            f"{path}: a PyTorch .bin checkpoint needs torch to read (pip install torch); "
+            "or convert it to model.safetensors") from None
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConversionError(f"{path}: could not be read as a PyTorch checkpoint with "
+                              f"weights_only=True ({type(e).__name__}: {e})") from None
+    out = {}
+    for k, v in state.items():
+        if v.dtype == torch.bfloat16:
+            v = v.float()
+        out[k] = v.numpy()
+    return out
+
+
+def read_hf_state_dict(model_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Path]]:
+    """All tensors of a checkpoint, and the file each came from.
+
+    Returns:
+      (state, file_of): name -> numpy array (dtype as stored), name -> source file.
+
+    Raises:
+      ConversionError: missing, corrupt or truncated files, shards missing from an index, or a
+        .bin checkpoint without torch installed.
+    """
+    state: dict[str, np.ndarray] = {}
+    file_of: dict[str, Path] = {}
+    for path in _weight_files(model_dir):
+        tensors = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch_bin(path)
+        for k, v in tensors.items():
+            state[k] = v
+            file_of[k] = path
+    return state, file_of
+
+
+# --- Mapping names and values -----------------------------------------------------------------
+
+def _family_and_config(hf_config: dict, source: str) -> tuple[ModelFamily, Any]:
+    model_type = hf_config.get("model_type")
+    if not model_type:
+        raise ConversionError(f"{source}: no 'model_type' key")
+    family = get_family(model_type, source)
+    return family, family.config_from_hf(hf_config)
+
+
+def abstract_params(family: ModelFamily, cfg: Any) -> dict:
+    """Shapes and dtypes of the params of ``cfg`` (a pytree of ShapeDtypeStruct), no allocation."""
+    module = family.make_module(cfg)
+    ids = jnp.zeros((1, 2), jnp.int32)
+    method = getattr(module, family.init_method) if family.init_method else None
+    variables = jax.eval_shape(
+        lambda: module.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids), method=method))
+    from flax.core import meta
+
+    return meta.unbox(variables["params"])
+
+
+def init_params(family: ModelFamily, cfg: Any, seed: int = 0) -> dict:
+    """Randomly initialised params of ``cfg`` (unboxed float32 pytree), deterministic in ``seed``."""
+    from flax.core import meta
+
+    module = family.make_module(cfg)
+    ids = jnp.zeros((1, 2), jnp.int32)
+    method = getattr(module, family.init_method) if family.init_method else None
+    variables = module.init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids), method=method)
+    return meta.unbox(variables["params"])
+
+
+def _strip_prefix(names: list[str], family: ModelFamily) -> dict[str, str]:
+    """Map stored names to base-model names, stripping a task model's prefix (``bert.``)."""
+    for prefix in family.base_prefixes:
+        if any(n.startswith(prefix) for n in names) and not any(
+                n.startswith(("embeddings.", "encoder.")) for n in names):
+            return {n: n[len(prefix):] if n.startswith(prefix) else n for n in names}
+    return {n: n for n in names}
+
+
+def _match(rules, name: str) -> tuple[str, Any] | None:
+    for rule in rules:
+        m = rule.hf_regex().match(name)
+        if m:
+            path = rule.flax.replace("{i}", m.group("i")) if "i" in m.groupdict() else rule.flax
+            return path, rule.transform
+    return None
+
+
+def hf_to_params(family: ModelFamily, cfg: Any, state: dict[str, np.ndarray],
+                 file_of: dict[str, Path] | None = None) -> tuple[dict, list[str]]:
+    """Map a transformers state dict to our params pytree, checking names and shapes exactly.
+
+    Returns:
+      (params, skipped): a nested dict of float32 numpy arrays, and the stored names that were
+      skipped as buffers or task heads (``family.ignored``).
+
+    Raises:
+      ConversionError: a tensor maps to nothing, a parameter is missing, or a shape differs;
+        the message names the tensor and its file.
+    """
+    file_of = file_of or {}
+    expected = traverse_util.flatten_dict(abstract_params(family, cfg), sep="/")
+    base = _strip_prefix(list(state), family)
+    ignored = [re.compile(p) for p in family.ignored]
+    flat: dict[str, np.ndarray] = {}
+    skipped, unknown = [], []
+    for stored, name in base.items():
+        where = f"{file_of.get(stored, 'checkpoint')}: tensor {stored!r}"
+        hit = _match(family.rules, name)
+        if hit is None or hit[0] not in expected:
+            if any(p.search(name) for p in ignored):
+                skipped.append(stored)
+                continue
+            unknown.append(where)
+            continue
+        path, transform = hit
+        value = transform.to_flax(np.asarray(state[stored]))
+        want = tuple(expected[path].shape)
+        if tuple(value.shape) != want:
+            raise ConversionError(f"{where} has shape {tuple(state[stored].shape)}, expected "
+                                  f"{_hf_shape(transform, want)} for this config")
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ConversionError(f"{where} has dtype {value.dtype}, expected a float tensor")
+        flat[path] = value.astype(np.float32)
+    if unknown:
+        raise ConversionError("tensors that map to no parameter of this model: " + "; ".join(unknown[:10])
+                              + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""))
+    missing = sorted(set(expected) - set(flat))
+    if missing:
+        names = [_hf_name(family, p) for p in missing]
+        raise ConversionError(f"checkpoint lacks {len(missing)} tensor(s) the model needs: {names[:10]}")
+    return traverse_util.unflatten_dict(flat, sep="/"), skipped
+
+
+def _hf_shape(transform, flax_shape):
+    return tuple(reversed(flax_shape)) if transform.name == "linear" else flax_shape
+
+
+def _hf_name(family: ModelFamily, flax_path: str) -> str:
+    for rule in family.rules:
+        pattern = "^" + re.escape(rule.flax).replace(r"\{i\}", r"(?P<i>\d+)") + "$"
+        m = re.match(pattern, flax_path)
+        if m:
+            return rule.hf.replace("{i}", m.group("i")) if "i" in m.groupdict() else rule.hf
+    return flax_path
+
+
+def params_to_hf(family: ModelFamily, params: dict) -> dict[str, np.ndarray]:
+    """Our params pytree -> transformers' base-model state dict (float32 numpy arrays).
+
+    The inverse of :func:`hf_to_params`: ``params_to_hf(hf_to_params(sd)) == sd`` bit for bit
+    (minus skipped buffers and heads).
+    """
+    out = {}
+    for path, value in traverse_util.flatten_dict(params, sep="/").items():
+        name = _hf_name(family, path)
+        if name == path:
+            raise ConversionError(f"parameter {path!r} has no transformers name in the {family.name} table")
+        rule = _match(family.rules, name)
+        out[name] = rule[1].to_hf(np.asarray(jax.device_get(value), dtype=np.float32))
+    return out
+
+
+# --- The converted directory ------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Converted:
+    """A checkpoint in memory: family, config, float32 params and the source's config.json."""
+
+    family: ModelFamily
+    config: Any
+    params: dict
+    hf_config: dict
+    skipped: list[str]
+
+
+def load_hf(src: str | os.PathLike) -> tuple[Converted, Path]:
+    """Read and convert a transformers checkpoint (directory or hub id) in memory.
+
+    Returns:
+      (converted, model_dir).
+
+    Raises:
+      ConversionError: see :func:`read_hf_state_dict` and :func:`hf_to_params`.
+    """
+    model_dir = resolve_source(src)
+    hf_config = read_hf_config(model_dir)
+    family, cfg = _family_and_config(hf_config, str(model_dir / "config.json"))
+    state, file_of = read_hf_state_dict(model_dir)
+    if hasattr(cfg, "add_pooler"):
+        base = _strip_prefix(list(state), family).values()
+        cfg = dataclasses.replace(cfg, add_pooler=any(n.startswith("pooler.") for n in base))
+    params, skipped = hf_to_params(family, cfg, state, file_of)
+    return Converted(family, cfg, params, hf_config, skipped), model_dir
+
+
+def save_params(path: Path, params: dict) -> None:
+    """Write a params pytree as an Orbax checkpoint at ``path`` (must not exist)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path.absolute(), params)
+        ckptr.wait_until_finished()
+
+
+def restore_params(path: Path, abstract: dict, sharding: Any = None) -> dict:
+    """Restore an Orbax params checkpoint against ``abstract`` (ShapeDtypeStructs).
+
+    Args:
+      sharding: a pytree of ``jax.sharding.Sharding`` matching ``abstract`` (or None for the
+        default device).
+
+    Raises:
+      ConversionError: the checkpoint is missing, partial, or its shapes differ.
+    """
+    import orbax.checkpoint as ocp
+
+    if sharding is None:
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = jax.tree.map(lambda _: dev, abstract)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, sharding)
+    if not path.is_dir():
+        raise ConversionError(f"params checkpoint not found: {path}")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(path.absolute(), target)
+    except Exception as e:
+        raise ConversionError(f"{path}: could not restore params ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files present in ``src`` to ``dst``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def write_converted(out: str | os.PathLike, converted: Converted, tokenizer_dir: Path | None,
+                    *, source: str, overwrite: bool = False, extra_metadata: dict | None = None) -> Path:
+    """Write a converted model directory atomically (nothing appears at ``out`` on failure)."""
+    out = Path(out)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        hf_config = dict(converted.hf_config)
+        with open(tmp / "config.json", "w", encoding="utf-8") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+        tok_files = copy_tokenizer_files(tokenizer_dir, tmp) if tokenizer_dir else []
+        save_params(tmp / PARAMS_DIR, converted.params)
+        n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(converted.params))
+        write_json_atomic(tmp / METADATA_FILE, {
+            "format_version": FORMAT_VERSION,
+            "family": converted.family.name,
+            "model_type": hf_config.get("model_type"),
+            "config": dataclasses.asdict(converted.config),
+            "source": source,
+            "param_count": n_params,
+            "param_dtype": "float32",
+            "tokenizer_files": tok_files,
+            "skipped_tensors": converted.skipped,
+            **(extra_metadata or {}),
+        })
+    return out
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Convert a transformers checkpoint to a sense_jax model directory.
+
+    Args:
+      src: local transformers model directory, or a hub id.
+      out: output directory; must not exist unless ``overwrite``.
+
+    Returns:
+      ``out`` as a Path.
+
+    Raises:
+      ConversionError / SenseJaxError: bad input, named; nothing is left at ``out``.
+    """
+    converted, model_dir = load_hf(src)
+    return write_converted(out, converted, model_dir, source=str(src), overwrite=overwrite)

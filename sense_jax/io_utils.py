@@ -1,0 +1,80 @@
+"""Atomic artefact writing: build in a temporary sibling, then rename into place.
+
+A reader never sees a half-written artefact and a failed write never damages a complete one:
+the output directory appears (or is replaced) only by ``os.replace`` once everything inside it
+has been written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from sense_jax.errors import SenseJaxError
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out`` that becomes ``out`` on success.
+
+    Args:
+      out: final directory path.
+      overwrite: replace an existing ``out``; otherwise an existing ``out`` is an error.
+
+    Raises:
+      SenseJaxError: ``out`` exists and ``overwrite`` is False, or its parent is not writable.
+      Any exception raised inside the block propagates after the temporary directory is removed;
+      ``out`` is then untouched.
+    """
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise SenseJaxError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise SenseJaxError(f"cannot write under {out.parent}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
+    """Read a JSON object, raising :class:`SenseJaxError` naming ``path`` when missing or invalid."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise SenseJaxError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SenseJaxError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise SenseJaxError(f"{path} must hold a JSON object, found {type(obj).__name__}")
+    return obj

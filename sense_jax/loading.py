@@ -1,0 +1,135 @@
+"""``load_model``: a converted sense_jax directory or a transformers directory, ready to run."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sense_jax import convert as _convert
+from sense_jax.errors import ConversionError, SenseJaxError
+from sense_jax.io_utils import read_json
+from sense_jax.models import ModelFamily, get_family
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded encoder: module, params, tokenizer and config, with a jitted forward.
+
+    Attributes:
+      module: the Flax Linen module (pure: ``module.apply({"params": params}, ...)``).
+      params: float32 params pytree (jax arrays).
+      tokenizer: the model's transformers fast tokenizer (None if no tokenizer files).
+      config: the family's frozen config dataclass (``dtype`` is the compute dtype).
+      family: the registry entry (conversion table, config parser).
+      hf_config: transformers' config.json as a dict.
+      path: where it was loaded from.
+    """
+
+    module: Any
+    params: Any
+    tokenizer: Any
+    config: Any
+    family: ModelFamily
+    hf_config: dict
+    path: Path
+
+    def __post_init__(self):
+        self._forward = jax.jit(functools.partial(self.module.apply),
+                                static_argnames=("output_all_hidden_states",))
+
+    def hidden_states(self, input_ids, attention_mask, token_type_ids=None) -> jax.Array:
+        """Last-layer hidden states [B, T, D] (compute dtype) for int [B, T] inputs; jitted.
+
+        Compiles once per distinct (B, T); use :func:`sense_jax.batching.length_buckets` to keep
+        the number of shapes small.
+        """
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        attention_mask = jnp.asarray(attention_mask, jnp.int32)
+        if token_type_ids is not None:
+            token_type_ids = jnp.asarray(token_type_ids, jnp.int32)
+        return self._forward({"params": self.params}, input_ids, attention_mask, token_type_ids)
+
+    def all_hidden_states(self, input_ids, attention_mask, token_type_ids=None) -> jax.Array:
+        """Every layer's hidden states [L + 1, B, T, D] (embeddings output first)."""
+        _, states = self._forward({"params": self.params}, jnp.asarray(input_ids, jnp.int32),
+                                  jnp.asarray(attention_mask, jnp.int32), token_type_ids,
+                                  output_all_hidden_states=True)
+        return states
+
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, np.ndarray]:
+        """Tokenise ``texts`` with the model's tokenizer, unpadded, truncated to the model's length.
+
+        Returns a dict of ragged lists under ``input_ids`` (and ``token_type_ids`` if the
+        tokenizer makes them).
+        """
+        if self.tokenizer is None:
+            raise SenseJaxError(f"{self.path}: no tokenizer files")
+        limit = max_length or getattr(self.config, "max_position_embeddings", 512) \
+            - getattr(self.config, "position_offset", 0)
+        return self.tokenizer(list(texts), truncation=True, max_length=limit, padding=False)
+
+    def with_dtype(self, dtype: str) -> "Model":
+        """The same model computing in ``dtype`` ("float32" or "bfloat16"); params stay f32."""
+        cfg = dataclasses.replace(self.config, dtype=str(jnp.dtype(dtype)))
+        return dataclasses.replace(self, config=cfg, module=self.family.make_module(cfg))
+
+
+def _load_tokenizer(path: Path):
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:  # pragma: no cover - transformers is a runtime requirement
+        return None
+    if not any((path / f).exists() for f in _convert.TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(path), use_fast=True, local_files_only=True)
+    except Exception as e:
+        raise SenseJaxError(f"{path}: tokenizer files could not be loaded ({type(e).__name__}: {e})") from None
+
+
+def load_model(path: str | os.PathLike, *, dtype: str = "float32", sharding: Any = None) -> Model:
+    """Load a model for inference or training.
+
+    Args:
+      path: a directory written by ``sense-jax convert`` (holds ``sense_jax.json``), a
+        transformers model directory (converted in memory), or a hub id (where reachable).
+      dtype: compute dtype, "float32" (default) or "bfloat16". Params are float32.
+      sharding: optional pytree of ``jax.sharding.Sharding`` for the params (see
+        :func:`sense_jax.sharding.params_sharding`), else the default device.
+
+    Returns:
+      A :class:`Model`.
+
+    Raises:
+      ConversionError / SenseJaxError: missing files, corrupt weights, unsupported model_type;
+        the message names the file.
+    """
+    p = Path(path)
+    if (p / _convert.METADATA_FILE).is_file():
+        meta = read_json(p / _convert.METADATA_FILE, "sense_jax metadata")
+        hf_config = _convert.read_hf_config(p)
+        family = get_family(meta.get("model_type") or hf_config.get("model_type"), str(p / "config.json"))
+        cfg = family.config_from_hf(hf_config)
+        saved = meta.get("config") or {}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items()
+                                          if k in {f.name for f in dataclasses.fields(cfg)}})
+        abstract = _convert.abstract_params(family, cfg)
+        params = _convert.restore_params(p / _convert.PARAMS_DIR, abstract, sharding)
+        tok_dir = p
+    else:
+        converted, tok_dir = _convert.load_hf(path)
+        family, cfg, hf_config = converted.family, converted.config, converted.hf_config
+        if sharding is not None:
+            params = jax.device_put(converted.params, sharding)
+        else:
+            params = jax.tree.map(jnp.asarray, converted.params)
+    cfg = dataclasses.replace(cfg, dtype=str(jnp.dtype(dtype)))
+    return Model(module=family.make_module(cfg), params=params, tokenizer=_load_tokenizer(tok_dir),
+                 config=cfg, family=family, hf_config=hf_config, path=p)

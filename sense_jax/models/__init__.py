@@ -1,0 +1,124 @@
+"""Model families and their registry.
+
+Each family lives in one file (``bert.py``, later ``llama.py``, ``deberta_v2.py``) with the same
+small contract, collected in a :class:`ModelFamily`:
+
+* a frozen config dataclass built from a transformers ``config.json`` (``config_from_hf``),
+* a Flax Linen module built from that config (``make_module``), a pure function of
+  ``(params, input_ids [B, T], attention_mask [B, T], ...) -> hidden states [B, T, D]``,
+* a conversion table (:class:`ParamRule` rows) mapping transformers' parameter names to ours.
+
+Families register themselves under every transformers ``model_type`` they implement;
+:func:`get_family` looks one up and names the supported types when it cannot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import numpy as np
+
+from sense_jax.errors import ConversionError
+
+# --- Conversion rules -------------------------------------------------------------------------
+# A value transform maps a transformers tensor to ours and back. Both directions are given so one
+# table serves conversion (HF -> Flax) and export (Flax -> HF).
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """A pair of array functions: ``to_flax(hf_array) -> flax_array`` and its inverse."""
+
+    name: str
+    to_flax: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+COPY = Transform("copy", lambda x: x, lambda y: y)
+# torch.nn.Linear stores weight as [out, in]; flax.linen.Dense stores kernel as [in, out].
+LINEAR = Transform("linear", lambda x: np.ascontiguousarray(x.T), lambda y: np.ascontiguousarray(y.T))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamRule:
+    """One row of a conversion table.
+
+    ``hf`` and ``flax`` are names with an optional ``{i}`` layer placeholder, e.g.
+    ``"encoder.layer.{i}.attention.self.query.weight"`` and
+    ``"encoder/layer_{i}/attention/query/kernel"`` (a ``/``-joined path in the params pytree).
+    """
+
+    hf: str
+    flax: str
+    transform: Transform = COPY
+
+    def hf_regex(self) -> re.Pattern:
+        return re.compile("^" + re.escape(self.hf).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """What a model family provides to the converter and the loader.
+
+    Attributes:
+      name: family name, e.g. ``"bert"``.
+      model_types: transformers ``model_type`` values this family implements.
+      config_from_hf: ``dict -> config`` (a frozen dataclass); raises ConversionError on
+        unsupported settings, naming the key.
+      make_module: ``config -> flax.linen.Module``.
+      rules: the conversion table.
+      base_prefixes: prefixes that task models put before base-model names (``"bert."``);
+        stripped when every weight of a checkpoint carries one of them.
+      ignored: regexes of transformers keys that hold no parameter of ours (buffers such as
+        ``position_ids``, task heads); they are skipped, and reported.
+      init_method: name of the module method that touches every parameter (for ``init``).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    config_from_hf: Callable[[dict], Any]
+    make_module: Callable[[Any], Any]
+    rules: tuple[ParamRule, ...]
+    base_prefixes: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
+    init_method: str | None = None
+
+
+_REGISTRY: dict[str, ModelFamily] = {}
+
+
+def register(family: ModelFamily) -> ModelFamily:
+    """Register ``family`` under each of its ``model_types``."""
+    for t in family.model_types:
+        _REGISTRY[t] = family
+    return family
+
+
+def supported_model_types() -> list[str]:
+    """Sorted list of the transformers ``model_type`` values that can be converted."""
+    _import_families()
+    return sorted(_REGISTRY)
+
+
+def get_family(model_type: str, source: str = "config.json") -> ModelFamily:
+    """Return the family registered for ``model_type``.
+
+    Raises:
+      ConversionError: no family implements ``model_type`` (names ``source`` and the
+        supported types).
+    """
+    _import_families()
+    try:
+        return _REGISTRY[model_type]
+    except KeyError:
+        raise ConversionError(
+            f"{source}: unsupported model_type {model_type!r}; supported: "
+            + ", ".join(sorted(_REGISTRY))
+        ) from None
+
+
+def _import_families() -> None:
+    # Importing a family module registers it. New families add one line here.
+    from sense_jax.models import bert  # noqa: F401
