@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
+DEFAULT_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:

