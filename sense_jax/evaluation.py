@@ -1,0 +1,513 @@
+"""The WordNet evaluation suite (METHOD §5): WSI, WiC-style pairs, classification, retrieval.
+
+Every model variant is seen through one interface, :class:`Variant`: a jitted function from
+``(input_ids [B, T], attention_mask [B, T])`` to hidden states [B, T, D_teacher] (students pass
+through their adaptor), and optionally a sense dictionary whose nearest senses replace those
+states (METHOD §2). Metrics come from scikit-learn.
+
+1. ``wsi``: usage examples (never in the dictionary's corpus) of lemmas that are one token of the
+   teacher's vocabulary and have >= 2 synsets with examples containing that token. Sense id of an
+   example = index of the nearest sense of the target token in the teacher's dictionary (for every
+   variant: its own states are matched against the teacher's senses). Mean over lemmas of the
+   adjusted Rand index and V-measure against synset labels, beside ``one_sense`` (every example one
+   cluster) and ``random`` (uniform over the token's K_t senses, seeded).
+2. ``wic``: pairs of examples of the same lemma; predict "same synset" by "same sense id";
+   balanced accuracy.
+3. ``classification``: mean-pooled states of definitions -> logistic regression -> lexicographer
+   file (45 classes); fixed held-out split by synset id hash; accuracy and macro-F1.
+4. ``retrieval``: a usage example against the definitions of all synsets of its lemma; cosine of
+   mean-pooled states; recall@1 and MRR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections import defaultdict
+from typing import Callable
+
+import jax
+import numpy as np
+
+from sense_jax import wordnet
+from sense_jax.batching import length_bucketed_batches, pad_batch
+from sense_jax.sense_dict import SenseDictionary, nearest_sense
+
+StatesFn = Callable[[np.ndarray, np.ndarray], jax.Array]
+
+
+@dataclasses.dataclass
+class Variant:
+    """A model variant under evaluation.
+
+    Attributes:
+      name: report key, e.g. "teacher_senses".
+      states: ``(input_ids [B, T] int32, attention_mask [B, T] int32) -> [B, T, D_teacher]``.
+      sense_dict: if set, states of tokens with an entry are replaced by their nearest sense.
+    """
+
+    name: str
+    states: StatesFn
+    sense_dict: SenseDictionary | None = None
+
+
+@dataclasses.dataclass
+class Encoded:
+    """Per-text token ids and final states (ragged lists of [n_i] and [n_i, D] arrays)."""
+
+    ids: list[np.ndarray]
+    states: list[np.ndarray]
+
+
+def encode(variant: Variant, token_ids: list[list[int]], pad_id: int, batch_size: int = 64) -> Encoded:
+    """Run ``variant`` over tokenised texts in length-bucketed batches; returns ragged arrays."""
+    out_states: list[np.ndarray | None] = [None] * len(token_ids)
+    for idx, L in length_bucketed_batches([len(t) for t in token_ids], batch_size):
+        ids, mask = pad_batch([token_ids[i] for i in idx], L, pad_id, batch_size)
+        h = np.asarray(variant.states(ids, mask), np.float32)
+        for row, i in enumerate(idx):
+            out_states[i] = h[row, :len(token_ids[i])]
+    enc = Encoded([np.asarray(t, np.int32) for t in token_ids], out_states)
+    return apply_senses(enc, variant.sense_dict) if variant.sense_dict is not None else enc
+
+
+def apply_senses(enc: Encoded, sense_dict: SenseDictionary, chunk: int = 8192) -> Encoded:
+    """Replace every state of a token with an entry by its nearest sense (METHOD §2)."""
+    ids = np.concatenate(enc.ids)
+    h = np.concatenate(enc.states)
+    out = np.empty_like(h)
+    for a in range(0, len(ids), chunk):
+        n = min(chunk, len(ids) - a)
+        pid = np.zeros((1, chunk), np.int32)
+        ph = np.zeros((1, chunk, h.shape[1]), np.float32)
+        pid[0, :n], ph[0, :n] = ids[a:a + n], h[a:a + n]  # fixed shape: one compile
+        out[a:a + n] = np.asarray(nearest_sense(sense_dict, pid, ph)[1][0, :n])
+    splits = np.cumsum([len(x) for x in enc.ids])[:-1]
+    return Encoded(enc.ids, np.split(out, splits))
+
+
+def mean_pool(enc: Encoded, special_ids: set[int]) -> np.ndarray:
+    """Mean of the states of non-special tokens, [N, D] (all tokens if a text has only specials)."""
+    rows = []
+    for ids, h in zip(enc.ids, enc.states):
+        keep = ~np.isin(ids, list(special_ids))
+        rows.append(h[keep].mean(0) if keep.any() else h.mean(0))
+    return np.stack(rows)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class WsiItem:
+    lemma: str
+    token_id: int
+    texts: list[str]
+    labels: list[str]        # synset ids
+    positions: list[int]     # index of the target token in each tokenised text
+    token_ids: list[list[int]]
+
+
+def wsi_items(tokenizer, max_per_lemma: int = 40, max_lemmas: int | None = None) -> list[WsiItem]:
+    """Lemmas with one vocabulary token and >= 2 synsets whose examples contain that token."""
+    synsets = {s.id: s for s in wordnet.load_synsets()}
+    by_lemma: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for ex in wordnet.load_examples():
+        for lemma in synsets[ex.synset_id].lemmas:
+            if "_" not in lemma and lemma.isalpha():
+                by_lemma[lemma.lower()].append((ex.synset_id, ex.text))
+    vocab = tokenizer.get_vocab()
+    items = []
+    for lemma in sorted(by_lemma):
+        pieces = tokenizer.tokenize(lemma)
+        if len(pieces) != 1 or pieces[0] not in vocab:
+            continue
+        tid = vocab[pieces[0]]
+        rows = sorted(set(by_lemma[lemma]))
+        encoded = tokenizer([t for _, t in rows], truncation=True, max_length=128)["input_ids"]
+        kept = [(s, t, ids, ids.index(tid)) for (s, t), ids in zip(rows, encoded) if tid in ids]
+        if len({s for s, *_ in kept}) < 2:
+            continue
+        kept = kept[:max_per_lemma]
+        if len({s for s, *_ in kept}) < 2:
+            continue
+        items.append(WsiItem(lemma, tid, [t for _, t, _, _ in kept], [s for s, *_ in kept],
+                             [p for *_, p in kept], [ids for _, _, ids, _ in kept]))
+    return items[:max_lemmas] if max_lemmas else items
+
+
+def classification_split(n_train: int, n_test: int) -> tuple[list, list]:
+    """(train, test) synsets for the lexicographer-file probe: a fixed hash split (20% test)."""
+    train, test = [], []
+    for s in wordnet.load_synsets():
+        (test if wordnet.in_split(s.id, 0.2, "classification") else train).append(s)
+    pick = lambda xs, n, salt: sorted(xs, key=lambda s: wordnet.in_split_key(s.id, salt))[:n]
+    return pick(train, n_train, "train"), pick(test, n_test, "test")
+
+
+# --- evaluations ------------------------------------------------------------------------------
+
+def sense_ids_at_targets(queries: Encoded, sense_dict: SenseDictionary, items: list[WsiItem]) -> list[np.ndarray]:
+    """Per lemma, the nearest-sense index of the target token in each example, [n_examples].
+
+    ``queries`` holds the raw states of every item's examples, in item order.
+    """
+    out, k = [], 0
+    for it in items:
+        h = np.stack([queries.states[k + j][p] for j, p in enumerate(it.positions)])
+        k += len(it.positions)
+        ids = np.full((len(h), 1), it.token_id, np.int32)
+        idx, _, _ = nearest_sense(sense_dict, ids, h[:, None, :])
+        out.append(np.asarray(idx[:, 0]))
+    return out
+
+
+def wsi_scores(items: list[WsiItem], sense_ids: list[np.ndarray]) -> dict:
+    """Mean ARI and V-measure over lemmas (scikit-learn)."""
+    from sklearn.metrics import adjusted_rand_score, v_measure_score
+
+    ari = [adjusted_rand_score(it.labels, s) for it, s in zip(items, sense_ids)]
+    vm = [v_measure_score(it.labels, s) for it, s in zip(items, sense_ids)]
+    return {"ari": float(np.mean(ari)), "v_measure": float(np.mean(vm)), "lemmas": len(items),
+            "examples": int(sum(len(it.labels) for it in items))}
+
+
+def wic_pairs(items: list[WsiItem], max_pairs_per_lemma: int = 30, seed: int = 0) -> list[tuple[int, int, int]]:
+    """(lemma index, example i, example j) pairs, at most ``max_pairs_per_lemma`` per lemma, seeded."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for li, it in enumerate(items):
+        all_pairs = list(itertools.combinations(range(len(it.labels)), 2))
+        chosen = rng.permutation(len(all_pairs))[:max_pairs_per_lemma]
+        pairs.extend((li, *all_pairs[c]) for c in sorted(chosen))
+    return pairs
+
+
+def wic_scores(items: list[WsiItem], sense_ids: list[np.ndarray], pairs) -> dict:
+    """Balanced accuracy of "same sense id" as a predictor of "same synset"."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    y = [items[l].labels[i] == items[l].labels[j] for l, i, j in pairs]
+    p = [sense_ids[l][i] == sense_ids[l][j] for l, i, j in pairs]
+    return {"balanced_accuracy": float(balanced_accuracy_score(y, p)), "pairs": len(pairs),
+            "same_synset_fraction": float(np.mean(y))}
+
+
+def classification_scores(train_x, train_y, test_x, test_y, seed: int = 0) -> dict:
+    """Logistic-regression probe on standardised features: accuracy and macro-F1 (scikit-learn)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=0.5, random_state=seed))
+    clf.fit(train_x, train_y)
+    pred = clf.predict(test_x)
+    return {"accuracy": float(accuracy_score(test_y, pred)),
+            "macro_f1": float(f1_score(test_y, pred, average="macro")),
+            "train": len(train_y), "test": len(test_y)}
+
+
+def retrieval_scores(query: np.ndarray, candidates: list[np.ndarray], gold: list[int]) -> dict:
+    """Recall@1 and MRR of cosine ranking; ``candidates[i]`` is [C_i, D], ``gold[i]`` its answer."""
+    def unit(x):
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    r1, rr = [], []
+    for q, c, g in zip(unit(query), candidates, gold):
+        scores = unit(c) @ q
+        rank = 1 + int((scores > scores[g]).sum())
+        r1.append(rank == 1)
+        rr.append(1.0 / rank)
+    return {"recall_at_1": float(np.mean(r1)), "mrr": float(np.mean(rr)), "queries": len(gold)}
+
+
+# --- the whole suite --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SuiteConfig:
+    """Sizes of the evaluation sets (the defaults run in a few minutes on 2 CPU cores).
+
+    Attributes:
+      min_examples: a WSI lemma needs at least this many usage examples containing its token.
+      max_per_lemma: examples kept per lemma (sorted by synset id, then text).
+      max_lemmas: WSI / WiC / retrieval lemmas (first in alphabetical order), None for all.
+      wic_pairs_per_lemma: pairs sampled per lemma for WiC.
+      n_train, n_test: definitions for the lexicographer-file probe.
+      seed: random baseline and pair sampling.
+    """
+
+    min_examples: int = 4
+    max_per_lemma: int = 40
+    max_lemmas: int | None = None
+    wic_pairs_per_lemma: int = 30
+    n_train: int = 8000
+    n_test: int = 2000
+    seed: int = 0
+
+
+SENSE_VARIANTS_FOR_WSI = ("teacher_senses", "teacher_one_sense", "skd_student_senses", "mse_student",
+                          "truncated_student")
+
+
+def run_suite(variants: dict[str, Variant], teacher_dict: SenseDictionary, tokenizer,
+              cfg: SuiteConfig = SuiteConfig(), log=print) -> dict:
+    """Run the four evaluations for every variant; returns the report's evaluation blocks.
+
+    WSI and WiC use sense ids: for ``teacher_senses`` / ``skd_student_senses`` / ``mse_student`` /
+    ``truncated_student`` the nearest sense (in ``teacher_dict``) of that model's state at the
+    target token; for ``teacher_one_sense`` the nearest sense in its own K=1 dictionary; plus the
+    ``one_sense`` and ``random`` baselines. Classification and retrieval run every variant.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    special = set(tokenizer.all_special_ids)
+    items = [it for it in wsi_items(tokenizer, cfg.max_per_lemma) if len(it.labels) >= cfg.min_examples]
+    items = items[:cfg.max_lemmas] if cfg.max_lemmas else items
+    pairs = wic_pairs(items, cfg.wic_pairs_per_lemma, cfg.seed)
+    log(f"evaluation: {len(items)} WSI lemmas, {sum(len(i.labels) for i in items)} examples, {len(pairs)} WiC pairs")
+    report = {"wsi": {}, "wic": {}, "classification": {}, "retrieval": {}}
+
+    train, test = classification_split(cfg.n_train, cfg.n_test)
+    defs_train = tokenizer([s.definition for s in train], truncation=True, max_length=128)["input_ids"]
+    defs_test = tokenizer([s.definition for s in test], truncation=True, max_length=128)["input_ids"]
+    # Retrieval: each WSI example against the definitions of every synset of its lemma.
+    synsets = {s.id: s for s in wordnet.load_synsets()}
+    lemma_synsets = defaultdict(list)
+    for s in wordnet.load_synsets():
+        for lm in s.lemmas:
+            lemma_synsets[lm.lower()].append(s.id)
+    cand_ids = sorted({sid for it in items for sid in lemma_synsets[it.lemma]})
+    cand_index = {sid: i for i, sid in enumerate(cand_ids)}
+    cand_tok = tokenizer([synsets[s].definition for s in cand_ids], truncation=True, max_length=128)["input_ids"]
+    queries = [ids for it in items for ids in it.token_ids]
+    groups = [[cand_index[s] for s in lemma_synsets[it.lemma]] for it in items for _ in it.labels]
+    gold = [lemma_synsets[it.lemma].index(lab) for it in items for lab in it.labels]
+
+    # Raw states once per model (variants that share ``states`` differ only by the dictionary).
+    raw: dict[int, dict[str, Encoded]] = {}
+    sense_ids: dict[str, list[np.ndarray]] = {}
+    for name, v in variants.items():
+        if id(v.states) not in raw:
+            plain = dataclasses.replace(v, sense_dict=None)
+            raw[id(v.states)] = {k: encode(plain, toks, pad) for k, toks in
+                                 (("train", defs_train), ("test", defs_test), ("queries", queries),
+                                  ("candidates", cand_tok))}
+        enc = raw[id(v.states)]
+        if name in SENSE_VARIANTS_FOR_WSI:
+            d = v.sense_dict if name == "teacher_one_sense" else teacher_dict
+            sense_ids[name] = sense_ids_at_targets(enc["queries"], d, items)
+        if v.sense_dict is not None:
+            enc = {k: apply_senses(e, v.sense_dict) for k, e in enc.items()}
+        pool = {k: mean_pool(e, special) for k, e in enc.items()}
+        report["classification"][name] = classification_scores(
+            pool["train"], [s.lexname for s in train], pool["test"], [s.lexname for s in test], cfg.seed)
+        c = pool["candidates"]
+        report["retrieval"][name] = retrieval_scores(pool["queries"], [c[g] for g in groups], gold)
+        log(f"  {name}: classification acc {report['classification'][name]['accuracy']:.3f}, "
+            f"retrieval R@1 {report['retrieval'][name]['recall_at_1']:.3f}")
+    sense_ids["one_sense"] = [np.zeros(len(it.labels), np.int32) for it in items]
+    rng = np.random.default_rng(cfg.seed)
+    n_senses = np.asarray(teacher_dict.n_senses)
+    sense_ids["random"] = [rng.integers(0, max(int(n_senses[it.token_id]), 1), len(it.labels)) for it in items]
+    for name, ids in sense_ids.items():
+        report["wsi"][name] = wsi_scores(items, ids)
+        report["wic"][name] = wic_scores(items, ids, pairs)
+    return report
+
+
+_COLUMNS = {"wsi": ("ari", "v_measure"), "wic": ("balanced_accuracy",),
+            "classification": ("accuracy", "macro_f1"), "retrieval": ("recall_at_1", "mrr")}
+
+
+def render_markdown(report: dict) -> str:
+    """report.json -> report.md: one table per evaluation, plus size and speed."""
+    lines = ["# sense_jax report", ""]
+    if "config" in report:
+        lines += ["```", json_dumps(report["config"]), "```", ""]
+    for block, cols in _COLUMNS.items():
+        if block not in report:
+            continue
+        lines += [f"## {block}", "", "| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for name, m in report[block].items():
+            lines.append(f"| {name} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |")
+        lines.append("")
+    for block in ("size", "speed"):
+        if block in report:
+            rows = report[block]
+            keys = sorted({k for r in rows.values() for k in r})
+            lines += [f"## {block}", "", "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+            for name, r in rows.items():
+                lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+            lines.append("")
+    if report.get("plots"):
+        lines += ["## plots", ""] + [f"![{p}]({p})" for p in report["plots"]] + [""]
+    return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        return f"{x:,.4g}" if abs(x) < 1e4 else f"{x:,.0f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def json_dumps(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, sort_keys=True)
+
+
+# --- variants from pipeline outputs, size, speed, plots, the report ---------------------------
+
+def _jit_states(module, params, adaptor: dict | None = None) -> StatesFn:
+    """``(ids, mask) -> [B, T, D_teacher]``: a model, then optionally a torch-layout linear adaptor."""
+    import jax.numpy as jnp
+
+    w = None if adaptor is None else (jnp.asarray(adaptor["weight"]), jnp.asarray(adaptor["bias"]))
+
+    @jax.jit
+    def f(params, ids, mask):
+        h = module.apply({"params": params}, ids, mask).astype(jnp.float32)
+        return h if w is None else h @ w[0].T + w[1]
+
+    return lambda ids, mask: f(params, ids, mask)
+
+
+def build_variants(teacher_dir, senses_dir, senses_k1_dir, skd_dir=None, mse_dir=None,
+                   student_layers: int = 2) -> tuple[dict[str, Variant], SenseDictionary, dict]:
+    """The seven variants of the report from pipeline outputs; also returns the loaded models."""
+    import dataclasses as dc
+
+    from sense_jax.distill import load_adaptor, truncated_student
+    from sense_jax.loading import load_model
+
+    teacher = load_model(teacher_dir)
+    sd, sd1 = SenseDictionary.load(senses_dir), SenseDictionary.load(senses_k1_dir)
+    t_states = _jit_states(teacher.module, teacher.params)
+    variants = {"teacher": Variant("teacher", t_states),
+                "teacher_senses": Variant("teacher_senses", t_states, sd),
+                "teacher_one_sense": Variant("teacher_one_sense", t_states, sd1)}
+    models = {"teacher": teacher}
+    if skd_dir is not None:
+        skd = load_model(skd_dir)
+        s_states = _jit_states(skd.module, skd.params, load_adaptor(skd_dir))
+        variants["skd_student_senses"] = Variant("skd_student_senses", s_states, sd)
+        variants["skd_student"] = Variant("skd_student", s_states)
+        models["skd_student"] = skd
+    if mse_dir is not None:
+        mse = load_model(mse_dir)
+        variants["mse_student"] = Variant("mse_student", _jit_states(mse.module, mse.params, load_adaptor(mse_dir)))
+        models["mse_student"] = mse
+    tcfg, tparams = truncated_student(dc.replace(teacher.config, add_pooler=False),
+                                      {k: v for k, v in teacher.params.items() if k != "pooler"}, student_layers)
+    variants["truncated_student"] = Variant("truncated_student",
+                                            _jit_states(teacher.family.make_module(tcfg), tparams))
+    return variants, sd, models
+
+
+def param_bytes(params) -> tuple[int, int]:
+    """(parameter count, bytes) of a pytree."""
+    leaves = jax.tree.leaves(params)
+    return int(sum(x.size for x in leaves)), int(sum(x.size * x.dtype.itemsize for x in leaves))
+
+
+def measure_speed(variants: dict[str, Variant], token_ids: list[list[int]], pad_id: int,
+                  batch_size: int = 64, reps: int = 3) -> dict:
+    """Inference tokens/s of each variant on the same passages (compile excluded, median of reps)."""
+    import statistics
+    import time
+
+    n_tokens = sum(len(t) for t in token_ids)
+    out = {}
+    for name, v in variants.items():
+        encode(v, token_ids, pad_id, batch_size)  # compile every shape
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            encode(v, token_ids, pad_id, batch_size)
+            times.append(time.perf_counter() - t)
+        out[name] = {"tokens_per_s": n_tokens / statistics.median(times), "tokens": n_tokens}
+    return out
+
+
+def plot_token_senses(store, sense_dict: SenseDictionary, token_id: int, label: str, path) -> None:
+    """A 2-D PCA projection of a token's sampled contexts, coloured by nearest sense (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    x = np.asarray(store.token_vectors(token_id), np.float32)
+    ids = np.full((len(x), 1), token_id, np.int32)
+    k = np.asarray(nearest_sense(sense_dict, ids, x[:, None, :])[0][:, 0])
+    pca = PCA(n_components=2, random_state=0).fit(x)
+    xy = pca.transform(x)
+    c = pca.transform(sense_dict.token_senses(token_id).astype(np.float32))
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=k, cmap="tab10", s=8, alpha=0.7)
+    ax.scatter(c[:, 0], c[:, 1], c=np.arange(len(c)), cmap="tab10", marker="X", s=120, edgecolors="black")
+    ax.set_title(f"{label!r}: {len(x)} contexts, {len(c)} senses (PCA)")
+    ax.set_xticks([]); ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+POLYSEMOUS = ("bank", "plant", "spring", "bat", "crane", "seal", "match", "bass", "pitch", "light")
+
+
+def write_report(pipeline, report_dir) -> None:
+    """Evaluate the pipeline's outputs and write report.json, report.md and PNGs atomically."""
+    from pathlib import Path
+
+    from sense_jax.io_utils import atomic_directory, write_json_atomic
+    from sense_jax.store import open_store
+
+    cfg, out = pipeline.cfg, pipeline.out
+    skd = out / "skd_student"
+    mse = out / "mse_student"
+    variants, sd, models = build_variants(
+        pipeline.teacher_dir, pipeline.senses_dir, pipeline.senses_k1_dir,
+        skd if skd.is_dir() else None, mse if mse.is_dir() else None, cfg.student_layers)
+    tok = models["teacher"].tokenizer
+    report = run_suite(variants, sd, tok, SuiteConfig(max_lemmas=cfg.eval_max_lemmas or None,
+                                                      n_train=cfg.eval_train, n_test=cfg.eval_test,
+                                                      seed=cfg.seed), log=pipeline.log)
+    store = open_store(pipeline.store_dir)
+    size = {}
+    for name, m in models.items():
+        n, b = param_bytes(m.params)
+        size[name] = {"params": n, "bytes": b, "layers": m.config.num_hidden_layers}
+    size["sense_dictionary"] = {"senses": int(sd.centres.shape[0]), "bytes": sd.nbytes(),
+                                "tokens": int((np.asarray(sd.n_senses) > 0).sum())}
+    size["store"] = {"vectors": int(store.vectors.shape[0]),
+                     "bytes": int(sum(p.stat().st_size for p in Path(store.path).iterdir()))}
+    report["size"] = size
+    lines = [line for line in Path(pipeline.corpus_path()).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rng = np.random.default_rng(cfg.seed)
+    sample = [lines[i] for i in sorted(rng.choice(len(lines), min(cfg.speed_sentences, len(lines)), replace=False))]
+    ids = tok(sample, truncation=True, max_length=128)["input_ids"]
+    speed_variants = {k: v for k, v in variants.items()
+                      if k in ("teacher", "teacher_senses", "skd_student", "skd_student_senses")}
+    report["speed"] = measure_speed(speed_variants, ids, tok.pad_token_id or 0)
+    report["config"] = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}
+    report["timings_s"] = dict(pipeline.timings)
+
+    with atomic_directory(report_dir, overwrite=True) as tmp:
+        for run in ("skd", "mse"):
+            curves = out / run / "curves.png"
+            if curves.exists():
+                import shutil
+
+                shutil.copy2(curves, tmp / f"curves_{run}.png")
+        vocab = tok.get_vocab()
+        counts = np.asarray(store.n_samples())
+        words = [w for w in POLYSEMOUS if w in vocab and counts[vocab[w]] >= 30][:3]
+        for w in words:
+            plot_token_senses(store, sd, vocab[w], w, tmp / f"senses_{w}.png")
+        report["plots"] = sorted(p.name for p in tmp.glob("*.png"))
+        write_json_atomic(tmp / "report.json", report)
+        (tmp / "report.md").write_text(render_markdown(report), encoding="utf-8")

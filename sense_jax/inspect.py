@@ -1,0 +1,96 @@
+"""Reading a sense: a token's senses with the corpus contexts closest to each (``sense-jax inspect``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sense_jax.errors import SenseJaxError
+
+
+def _token_id(tokenizer, token: str) -> int:
+    if token.startswith("#") and token[1:].isdigit():
+        return int(token[1:])
+    vocab = tokenizer.get_vocab()
+    if token in vocab:
+        return vocab[token]
+    pieces = tokenizer.tokenize(token)
+    if len(pieces) == 1 and pieces[0] in vocab:
+        return vocab[pieces[0]]
+    raise SenseJaxError(f"{token!r} is not one token of the teacher's vocabulary (it splits into {pieces}); "
+                        "pass one of those pieces, or #ID")
+
+
+def token_senses(token: str, sense_dict_dir, store_dir, *, corpus=None, teacher=None, contexts: int = 3) -> dict:
+    """The senses of ``token``: per sense, its sample count and the ``contexts`` nearest passages.
+
+    Returns a dict with ``token``, ``token_id`` and ``senses``: a list of
+    ``{"index", "assigned", "contexts": [(score, passage text with the token in [[ ]])]}``.
+
+    Raises:
+      SenseJaxError: the token is not one vocabulary token, has no entry, or the files are
+        missing / from different teachers.
+    """
+    from transformers import AutoTokenizer
+
+    from sense_jax.corpus import iter_passages
+    from sense_jax.sense_dict import SenseDictionary, nearest_sense, sense_scores, gather_senses
+    from sense_jax.store import open_store
+
+    store = open_store(store_dir)
+    sd = SenseDictionary.load(sense_dict_dir)
+    if sd.hidden_size != store.hidden_size or sd.vocab_size != store.vocab_size:
+        raise SenseJaxError(f"{sense_dict_dir} (V={sd.vocab_size}, D={sd.hidden_size}) was not built from "
+                            f"{store_dir} (V={store.vocab_size}, D={store.hidden_size})")
+    teacher = teacher or store.meta.get("teacher")
+    if not teacher or not Path(teacher).is_dir():
+        raise SenseJaxError(f"teacher directory {teacher!r} not found; pass --teacher")
+    tok = AutoTokenizer.from_pretrained(str(teacher), local_files_only=True)
+    tid = _token_id(tok, token)
+    if not 0 <= tid < sd.vocab_size or int(sd.n_senses[tid]) == 0:
+        raise SenseJaxError(f"token {token!r} (id {tid}) has no entry in {sense_dict_dir}")
+    x = np.asarray(store.token_vectors(tid), np.float32)
+    src = np.asarray(store.token_sources(tid))
+    ids = np.full((len(x), 1), tid, np.int32)
+    codebook, valid = gather_senses(sd, ids)
+    scores = np.asarray(sense_scores(codebook, valid, x[:, None, :], sd.meta.get("metric", "dot")))[:, 0]
+    assign = np.asarray(nearest_sense(sd, ids, x[:, None, :])[0][:, 0])
+    chosen = {}
+    for k in range(int(sd.n_senses[tid])):
+        members = np.flatnonzero(assign == k)
+        best = members[np.argsort(-scores[members, k], kind="stable")][:contexts]
+        chosen[k] = (len(members), [(float(scores[i, k]), int(src[i, 0]), int(src[i, 1])) for i in best])
+    corpus = corpus or store.meta.get("corpus")
+    wanted = {p for _, lst in chosen.values() for _, p, _ in lst}
+    texts = {}
+    if corpus and Path(corpus).exists():
+        for i, text in enumerate(iter_passages(corpus, store.meta.get("text_field", "text"))):
+            if i in wanted:
+                texts[i] = text
+            if len(texts) == len(wanted):
+                break
+    max_len = int(store.meta.get("max_length", 512))
+
+    def mark(p: int, pos: int) -> str:
+        if p not in texts:
+            return f"(passage {p}, token {pos}; corpus not available)"
+        enc = tok(texts[p], truncation=True, max_length=max_len, return_offsets_mapping=True)
+        a, b = enc["offset_mapping"][pos]
+        return texts[p][:a] + "[[" + texts[p][a:b] + "]]" + texts[p][b:]
+
+    senses = [{"index": k, "assigned": n, "contexts": [(s, mark(p, pos)) for s, p, pos in lst]}
+              for k, (n, lst) in chosen.items()]
+    return {"token": token, "token_id": tid, "samples": len(x), "occurrences": int(store.counts[tid]),
+            "senses": senses}
+
+
+def format_senses(r: dict) -> str:
+    """Plain-text rendering of :func:`token_senses`."""
+    lines = [f"{r['token']!r} (id {r['token_id']}): {len(r['senses'])} senses from {r['samples']} sampled "
+             f"of {r['occurrences']} occurrences"]
+    for s in r["senses"]:
+        lines.append(f"  sense {s['index']} ({s['assigned']} samples)")
+        for score, text in s["contexts"]:
+            lines.append(f"    {score:8.2f}  {text}")
+    return "\n".join(lines)

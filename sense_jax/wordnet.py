@@ -1,0 +1,83 @@
+"""WordNet 3.0 as real text with real sense labels (derived files shipped in the package).
+
+``sense_jax/data/wordnet/`` holds compact files derived from the Debian package wordnet-base by
+``eval/derive_wordnet.py`` (WordNet 3.0 Copyright 2006 by Princeton University; licence in the
+same folder): 117,659 synsets with their lexicographer file, lemmas and definition, and 48,339
+usage examples. They serve as the default corpus (definitions, "glosses") and as evaluation data
+(METHOD §5: usage examples with synset labels, lexicographer files as classes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent / "data" / "wordnet"
+
+
+@dataclasses.dataclass(frozen=True)
+class Synset:
+    """One synset: id ``"<offset>-<pos>"``, pos (n, v, a, s, r), lexname (one of 45), lemmas, definition."""
+
+    id: str
+    pos: str
+    lexname: str
+    lemmas: tuple[str, ...]
+    definition: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """A usage example of a synset."""
+
+    synset_id: str
+    text: str
+
+
+def _rows(name: str, data_dir: Path | None):
+    path = Path(data_dir or DATA_DIR) / name
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            yield line.rstrip("\n").split("\t")
+
+
+@lru_cache(maxsize=2)
+def load_synsets(data_dir: Path | None = None) -> tuple[Synset, ...]:
+    """All synsets, sorted by id."""
+    return tuple(Synset(i, p, lx, tuple(lm.split("|")), d) for i, p, lx, lm, d in _rows("synsets.tsv.gz", data_dir))
+
+
+@lru_cache(maxsize=2)
+def load_examples(data_dir: Path | None = None) -> tuple[Example, ...]:
+    """All usage examples, sorted by (synset id, text)."""
+    return tuple(Example(s, t) for s, t in _rows("examples.tsv.gz", data_dir))
+
+
+def in_split_key(key: str, salt: str = "sense_jax") -> float:
+    """A deterministic pseudo-random number in [0, 1) for ``key`` (sha256 of salt and key)."""
+    return int.from_bytes(hashlib.sha256(f"{salt}:{key}".encode()).digest()[:8], "big") / 2**64
+
+
+def in_split(key: str, fraction: float, salt: str = "sense_jax") -> bool:
+    """Deterministic split membership: True for about ``fraction`` of keys."""
+    return in_split_key(key, salt) < fraction
+
+
+def write_gloss_corpus(out: str | Path, max_glosses: int | None = None) -> Path:
+    """Write the definitions as a plain-text corpus, one per line (sorted by synset id).
+
+    Args:
+      max_glosses: keep only the first ``max_glosses`` after a deterministic shuffle by hash.
+    """
+    synsets = load_synsets()
+    if max_glosses is not None and max_glosses < len(synsets):
+        synsets = sorted(synsets, key=lambda s: hashlib.sha256(s.id.encode()).digest())[:max_glosses]
+        synsets = sorted(synsets, key=lambda s: s.id)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("".join(s.definition + "\n" for s in synsets), encoding="utf-8")
+    tmp.replace(out)
+    return out

@@ -1,0 +1,100 @@
+"""The main job end to end on a tiny random teacher with the real tokenizer and WordNet data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from transformers import BertConfig
+
+from sense_jax.errors import ConfigError, SenseJaxError
+from sense_jax.pipeline import Pipeline, PipelineConfig, load_pipeline_config
+from conftest import save_tiny_hf_model
+
+VARIANTS = {"teacher", "teacher_senses", "teacher_one_sense", "skd_student_senses", "skd_student",
+            "mse_student", "truncated_student"}
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory, minilm_dir):
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    return save_tiny_hf_model(tmp_path_factory.mktemp("teacher") / "tiny", cfg, seed=5, tokenizer_dir=minilm_dir)
+
+
+def _cfg(tmp_path, teacher, **kw) -> PipelineConfig:
+    base = dict(out=str(tmp_path / "run"), teacher=str(teacher), n_glosses=400, n_per_token=20, k=3,
+                epochs=0.25, batch_size=16, max_length=32, student_layers=1, eval_max_lemmas=12,
+                eval_train=150, eval_test=60, speed_sentences=16, progress=False)
+    base.update(kw)
+    return PipelineConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_teacher):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    logs = []
+    Pipeline(_cfg(tmp, tiny_teacher), log=logs.append).run()
+    return tmp, logs
+
+
+def test_pipeline_writes_a_complete_report(finished):
+    tmp, _ = finished
+    report_dir = tmp / "run" / "report"
+    report = json.loads((report_dir / "report.json").read_text())
+    for block in ("wsi", "wic", "classification", "retrieval", "size", "speed"):
+        assert block in report, block
+    assert set(report["classification"]) == VARIANTS == set(report["retrieval"])
+    assert {"one_sense", "random", "teacher_senses", "skd_student_senses"} <= set(report["wsi"])
+    for m in report["classification"].values():
+        assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1
+    assert report["wsi"]["one_sense"]["ari"] == 0.0
+    assert report["size"]["skd_student"]["params"] < report["size"]["teacher"]["params"]
+    assert report["size"]["sense_dictionary"]["senses"] > 0
+    md = (report_dir / "report.md").read_text()
+    assert "## classification" in md and "| skd_student_senses |" in md
+    assert {"curves_skd.png", "curves_mse.png"} <= {p.name for p in report_dir.glob("*.png")}
+
+
+def test_rerun_skips_every_stage_and_changes_nothing(finished, tiny_teacher):
+    tmp, _ = finished
+    before = (tmp / "run" / "report" / "report.json").read_bytes()
+    logs = []
+    Pipeline(_cfg(tmp, tiny_teacher), log=logs.append).run()
+    for stage in ("convert", "extract", "cluster", "distill", "evaluate"):
+        assert any(line.startswith(f"[{stage}] done already") for line in logs), stage
+    assert (tmp / "run" / "report" / "report.json").read_bytes() == before
+
+
+def test_a_half_written_stage_is_redone_identically(finished, tiny_teacher):
+    tmp, _ = finished
+    senses = tmp / "run" / "senses" / "senses.safetensors"
+    before = senses.read_bytes()
+    (tmp / "run" / "senses" / "meta.json").unlink()  # as if killed before completion was marked
+    logs = []
+    Pipeline(_cfg(tmp, tiny_teacher), log=logs.append).run(stages=("cluster",))
+    assert senses.read_bytes() == before
+
+
+def test_other_settings_into_the_same_output_are_refused(finished, tiny_teacher):
+    tmp, _ = finished
+    with pytest.raises(ConfigError, match=r"made with other settings \(k differ"):
+        Pipeline(_cfg(tmp, tiny_teacher, k=5)).run()
+
+
+def test_config_file_and_overrides(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"k": 7, "n_glosses": 1000}))
+    cfg = load_pipeline_config(f, ["seed=3"], out=str(tmp_path / "x"))
+    assert (cfg.k, cfg.n_glosses, cfg.seed, cfg.out) == (7, 1000, 3, str(tmp_path / "x"))
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) 'kk' \(did you mean 'k'\?\)"):
+        load_pipeline_config(None, ["kk=3"])
+    with pytest.raises(ConfigError, match="n_per_token=0 must be >= 1"):
+        load_pipeline_config(None, ["n_per_token=0"])
+
+
+def test_missing_corpus_is_a_clear_error(tmp_path, tiny_teacher):
+    cfg = dataclasses.replace(_cfg(tmp_path, tiny_teacher), corpus=str(tmp_path / "nope.txt"))
+    with pytest.raises(SenseJaxError, match="corpus .*nope.txt does not exist"):
+        Pipeline(cfg).run()
