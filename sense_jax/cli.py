@@ -15,6 +15,12 @@ import sys
 # Subcommand name -> module. Later stages add one line each.
 COMMANDS = {
     "convert": "sense_jax.commands.convert",
+    "extract": "sense_jax.commands.extract",
+    "distill": "sense_jax.commands.distill",
+    "export": "sense_jax.commands.export",
+    "cluster": "sense_jax.commands.cluster",
+    "pipeline": "sense_jax.commands.pipeline",
+    "inspect": "sense_jax.commands.inspect",
 }
 
 

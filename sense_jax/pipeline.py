@@ -201,9 +201,8 @@ class Pipeline:
         return max(1, math.ceil(self.cfg.epochs * n * 0.95 / self.cfg.batch_size))
 
     def stage_distill(self) -> None:
-        from sense_jax.commands.distill import import_trainer
+        from sense_jax import trainer
 
-        trainer = import_trainer()
         steps = self._train_steps()
         runs = [("skd", dict(skd_weight=1.0, mse_weight=0.0))]
         if self.cfg.mse_baseline:

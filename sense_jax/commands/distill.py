@@ -1,0 +1,40 @@
+"""``sense-jax distill``: train a student by sense knowledge distillation (METHOD §3).
+
+The trainer lives in ``sense_jax/trainer.py`` (see its docstring for the design and outputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "train a smaller student to pick the teacher's senses (sense knowledge distillation)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="run config (.json, .yaml or .yml)")
+    p.add_argument("--preset", default="default", help="base config: default or runlocal (a tiny run)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (repeatable); unknown keys are refused")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from sense_jax import trainer
+
+    cfg = trainer.load_config(args.config, args.overrides, preset=args.preset)
+    if args.print_config:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
+        return 0
+    result = trainer.train(cfg)
+    evals = [r for r in result.history if r.get("kind") == "eval"]
+    last = [r for r in result.history if r.get("kind") == "train"]
+    msg = f"trained to step {int(result.state.step)} in {result.run_dir}"
+    if last:
+        msg += f": loss {last[-1]['loss']:.4f}, sense accuracy {last[-1]['accuracy']:.4f}"
+    if evals:
+        msg += f", held-out sense accuracy {evals[-1]['accuracy']:.4f}"
+    print(msg)
+    return 0

@@ -1,0 +1,52 @@
+"""Shared builders for the distillation tests: a tiny BERT teacher and tiny sense dictionaries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from conftest import save_tiny_hf_model
+
+TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=64)
+
+
+_MADE: dict[tuple, Path] = {}  # teachers already written in this process (copied, not rebuilt)
+
+
+def make_teacher(out: Path, minilm_dir: Path, seed: int = 0, **changes) -> Path:
+    """A randomly initialised tiny BERT (MiniLM's tokenizer, vocab 30522, D=32, 2 layers)."""
+    import shutil
+
+    from transformers import BertConfig
+
+    key = (seed, tuple(sorted(changes.items())))
+    if not out.exists():
+        if key in _MADE and _MADE[key].exists():
+            shutil.copytree(_MADE[key], out)
+        else:
+            save_tiny_hf_model(out, BertConfig(**{**TINY, **changes}), seed=seed, tokenizer_dir=minilm_dir)
+            _MADE[key] = out
+    return out
+
+
+def make_sense_dict(tokenizer, sentences, hidden_size: int = 32, seed: int = 0, extra: int = 200,
+                    meta: dict | None = None):
+    """Random centres (seeded): every non-special token of ``sentences`` gets 1-4 senses, plus
+    ``extra`` random other tokens; special tokens get none. Built with SenseDictionary.from_arrays."""
+    from sense_jax.sense_dict import SenseDictionary
+
+    rng = np.random.default_rng(seed)
+    V = tokenizer.vocab_size
+    n = np.zeros(V, np.int64)
+    special = set(tokenizer.all_special_ids)
+    for s in sentences:
+        for t in tokenizer(s)["input_ids"]:
+            if t not in special:
+                n[t] = 1 + t % 4
+    others = rng.choice(np.arange(1000, V), extra, replace=False)
+    n[others] = rng.integers(1, 5, extra)
+    off = np.concatenate([[0], np.cumsum(n)])
+    centres = rng.normal(size=(int(off[-1]), hidden_size)).astype(np.float32)
+    return SenseDictionary.from_arrays(centres, off, meta=meta)

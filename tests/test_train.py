@@ -1,0 +1,269 @@
+"""The SKD trainer: smoke run, exact resume, cross-device restore, NaN stop, corrupt checkpoints,
+export parity against transformers (issue 5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import sense_jax
+from sense_jax.errors import SenseJaxError
+from skd_helpers import make_sense_dict, make_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from sense_jax import trainer as T  # noqa: E402
+
+# The trainer is rebuilt by every run below; identical step programs (a run and its resume) are
+# compiled once thanks to JAX's persistent compilation cache, kept in a fresh directory.
+if not jax.config.jax_compilation_cache_dir:
+    import tempfile
+
+    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="sense-jax-test-cache-"))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, minilm_dir, sentences):
+    """Tiny teacher dir, its sense dictionary on disk (with the teacher's fingerprint)."""
+    from sense_jax.distill import teacher_fingerprint
+
+    d = tmp_path_factory.mktemp("skd")
+    teacher = sense_jax.load_model(make_teacher(d / "teacher", minilm_dir))
+    sd = make_sense_dict(teacher.tokenizer, sentences,
+                         meta={"teacher_fingerprint": teacher_fingerprint(teacher.params, 30522)})
+    sd.save(d / "senses")
+    (d / "corpus.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    return {"dir": d, "teacher": teacher, "teacher_dir": d / "teacher", "senses": d / "senses",
+            "corpus": d / "corpus.txt"}
+
+
+def _cfg(assets, out, **kw):
+    base = dict(teacher=str(assets["teacher_dir"]), senses=str(assets["senses"]),
+                train_data=str(assets["corpus"]), out_dir=str(out), progress=False, steps=6,
+                batch_size=8, grad_accum=2, max_length=16, student_layers=1, warmup_steps=2, learning_rate=3e-3,
+                save_every=3, keep_checkpoints=3, eval_every=3, eval_batches=1, eval_fraction=0.1)
+    base.update(kw)
+    return T.load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def _flat(params) -> dict[str, np.ndarray]:
+    from flax import traverse_util
+
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(params), sep="/").items()}
+
+
+def _assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def full_run(assets, tmp_path_factory):
+    """2M = 6 steps in one run (grad_accum 2, evaluation and checkpoints every 3 steps)."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    return T.train(_cfg(assets, out))
+
+
+def test_trainer_smoke_run(full_run, assets):
+    r = full_run
+    # One trace per length bucket that fits max_length=16 (8 and 16), never one per step.
+    assert int(r.state.step) == 6 and 1 <= r.setup.raw_step.traces <= 2
+    recs = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in recs if x["kind"] == "train"]
+    evals = [x for x in recs if x["kind"] == "eval"]
+    assert [x["step"] for x in train] == list(range(1, 7)) and [x["step"] for x in evals] == [3, 6]
+    assert all(np.isfinite(x["loss"]) and 0 <= x["accuracy"] <= 1 and x["tokens"] > 0 for x in train)
+    assert train[0]["lr"] == 0.0 and train[2]["lr"] == pytest.approx(3e-3)  # warmup, then cosine
+    assert (r.run_dir / "curves.png").stat().st_size > 1000
+    assert sorted(os.listdir(r.run_dir / "checkpoints")) == ["3", "6"]
+    # Only the student and adaptor train; the teacher's pooler (frozen) and the teacher do not.
+    teacher = assets["teacher"]
+    p = jax.device_get(r.state.params)
+    tp = jax.device_get(teacher.params)
+    np.testing.assert_array_equal(p["pooler"]["kernel"], tp["pooler"]["kernel"])
+    assert not np.array_equal(p["student"]["layer_0"]["intermediate"]["kernel"],
+                              tp["layer_0"]["intermediate"]["kernel"])
+    assert not np.array_equal(p["adaptor"]["dense"]["kernel"], np.eye(32, dtype=np.float32))
+    np.testing.assert_array_equal(jax.device_get(r.setup.frozen[0])["layer_0"]["intermediate"]["kernel"],
+                                  tp["layer_0"]["intermediate"]["kernel"])
+    assert set(p) == {"student", "adaptor", "pooler"}  # the teacher's encoder is never in the state
+    assert sorted(p["student"]) == ["embeddings", "layer_0"]
+
+
+def test_resume_after_kill_gives_identical_params(full_run, assets, tmp_path):
+    out = tmp_path / "run"
+    first = T.train(_cfg(assets, out), stop_after=3)  # "killed" after step 3 (saved at 3)
+    assert int(first.state.step) == 3
+    resumed = T.train(_cfg(assets, out))
+    assert resumed.resumed_from == 3 and int(resumed.state.step) == 6
+    _assert_same(_flat(resumed.state.params), _flat(full_run.state.params))
+    for a, b in zip(jax.tree.leaves(resumed.state.opt_state), jax.tree.leaves(full_run.state.opt_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "train"]
+    assert steps == list(range(1, 7))
+
+    # A corrupt newest checkpoint and a leftover partial save: the previous complete one is used.
+    victim = max((out / "checkpoints" / "6" / "state").rglob("*"), key=lambda f: f.stat().st_size)
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 3)
+    (out / "checkpoints" / "9.orbax-checkpoint-tmp-1" / "state").mkdir(parents=True)
+    logs = []
+    again = T.train(_cfg(assets, out), log=logs.append)
+    assert again.resumed_from == 3 and any("checkpoints/6 cannot be restored" in m for m in logs)
+    _assert_same(_flat(again.state.params), _flat(full_run.state.params))
+    names = sorted(os.listdir(out / "checkpoints"))
+    assert names[:2] == ["3", "6"] and names[2].startswith("6.unreadable-")  # step 6 saved anew
+
+    # A config that changes the run's structure is refused, naming the key.
+    with pytest.raises(sense_jax.ConfigError, match="student_layers=1, now student_layers=2"):
+        T.train(_cfg(assets, out, student_layers=2))
+
+
+def test_export_matches_transformers_and_bad_checkpoints_are_refused(full_run, assets, tmp_path, capsys):
+    import torch
+    from transformers import AutoModel
+
+    from sense_jax.cli import main
+
+    assert main(["export", str(full_run.run_dir), str(tmp_path / "hf")]) == 0
+    model = AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
+    s = full_run.setup
+    b = dict(assets["teacher"].tokenizer(["The bank by the river bank.", "A bat flew."], padding=True,
+                                         return_tensors="np"))
+    with torch.no_grad():
+        ref = model(**{k: torch.tensor(v) for k, v in b.items()})
+    params = jax.device_get(full_run.state.params)
+    ours = np.asarray(s.student_module.apply({"params": params["student"]}, b["input_ids"],
+                                             b["attention_mask"], b["token_type_ids"]))
+    real = b["attention_mask"].astype(bool)
+    assert np.abs(ours - ref.last_hidden_state.numpy())[real].max() < 1e-4
+    pk, pb = params["pooler"]["kernel"], params["pooler"]["bias"]  # the teacher's frozen pooler
+    np.testing.assert_allclose(ref.pooler_output.numpy(), np.tanh(ours[:, 0] @ pk + pb), atol=1e-5)
+    # Bad checkpoint directories: refused with one line, exit 2.
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    assert main(["export", str(empty), str(tmp_path / "x")]) == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(full_run.run_dir, broken)
+    for step in ("3", "6"):
+        shutil.rmtree(broken / "checkpoints" / step / "state")
+    with pytest.raises(SenseJaxError, match="no checkpoint could be restored"):
+        T.export_checkpoint(broken, tmp_path / "y", log=lambda m: None)
+
+
+def test_trainer_refuses_another_vocabulary_or_dictionary(assets, minilm_dir, sentences, tmp_path):
+    other = make_teacher(tmp_path / "other", minilm_dir, vocab_size=30000)
+    with pytest.raises(sense_jax.ConfigError, match=r"student .*other has vocab_size 30000 but teacher"):
+        T.train(_cfg(assets, tmp_path / "a", student=str(other)))
+    wide = make_sense_dict(assets["teacher"].tokenizer, sentences, hidden_size=48)
+    wide.save(tmp_path / "wide")
+    with pytest.raises(SenseJaxError, match=r"wide: senses have width 48 but the teacher's hidden_size is 32"):
+        T.train(_cfg(assets, tmp_path / "b", senses=str(tmp_path / "wide")))
+    assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_cli_distill_from_a_config_file_with_overrides(full_run, assets, tmp_path, capsys):
+    import dataclasses
+
+    from sense_jax.cli import main
+
+    cfg = dataclasses.asdict(full_run.setup.cfg)
+    cfg.update(out_dir="ignored", progress=True)
+    (tmp_path / "run.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.items()))
+    out = tmp_path / "cli-run"
+    assert main(["distill", "--config", str(tmp_path / "run.yaml"), "--set", f"out_dir={out}"]) == 0
+    captured = capsys.readouterr()
+    assert "trained to step 6" in captured.out and "held-out sense accuracy" in captured.out
+    assert "distill: 100%" in captured.err  # the tqdm bar
+    ref = [json.loads(x) for x in (full_run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    key = lambda recs: [(r["kind"], r["step"], r.get("loss"), r["accuracy"]) for r in recs]
+    assert key(got) == key(ref)  # same config, same run, same numbers
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(assets, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(assets, out, learning_rate=1e30, warmup_steps=0, clip_norm=0, save_every=1, steps=5,
+               grad_accum=1, eval_every=0)
+    with pytest.raises(T.TrainingDiverged, match=r"at step (\d); .*last good checkpoint is step") as e:
+        T.train(cfg)
+    bad = int(__import__("re").search(r"at step (\d)", str(e.value)).group(1))
+    assert bad >= 2
+    assert sorted(int(x) for x in os.listdir(out / "checkpoints")) == list(range(1, bad))
+
+
+_CROSS = textwrap.dedent("""
+    import json, sys, numpy as np, jax
+    sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+    from sense_jax import trainer as T
+    from test_train import _flat
+    mode, cfg_json, dump = sys.argv[2], sys.argv[3], sys.argv[4]
+    cfg = T.DistillConfig(**json.loads(cfg_json))
+    assert jax.device_count() == 8
+    if mode == "save":
+        r = T.train(cfg, stop_after=1)
+        np.savez(dump, **_flat(r.state.params))
+        spec = r.state.params["student"]["embeddings"]["word_embeddings"]["embedding"].sharding.spec
+        print("SPEC", spec)
+    else:
+        s = T.setup(cfg)
+        mngr = T.checkpoint_manager(cfg.out_dir + "/checkpoints", save_every=1, keep=3)
+        state, data, step = T.restore_latest(mngr, s.layout.abstract_state)
+        ref = np.load(dump, allow_pickle=False)
+        got = _flat(state.params)
+        assert sorted(ref.files) == sorted(got), "keys"
+        for k in got:
+            np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+        print("RESTORED", step, data["micro_batches"])
+""")
+
+
+def _run8(mode: str, cfg, dump: Path) -> str:
+    import dataclasses
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    import time
+
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", _CROSS, str(ROOT), mode, json.dumps(dataclasses.asdict(cfg)),
+                        str(dump)], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    print(f"{mode} subprocess: {time.time() - t0:.1f}s")
+    return p.stdout
+
+
+def test_checkpoint_moves_between_8_devices_and_1(full_run, assets, tmp_path):
+    out = tmp_path / "run"
+    # The full run's program, FSDP-sharded over 8 devices; saved after step 1.
+    cfg8 = _cfg(assets, out, fsdp=True, save_every=1, eval_every=0)
+    stdout = _run8("save", cfg8, tmp_path / "eight.npz")
+    assert "('model', 'data')" in stdout  # the word embeddings really were sharded
+    # 8 -> 1: restore on this process's single device, equal to what the 8-device run held.
+    cfg1 = dataclasses_replace(cfg8, fsdp=False)
+    r = T.train(cfg1, stop_after=1)
+    assert r.resumed_from == 1 and jax.device_count() == 1
+    _assert_same(_flat(r.state.params), dict(np.load(tmp_path / "eight.npz", allow_pickle=False)))
+    # Train on to step 6 on 1 device; 1 -> 8: restore onto the 8-device FSDP layout.
+    r = T.train(dataclasses_replace(cfg1, save_every=3))
+    assert int(r.state.step) == 6
+    np.savez(tmp_path / "one.npz", **_flat(r.state.params))
+    assert "RESTORED 6 12" in _run8("check", cfg8, tmp_path / "one.npz")
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
