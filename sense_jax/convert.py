@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sense_jax.errors import ConversionError
+from sense_jax.errors import ConfigError, ConversionError
 from sense_jax.io_utils import atomic_directory, read_json, write_json_atomic
 from sense_jax.models import ModelFamily, get_family
 
@@ -101,13 +101,23 @@ def _weight_files(model_dir: Path) -> list[Path]:
         "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json)")
 
 
+# safetensors dtypes numpy lacks (bf16: every Llama / Mistral / Qwen2 release). Importing
+# ml_dtypes registers them with numpy; they are widened to float32 on read, as _read_torch_bin does.
+_WIDEN = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    import ml_dtypes  # noqa: F401  (lets safetensors' numpy backend return bf16 / fp8 arrays)
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="np") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
+            out = {}
+            for k in f.keys():
+                v = f.get_tensor(k)
+                out[k] = v.astype(np.float32) if v.dtype.name in _WIDEN else v
+            return out
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise ConversionError(f"{path}: not a readable safetensors file ({e}); "
                               "it may be truncated or corrupt") from None
 
@@ -250,7 +260,8 @@ def hf_to_params(family: ModelFamily, cfg: Any, state: dict[str, np.ndarray],
 
 
 def _hf_shape(transform, flax_shape):
-    return tuple(reversed(flax_shape)) if transform.name == "linear" else flax_shape
+    # Any transform (transpose, conv kernel layout, ...) maps shapes as it maps values.
+    return tuple(transform.to_hf(np.empty(flax_shape, np.float32)).shape)
 
 
 def _hf_name(family: ModelFamily, flax_path: str) -> str:
@@ -289,26 +300,63 @@ class Converted:
     params: dict
     hf_config: dict
     skipped: list[str]
+    adapters: list = dataclasses.field(default_factory=list)
 
 
-def load_hf(src: str | os.PathLike) -> tuple[Converted, Path]:
-    """Read and convert a transformers checkpoint (directory or hub id) in memory.
-
-    Returns:
-      (converted, model_dir).
+def apply_config_overrides(cfg: Any, overrides: dict | None, source: str = "config_overrides") -> Any:
+    """``cfg`` with fields replaced by ``overrides`` (e.g. ``{"causal": False}``).
 
     Raises:
-      ConversionError: see :func:`read_hf_state_dict` and :func:`hf_to_params`.
+      ConfigError: a key is not a field of the family's config (names it and the fields).
+    """
+    if not overrides:
+        return cfg
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"{source}: unknown config field(s) {unknown} for {type(cfg).__name__}; "
+                          f"fields: {sorted(fields)}")
+    return dataclasses.replace(cfg, **overrides)
+
+
+def load_hf(src: str | os.PathLike, *, adapter: Any = None,
+            config_overrides: dict | None = None) -> tuple[Converted, Path]:
+    """Read and convert a transformers checkpoint (directory or hub id) in memory.
+
+    Args:
+      src: transformers model directory or hub id.
+      adapter: a PEFT LoRA adapter directory, or a list of them merged in order (LLM2Vec: the
+        MNTP adapter, then the supervised one), folded into the base weights before conversion
+        (:func:`sense_jax.lora.merge_lora`).
+      config_overrides: fields of the family config to replace, e.g. ``{"causal": False}`` to
+        run a Llama bidirectionally (LLM2Vec).
+
+    Returns:
+      (converted, model_dir); ``converted.adapters`` describes the merged adapters.
+
+    Raises:
+      ConversionError: see :func:`read_hf_state_dict`, :func:`hf_to_params` and
+        :func:`sense_jax.lora.merge_lora`. ConfigError: an unknown override key.
     """
     model_dir = resolve_source(src)
     hf_config = read_hf_config(model_dir)
     family, cfg = _family_and_config(hf_config, str(model_dir / "config.json"))
     state, file_of = read_hf_state_dict(model_dir)
+    adapters_info = []
+    if adapter is not None:
+        from sense_jax.lora import merge_lora
+
+        for a in ([adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter)):
+            state, info = merge_lora(state, a, family)
+            adapters_info.append(info)
+    base = list(_strip_prefix(list(state), family).values())
     if hasattr(cfg, "add_pooler"):
-        base = _strip_prefix(list(state), family).values()
         cfg = dataclasses.replace(cfg, add_pooler=any(n.startswith("pooler.") for n in base))
+    if hasattr(cfg, "adapt_to_checkpoint"):
+        cfg = cfg.adapt_to_checkpoint(base)
+    cfg = apply_config_overrides(cfg, config_overrides)
     params, skipped = hf_to_params(family, cfg, state, file_of)
-    return Converted(family, cfg, params, hf_config, skipped), model_dir
+    return Converted(family, cfg, params, hf_config, skipped, adapters_info), model_dir
 
 
 def save_params(path: Path, params: dict) -> None:
@@ -378,17 +426,22 @@ def write_converted(out: str | os.PathLike, converted: Converted, tokenizer_dir:
             "param_dtype": "float32",
             "tokenizer_files": tok_files,
             "skipped_tensors": converted.skipped,
+            "merged_adapters": converted.adapters,
             **(extra_metadata or {}),
         })
     return out
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def convert(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
+            adapter: Any = None, config_overrides: dict | None = None) -> Path:
     """Convert a transformers checkpoint to a sense_jax model directory.
 
     Args:
       src: local transformers model directory, or a hub id.
       out: output directory; must not exist unless ``overwrite``.
+      adapter: PEFT LoRA adapter directory (or list, merged in order) folded into the weights.
+      config_overrides: config fields to replace, e.g. ``{"causal": False}``; saved in
+        ``sense_jax.json`` so that :func:`sense_jax.load_model` restores them.
 
     Returns:
       ``out`` as a Path.
@@ -396,5 +449,5 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
     Raises:
       ConversionError / SenseJaxError: bad input, named; nothing is left at ``out``.
     """
-    converted, model_dir = load_hf(src)
+    converted, model_dir = load_hf(src, adapter=adapter, config_overrides=config_overrides)
     return write_converted(out, converted, model_dir, source=str(src), overwrite=overwrite)

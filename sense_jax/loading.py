@@ -89,12 +89,18 @@ def _load_tokenizer(path: Path):
     if not any((path / f).exists() for f in _convert.TOKENIZER_FILES):
         return None
     try:
-        return AutoTokenizer.from_pretrained(str(path), use_fast=True, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(path), use_fast=True, local_files_only=True)
     except Exception as e:
         raise SenseJaxError(f"{path}: tokenizer files could not be loaded ({type(e).__name__}: {e})") from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        # Decoder tokenizers (Llama 3, Mistral) define no pad token. Pad with EOS, as LLM2Vec
+        # does: the attention mask hides padding, so the id only has to be a valid one.
+        tok.pad_token = tok.eos_token
+    return tok
 
 
-def load_model(path: str | os.PathLike, *, dtype: str = "float32", sharding: Any = None) -> Model:
+def load_model(path: str | os.PathLike, *, dtype: str = "float32", sharding: Any = None,
+               adapter: Any = None, config_overrides: dict | None = None) -> Model:
     """Load a model for inference or training.
 
     Args:
@@ -103,6 +109,9 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", sharding: Any
       dtype: compute dtype, "float32" (default) or "bfloat16". Params are float32.
       sharding: optional pytree of ``jax.sharding.Sharding`` for the params (see
         :func:`sense_jax.sharding.params_sharding`), else the default device.
+      adapter: PEFT LoRA adapter directory (or list) to merge; transformers directories only
+        (a converted directory already holds merged weights).
+      config_overrides: config fields to replace, e.g. ``{"causal": False}`` (LLM2Vec).
 
     Returns:
       A :class:`Model`.
@@ -120,11 +129,15 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", sharding: Any
         saved = meta.get("config") or {}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items()
                                           if k in {f.name for f in dataclasses.fields(cfg)}})
+        if adapter is not None:
+            raise ConversionError(f"{p}: adapters are merged at conversion; convert the base "
+                                  "model with adapter=... instead")
+        cfg = _convert.apply_config_overrides(cfg, config_overrides)
         abstract = _convert.abstract_params(family, cfg)
         params = _convert.restore_params(p / _convert.PARAMS_DIR, abstract, sharding)
         tok_dir = p
     else:
-        converted, tok_dir = _convert.load_hf(path)
+        converted, tok_dir = _convert.load_hf(path, adapter=adapter, config_overrides=config_overrides)
         family, cfg, hf_config = converted.family, converted.config, converted.hf_config
         if sharding is not None:
             params = jax.device_put(converted.params, sharding)

@@ -23,8 +23,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("embed", None),
     ("embed_out", None),
     ("heads", "model"),
+    ("kv_heads", "model"),
     ("kv", None),
     ("mlp", "model"),
+    ("norm", None),
 )
 FSDP_RULES: tuple[tuple[str, Any], ...] = tuple(
     (name, "data") if name == "embed" else (name, axis) for name, axis in DEFAULT_RULES)
@@ -52,9 +54,44 @@ def params_sharding(abstract_boxed_params: Any, mesh: Mesh, rules=DEFAULT_RULES)
     Args:
       abstract_boxed_params: ``jax.eval_shape(module.init, ...)["params"]`` *before* unboxing,
         so the ``nn.Partitioned`` boxes still carry their logical names.
+
+    A dimension that the mesh axes assigned to it do not divide (a vocabulary of 30522 over a
+    ``model`` axis of 4, 2 kv heads over 8 devices) is replicated instead, so any mesh works.
     """
     logical = nn.get_partition_spec(abstract_boxed_params)
-    return nn.logical_to_mesh_sharding(logical, mesh, rules)
+    shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
+    shapes = jax.tree.map(lambda x: tuple(x.value.shape) if isinstance(x, nn.Partitioned) else
+                          tuple(np.shape(x)), abstract_boxed_params,
+                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return jax.tree.map(lambda s, shape: _divisible(s, shape, mesh), shardings, shapes,
+                        is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def _divisible(sharding: NamedSharding, shape: tuple, mesh: Mesh) -> NamedSharding:
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    fixed = []
+    for dim, axes in zip(shape, spec):
+        names = axes if isinstance(axes, tuple) else ((axes,) if axes else ())
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        fixed.append(axes if dim % size == 0 else None)
+    return NamedSharding(mesh, P(*fixed))
+
+
+def family_params_sharding(family: Any, cfg: Any, mesh: Mesh, rules=FSDP_RULES) -> Any:
+    """NamedShardings for the params of ``family.make_module(cfg)`` (a pytree matching
+    :func:`sense_jax.convert.abstract_params`), from the modules' logical annotations.
+
+    With :data:`FSDP_RULES` an 8B-class decoder is split two ways: ``embed`` over ``data``
+    (FSDP) and heads / kv heads / MLP width / vocabulary over ``model`` (tensor parallelism).
+    """
+    import jax.numpy as jnp
+
+    module = family.make_module(cfg)
+    ids = jnp.zeros((1, 2), jnp.int32)
+    method = getattr(module, family.init_method) if family.init_method else None
+    boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids),
+                                               method=method))["params"]
+    return params_sharding(boxed, mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -11,15 +11,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="transformers model directory (config.json + weights) or hub id")
     p.add_argument("out", help="output directory (Orbax params + config + tokenizer files)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--adapter", action="append", metavar="DIR",
+                   help="PEFT LoRA adapter directory merged into the weights (repeat to merge several "
+                        "in order, e.g. LLM2Vec's MNTP then supervised adapter)")
+    p.add_argument("--bidirectional", action="store_true",
+                   help="decoders (llama/mistral/qwen2): drop the causal mask, as LLM2Vec runs them")
+    p.add_argument("--pooling", choices=("mean", "weighted_mean", "last_token", "first_token"),
+                   help="decoders: sentence pooling mode recorded in the config (LLM2Vec: mean)")
 
 
 def run(args: argparse.Namespace) -> int:
     from sense_jax.convert import convert
     from sense_jax.io_utils import read_json
 
-    out = convert(args.src, args.out, overwrite=args.overwrite)
+    overrides = {}
+    if args.bidirectional:
+        overrides["causal"] = False
+    if args.pooling:
+        overrides["pooling"] = args.pooling
+    out = convert(args.src, args.out, overwrite=args.overwrite, adapter=args.adapter,
+                  config_overrides=overrides or None)
     meta = read_json(out / "sense_jax.json")
     print(f"converted {args.src} -> {out}: {meta['family']} ({meta['model_type']}), "
           f"{meta['param_count']:,} params"
-          + (f", skipped {len(meta['skipped_tensors'])} buffer/head tensor(s)" if meta["skipped_tensors"] else ""))
+          + (f", skipped {len(meta['skipped_tensors'])} buffer/head tensor(s)" if meta["skipped_tensors"] else "")
+          + "".join(f", merged adapter {a['adapter']} ({a['merged_modules']} modules)"
+                    for a in meta.get("merged_adapters") or []))
     return 0

@@ -122,3 +122,5 @@ def get_family(model_type: str, source: str = "config.json") -> ModelFamily:
 def _import_families() -> None:
     # Importing a family module registers it. New families add one line here.
     from sense_jax.models import bert  # noqa: F401
+    from sense_jax.models import deberta_v2  # noqa: F401
+    from sense_jax.models import llama  # noqa: F401
