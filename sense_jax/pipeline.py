@@ -219,7 +219,7 @@ class Pipeline:
                 batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
                 learning_rate=self.cfg.learning_rate, warmup_steps=max(1, steps // 20),
                 save_every=max(1, steps // 4), eval_every=max(1, steps // 4), progress=self.cfg.progress,
-                log_every=10, tensorboard=False, **weights)
+                log_every=10, tensorboard=False, group_by_length=64, **weights)
             self.log(f"[distill] {name}: {steps} steps of {self.cfg.batch_size} passages")
             trainer.train(cfg, log=self.log)
             trainer.export_checkpoint(self.out / name, export, overwrite=True, log=self.log)

@@ -81,6 +81,7 @@ class DistillConfig:
     grad_accum: int = 1              # micro-batches per update
     max_length: int = 128            # tokens per passage (truncated; the pad length's cap)
     pad_to_buckets: bool = True      # pad each step to the smallest length bucket that holds it
+    group_by_length: int = 0         # sort passages by length in windows of this many micro-batches (0 = off)
     learning_rate: float = 5e-4      # peak learning rate
     warmup_steps: int = 100          # linear warmup from 0
     end_learning_rate: float = 0.0   # value at the end of the cosine decay
@@ -130,7 +131,7 @@ def _validate(cfg: DistillConfig) -> DistillConfig:
         need(getattr(cfg, k) >= 1, k, "must be >= 1")
     for k in ("warmup_steps", "eval_every", "student_hidden_size", "student_heads",
               "student_intermediate_size", "clip_norm", "weight_decay", "skd_weight", "mse_weight",
-              "learning_rate", "end_learning_rate"):
+              "learning_rate", "end_learning_rate", "group_by_length"):
         need(getattr(cfg, k) >= 0, k, "must be >= 0")
     need(cfg.skd_weight + cfg.mse_weight > 0, "skd_weight", "skd_weight + mse_weight must be > 0")
     need(0.0 <= cfg.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
@@ -187,20 +188,48 @@ class PassageStream:
     The stream is the concatenation over epochs e = 0, 1, ... of the passages permuted by
     ``default_rng([seed, e])``; micro-batch j holds stream items ``[j B, (j + 1) B)``. So the
     data position is one integer (micro-batches consumed) and resuming skips nothing.
+
+    With ``group_window = W > 0`` (length grouping, as transformers' ``group_by_length``), each
+    window of W consecutive micro-batches holds the same W·B stream items, but sorted by token
+    length before being cut into micro-batches, whose order inside the window is then shuffled
+    (seeded). Every passage is still seen once per epoch; padding drops several-fold.
     """
 
     def __init__(self, passages: Sequence[str], tokenizer: Any, batch_size: int, max_length: int,
-                 seed: int):
+                 seed: int, group_window: int = 0):
         if not passages:
             raise SenseJaxError("no training passages")
         self.passages, self.tok = list(passages), tokenizer
-        self.B, self.T, self.seed = batch_size, max_length, seed
+        self.B, self.T, self.seed, self.W = batch_size, max_length, seed, group_window
         self._perms: dict[int, np.ndarray] = {}
+        self._lengths: np.ndarray | None = None
+        self._window: tuple[int, np.ndarray] | None = None
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.passages))}
+            if len(self._perms) >= 2:  # a window may straddle two epochs; keep both
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.passages))
         return self._perms[epoch]
+
+    def _items(self, start: int, stop: int) -> np.ndarray:
+        N = len(self.passages)
+        return np.array([self._perm(i // N)[i % N] for i in range(start, stop)])
+
+    def indices(self, j: int) -> np.ndarray:
+        """Passage indices of micro-batch ``j`` [B]."""
+        B, W = self.B, self.W
+        if not W:
+            return self._items(j * B, (j + 1) * B)
+        w, r = divmod(j, W)
+        if self._window is None or self._window[0] != w:
+            if self._lengths is None:
+                ids = self.tok(self.passages, truncation=True, max_length=self.T)["input_ids"]
+                self._lengths = np.array([len(x) for x in ids])
+            items = self._items(w * W * B, (w + 1) * W * B)
+            batches = items[np.argsort(self._lengths[items], kind="stable")].reshape(W, B)
+            self._window = (w, batches[np.random.default_rng([self.seed, 1 << 21, w]).permutation(W)])
+        return self._window[1][r]
 
     def micro_batch(self, j: int, length: int | None = None) -> dict[str, np.ndarray]:
         """Micro-batch ``j``: ``input_ids``, ``attention_mask``, ``token_type_ids`` [B, T] int32.
@@ -210,8 +239,7 @@ class PassageStream:
         return tokenize(self.tok, self.texts(j), length or self.T)
 
     def texts(self, j: int) -> list[str]:
-        N = len(self.passages)
-        return [self.passages[self._perm(i // N)[i % N]] for i in range(j * self.B, (j + 1) * self.B)]
+        return [self.passages[i] for i in self.indices(j)]
 
     def step_batches(self, j: int, n: int, buckets: bool) -> list[dict[str, np.ndarray]]:
         """Micro-batches ``j .. j + n - 1`` padded to one length: the smallest bucket of
@@ -888,7 +916,8 @@ def train(cfg: DistillConfig, *, passages: Sequence[str] | None = None,
 def _loop(s: Setup, state, micro, start, passages, eval_passages, mngr, run_dir, stop_after, log,
           resumed_from):
     cfg = s.cfg
-    stream = PassageStream(passages, s.teacher.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed)
+    stream = PassageStream(passages, s.teacher.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed,
+                           cfg.group_by_length)
     metrics_out = _Metrics(run_dir, resumed_from, cfg.tensorboard)
     last_saved = resumed_from
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)

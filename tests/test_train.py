@@ -267,3 +267,25 @@ def dataclasses_replace(cfg, **kw):
     import dataclasses
 
     return dataclasses.replace(cfg, **kw)
+
+
+def test_length_grouping_keeps_every_passage_once_per_epoch_and_cuts_padding(minilm_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
+    rng = np.random.default_rng(0)
+    passages = [" ".join(["word"] * int(n)) for n in rng.integers(1, 40, 64)]  # lengths 3..41 tokens
+    grouped = T.PassageStream(passages, tok, batch_size=4, max_length=48, seed=1, group_window=4)
+    plain = T.PassageStream(passages, tok, batch_size=4, max_length=48, seed=1)
+    epoch = [grouped.indices(j) for j in range(16)]  # 16 micro-batches of 4 = one epoch, 4 windows
+    assert sorted(np.concatenate(epoch).tolist()) == list(range(64))
+    for w in range(4):  # each window holds the same passages as without grouping
+        assert sorted(np.concatenate(epoch[4 * w:4 * w + 4]).tolist()) == \
+            sorted(np.concatenate([plain.indices(j) for j in range(4 * w, 4 * w + 4)]).tolist())
+
+    def padded(stream):
+        return sum(b[0]["attention_mask"].size for b in (stream.step_batches(j, 1, True) for j in range(16)))
+
+    assert padded(grouped) < 0.8 * padded(plain)
+    again = T.PassageStream(passages, tok, batch_size=4, max_length=48, seed=1, group_window=4)
+    assert [again.indices(j).tolist() for j in (13, 2, 7)] == [epoch[j].tolist() for j in (13, 2, 7)]
