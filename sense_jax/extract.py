@@ -62,7 +62,7 @@ import numpy as np
 from sense_jax.batching import DEFAULT_BUCKETS, length_bucketed_batches
 from sense_jax.corpus import CorpusStats, PassageHasher, corpus_files, iter_passages, quick_fingerprint
 from sense_jax.errors import SenseJaxError
-from sense_jax.io_utils import read_json, write_json_atomic
+from sense_jax.io_utils import read_json, replace_directory, write_json_atomic
 from sense_jax.store import COMPLETE_MARKER, STORE_DTYPES
 
 FORMAT_VERSION = 1
@@ -934,15 +934,9 @@ def _finish(job: _Job, store_dir: Path, meta: dict, overwrite: bool) -> None:
     (store_dir / COMPLETE_MARKER).write_text("ok\n")
     _fail_point("final", 0)
     out = job.out
-    if out.exists():
-        if not overwrite:  # checked at the start; someone wrote it meanwhile
-            raise SenseJaxError(f"{out} appeared during the extraction; the result is kept in {store_dir}")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(store_dir, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(store_dir, out)
+    if out.exists() and not overwrite:  # checked at the start; someone wrote it meanwhile
+        raise SenseJaxError(f"{out} appeared during the extraction; the result is kept in {store_dir}")
+    replace_directory(store_dir, out)
     _fail_point("final", 1)
     shutil.rmtree(job.work, ignore_errors=True)
 

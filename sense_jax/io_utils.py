@@ -41,16 +41,25 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iter
         raise SenseJaxError(f"cannot write under {out.parent}: {e.strerror or e}") from None
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_directory(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_directory(src: Path, dst: Path) -> None:
+    """Move complete directory ``src`` to ``dst``, replacing ``dst`` if it exists.
+
+    The old ``dst`` is first renamed aside, so at every instant ``dst`` is either the old complete
+    directory, absent for the moment between two renames, or the new one.
+    """
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

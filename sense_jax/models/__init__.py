@@ -58,6 +58,24 @@ class ParamRule:
         return re.compile("^" + re.escape(self.hf).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
 
 
+def dense_rules(hf_prefix: str, flax_prefix: str, rows) -> list[ParamRule]:
+    """Rows ``(hf_module, our_module)`` of torch Linear layers -> weight (LINEAR) and bias rules."""
+    out = []
+    for h, f in rows:
+        out.append(ParamRule(f"{hf_prefix}{h}.weight", f"{flax_prefix}{f}/kernel", LINEAR))
+        out.append(ParamRule(f"{hf_prefix}{h}.bias", f"{flax_prefix}{f}/bias"))
+    return out
+
+
+def layer_norm_rules(hf_prefix: str, flax_prefix: str, rows) -> list[ParamRule]:
+    """Rows ``(hf_module, our_module)`` of torch LayerNorms -> weight->scale and bias rules."""
+    out = []
+    for h, f in rows:
+        out.append(ParamRule(f"{hf_prefix}{h}.weight", f"{flax_prefix}{f}/scale"))
+        out.append(ParamRule(f"{hf_prefix}{h}.bias", f"{flax_prefix}{f}/bias"))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelFamily:
     """What a model family provides to the converter and the loader.

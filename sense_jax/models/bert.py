@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from sense_jax.errors import ConversionError
-from sense_jax.models import COPY, LINEAR, ModelFamily, ParamRule, register
+from sense_jax.models import COPY, LINEAR, ModelFamily, ParamRule, dense_rules, layer_norm_rules, register
 
 # transformers' ACT2FN names -> jax functions. "gelu" is the exact erf form; the tanh forms are
 # "gelu_new" / "gelu_pytorch_tanh" / "gelu_fast" (transformers/activations.py).
@@ -280,15 +280,8 @@ def _layer_rules() -> tuple[ParamRule, ...]:
         ("intermediate.dense", "intermediate"),
         ("output.dense", "output_dense"),
     ]
-    out = []
-    for h, f in rows:
-        out.append(ParamRule(f"{hf}{h}.weight", f"{fx}{f}/kernel", LINEAR))
-        out.append(ParamRule(f"{hf}{h}.bias", f"{fx}{f}/bias"))
-    for h, f in (("attention.output.LayerNorm", "attention/output_LayerNorm"),
-                 ("output.LayerNorm", "output_LayerNorm")):
-        out.append(ParamRule(f"{hf}{h}.weight", f"{fx}{f}/scale"))
-        out.append(ParamRule(f"{hf}{h}.bias", f"{fx}{f}/bias"))
-    return tuple(out)
+    norms = [("attention.output.LayerNorm", "attention/output_LayerNorm"), ("output.LayerNorm", "output_LayerNorm")]
+    return tuple(dense_rules(hf, fx, rows) + layer_norm_rules(hf, fx, norms))
 
 
 # transformers name -> our params path. LINEAR transposes torch's [out, in] to flax's [in, out].

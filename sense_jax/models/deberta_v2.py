@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sense_jax.errors import ConversionError
-from sense_jax.models import COPY, LINEAR, ModelFamily, ParamRule, Transform, register
+from sense_jax.models import (COPY, LINEAR, ModelFamily, ParamRule, Transform, dense_rules, layer_norm_rules,
+                              register)
 from sense_jax.models.bert import ACTIVATIONS as _BERT_ACTIVATIONS
 
 ACTIVATIONS = {**_BERT_ACTIVATIONS, "tanh": jnp.tanh}
@@ -422,15 +423,8 @@ def _layer_rules() -> tuple[ParamRule, ...]:
         ("intermediate.dense", "intermediate"),
         ("output.dense", "output_dense"),
     ]
-    out = []
-    for h, f in rows:
-        out.append(ParamRule(f"{hf}{h}.weight", f"{fx}{f}/kernel", LINEAR))
-        out.append(ParamRule(f"{hf}{h}.bias", f"{fx}{f}/bias"))
-    for h, f in (("attention.output.LayerNorm", "attention/output_LayerNorm"),
-                 ("output.LayerNorm", "output_LayerNorm")):
-        out.append(ParamRule(f"{hf}{h}.weight", f"{fx}{f}/scale"))
-        out.append(ParamRule(f"{hf}{h}.bias", f"{fx}{f}/bias"))
-    return tuple(out)
+    norms = [("attention.output.LayerNorm", "attention/output_LayerNorm"), ("output.LayerNorm", "output_LayerNorm")]
+    return tuple(dense_rules(hf, fx, rows) + layer_norm_rules(hf, fx, norms))
 
 
 RULES: tuple[ParamRule, ...] = (
