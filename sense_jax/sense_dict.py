@@ -57,8 +57,14 @@ class SenseDictionary:
     def from_arrays(cls, centres, offsets, counts=None, meta: dict | None = None) -> "SenseDictionary":
         """Build from numpy/jax arrays; validates offsets (monotonic, ending at S).
 
+        Args:
+          centres: [S, D] float (f32 / bf16 / f16 kept as given).
+          offsets: [V + 1] int, non-decreasing, ``offsets[0] == 0``, ``offsets[-1] == S``.
+          counts: optional [S] int, samples per sense (zeros if omitted).
+          meta: JSON-serialisable metadata.
+
         Raises:
-          SenseJaxError: inconsistent shapes, or NaN/inf centres.
+          SenseJaxError: inconsistent shapes, or NaN/inf centres (naming the token id).
         """
         centres = np.asarray(centres)
         offsets = np.asarray(offsets, np.int64)
@@ -66,8 +72,11 @@ class SenseDictionary:
         if centres.ndim != 2 or offsets.ndim != 1 or offsets.size < 1 or offsets[0] != 0 \
                 or offsets[-1] != S or np.any(np.diff(offsets) < 0):
             raise SenseJaxError(f"sense dictionary: offsets [{offsets.size}] do not index centres {centres.shape}")
-        if not np.all(np.isfinite(centres.astype(np.float32))):
-            raise SenseJaxError("sense dictionary: centres contain NaN or inf")
+        bad = np.flatnonzero(~np.all(np.isfinite(centres.astype(np.float32)), axis=-1))
+        if bad.size:
+            token = int(np.searchsorted(offsets, bad[0], side="right") - 1)
+            raise SenseJaxError(f"sense dictionary: token {token} has NaN or inf sense vectors "
+                                f"({bad.size} bad row(s) in all)")
         counts = np.zeros(S, np.int32) if counts is None else np.asarray(counts, np.int32)
         if counts.shape != (S,):
             raise SenseJaxError(f"sense dictionary: counts {counts.shape} do not match {S} centres")
@@ -147,9 +156,48 @@ class SenseDictionary:
             raise SenseJaxError(f"sense dictionary file missing: {f}") from None
         except (SafetensorError, OSError, ValueError, KeyError) as e:
             raise SenseJaxError(f"{f}: unreadable, truncated or incomplete ({e})") from None
-        for key in ("dtype", "hidden_size", "vocab_size", "n_senses_total"):
-            meta.pop(key, None)
-        return cls.from_arrays(arrays["centres"], arrays["offsets"], arrays["counts"], meta)
+        c, o = arrays["centres"], arrays["offsets"]
+        expected = {"hidden_size": c.shape[-1] if c.ndim == 2 else None, "vocab_size": o.shape[0] - 1,
+                    "n_senses_total": c.shape[0], "dtype": str(c.dtype)}
+        for key, value in expected.items():
+            if key in meta and meta.pop(key) != value:
+                raise SenseJaxError(f"{f}: {key} does not match {path / META_FILE} "
+                                    "(files from different dictionaries?)")
+        try:
+            return cls.from_arrays(c, o, arrays["counts"], meta)
+        except SenseJaxError as e:
+            raise SenseJaxError(f"{f}: {e}") from None
+
+    def merged(self, update: "SenseDictionary") -> "SenseDictionary":
+        """This dictionary with ``update``'s entries added (replacing this one's for those tokens).
+
+        Tokens with an entry in ``update`` take ``update``'s senses; every other token keeps its
+        own. Metadata is ``update``'s, with ``merged_from`` listing both store fingerprints.
+
+        Raises:
+          SenseJaxError: the two have a different hidden size (teacher width) or vocabulary size.
+        """
+        if update.hidden_size != self.hidden_size:
+            raise SenseJaxError(f"cannot add senses of width {update.hidden_size} to a dictionary of "
+                                f"width {self.hidden_size} (a store from another teacher?)")
+        if update.vocab_size != self.vocab_size:
+            raise SenseJaxError(f"cannot add senses over a vocabulary of {update.vocab_size} tokens to a "
+                                f"dictionary over {self.vocab_size} (a store from another teacher?)")
+        o_old, o_new = np.asarray(self.offsets), np.asarray(update.offsets)
+        c_old, c_new = np.asarray(self.centres), np.asarray(update.centres)
+        k_old, k_new = np.asarray(self.counts), np.asarray(update.counts)
+        dtype = np.result_type(c_old.dtype, c_new.dtype)
+        centres, counts, n = [np.zeros((0, self.hidden_size), dtype)], [np.zeros(0, np.int64)], []
+        for t in range(self.vocab_size):
+            o, c, k = (o_new, c_new, k_new) if o_new[t + 1] > o_new[t] else (o_old, c_old, k_old)
+            centres.append(c[o[t]:o[t + 1]].astype(dtype))
+            counts.append(k[o[t]:o[t + 1]])
+            n.append(o[t + 1] - o[t])
+        offsets = np.concatenate([[0], np.cumsum(n, dtype=np.int64)])
+        centres, counts = np.concatenate(centres), np.concatenate(counts)
+        meta = dict(update.meta)
+        meta["merged_from"] = [self.meta.get("store_fingerprint"), update.meta.get("store_fingerprint")]
+        return SenseDictionary.from_arrays(centres, offsets, counts, meta)
 
 
 def gather_senses(sense_dict: SenseDictionary, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -193,25 +241,59 @@ def sense_scores(codebook: jax.Array, valid: jax.Array, hidden: jax.Array, metri
     return jnp.where(valid, s, -jnp.inf)
 
 
-@jax.jit(static_argnames=("metric",))
-def nearest_sense(sense_dict: SenseDictionary, token_ids: jax.Array, hidden: jax.Array,
-                  metric: str = "dot") -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Replace each hidden state by its token's nearest sense (METHOD §2).
-
-    Args:
-      sense_dict: the dictionary (V, D must match the model's vocabulary and width).
-      token_ids: [B, T] int32.
-      hidden: [B, T, D] hidden states (any float dtype).
-      metric: "dot" (the paper's), "cos" or "l2".
-
-    Returns:
-      sense_index [B, T] int32: the local sense index k in [0, K_t), -1 where no entry;
-      replaced [B, T, D] (hidden's dtype): C_t[k] where the token has an entry, else hidden;
-      has_entry [B, T] bool.
-    """
+def _nearest_flat(sense_dict, token_ids, hidden, metric):
     codebook, valid = gather_senses(sense_dict, token_ids)
     has_entry = valid[..., 0]
     k = jnp.argmax(sense_scores(codebook, valid, hidden, metric), axis=-1).astype(jnp.int32)
     chosen = jnp.take_along_axis(codebook, k[..., None, None], axis=-2)[..., 0, :]
     replaced = jnp.where(has_entry[..., None], chosen.astype(hidden.dtype), hidden)
     return jnp.where(has_entry, k, -1), replaced, has_entry
+
+
+def default_chunk(k_max: int, hidden_size: int, cache_bytes: int = 2 << 20) -> int:
+    """Positions per look-up chunk: on CPU, enough that the gathered [chunk, K_max, D] f32
+    codebook stays in cache (~2 MiB); elsewhere 0 (no chunking: one parallel gather)."""
+    if jax.default_backend() != "cpu":
+        return 0
+    per = 4 * k_max * hidden_size
+    return max(8, 1 << max(int(cache_bytes // per).bit_length() - 1, 0))
+
+
+@jax.jit(static_argnames=("metric", "chunk"))
+def nearest_sense(sense_dict: SenseDictionary, token_ids: jax.Array, hidden: jax.Array,
+                  metric: str = "dot", chunk: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Replace each hidden state by its token's nearest sense (METHOD §2).
+
+    Args:
+      sense_dict: the dictionary (V, D must match the model's vocabulary and width).
+      token_ids: [B, T] int32 (ids outside [0, V) have no entry).
+      hidden: [B, T, D] hidden states (any float dtype).
+      metric: "dot" (the paper's), "cos" or "l2". Scores are float32; padding slots score -inf
+        and can never be selected.
+      chunk: positions gathered at a time (``jax.lax.map`` over chunks); None: automatic
+        (:func:`default_chunk`: cache-sized on CPU, where materialising the whole
+        [B, T, K_max, D] codebook is ~20x slower, unchunked on accelerators); 0: unchunked.
+
+    Returns:
+      sense_index [B, T] int32: the local sense index k in [0, K_t), -1 where no entry;
+      replaced [B, T, D] (hidden's dtype): C_t[k] where the token has an entry, else hidden;
+      has_entry [B, T] bool.
+
+    Raises:
+      SenseJaxError: hidden's width differs from the dictionary's, or shapes disagree.
+    """
+    if hidden.shape[-1] != sense_dict.hidden_size or hidden.shape[:-1] != token_ids.shape:
+        raise SenseJaxError(f"nearest_sense: hidden {hidden.shape} does not match token_ids "
+                            f"{token_ids.shape} and the dictionary width {sense_dict.hidden_size}")
+    if chunk is None:
+        chunk = default_chunk(sense_dict.k_max, sense_dict.hidden_size)
+    shape, D = token_ids.shape, hidden.shape[-1]
+    M = int(np.prod(shape))
+    if not chunk or M <= chunk:
+        return _nearest_flat(sense_dict, token_ids, hidden, metric)
+    pad = -M % chunk
+    ids = jnp.pad(token_ids.reshape(-1), (0, pad), constant_values=-1).reshape(-1, chunk)
+    hid = jnp.pad(hidden.reshape(-1, D), ((0, pad), (0, 0))).reshape(-1, chunk, D)
+    k, replaced, has_entry = jax.lax.map(lambda a: _nearest_flat(sense_dict, a[0], a[1], metric), (ids, hid))
+    return (k.reshape(-1)[:M].reshape(shape), replaced.reshape(-1, D)[:M].reshape(*shape, D),
+            has_entry.reshape(-1)[:M].reshape(shape))

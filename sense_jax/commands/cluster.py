@@ -1,0 +1,69 @@
+"""``sense-jax cluster STORE OUT``: cluster an extraction store into a sense dictionary."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "cluster each token's stored hidden states into senses (k-means) -> a sense dictionary"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", help="extraction store directory (from `sense-jax extract`)")
+    p.add_argument("out", help="output sense dictionary directory (senses.safetensors + meta.json)")
+    p.add_argument("--k", type=int, default=10, help="senses per token (K_max with --adaptive); default 10")
+    p.add_argument("--adaptive", choices=("bic",), default=None,
+                   help="pick K_t <= K per token by X-means BIC (Pelleg & Moore 2000)")
+    p.add_argument("--k-min", type=int, default=1, help="smallest K_t the adaptive rule may pick")
+    p.add_argument("--seed", type=int, default=0, help="k-means++ seed (same seed -> same bytes)")
+    p.add_argument("--max-iter", type=int, default=100, help="Lloyd iteration cap (default 100)")
+    p.add_argument("--tol", type=float, default=1e-4, help="relative centre-shift tolerance (sklearn's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="storage dtype of the centres")
+    p.add_argument("--metric", choices=("dot", "cos", "l2"), default="dot",
+                   help="look-up metric recorded for nearest_sense (paper: dot)")
+    p.add_argument("--chunk-tokens", type=int, default=None,
+                   help="tokens per k-means chunk (default: sized to --memory-gb)")
+    p.add_argument("--memory-gb", type=float, default=1.0, help="working-memory budget per chunk")
+    p.add_argument("--add-to", metavar="DICT", default=None,
+                   help="existing dictionary to add to: the store's tokens replace its entries")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--compile-cache", metavar="DIR", default=None,
+                   help="persistent XLA compilation cache directory: later runs skip compiling "
+                        "(same as env JAX_COMPILATION_CACHE_DIR)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sense_jax.errors import SenseJaxError
+    from sense_jax.kmeans import build_sense_dictionary, validate_k
+    from sense_jax.sense_dict import SenseDictionary
+    from sense_jax.store import open_store
+
+    validate_k(args.k, adaptive=args.adaptive, k_min=args.k_min)
+    if args.compile_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:  # fail before the (long) clustering
+        raise SenseJaxError(f"{out} already exists; pass --overwrite to replace it")
+    if args.chunk_tokens is not None and args.chunk_tokens < 1:
+        raise SenseJaxError(f"--chunk-tokens must be >= 1, got {args.chunk_tokens}")
+    store = open_store(args.store)
+    base = SenseDictionary.load(args.add_to) if args.add_to else None
+    sd = build_sense_dictionary(
+        store, args.k, seed=args.seed, adaptive=args.adaptive, k_min=args.k_min,
+        max_iter=args.max_iter, tol=args.tol, chunk_tokens=args.chunk_tokens,
+        memory_budget=int(args.memory_gb * (1 << 30)), dtype=args.dtype, metric=args.metric,
+        base=base, progress=not args.no_progress)
+    sd.save(out, overwrite=args.overwrite)
+    st = sd.meta["stats"]
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"clustered {st['tokens_clustered']:,} of {st['tokens']:,} tokens (K={args.k}"
+          f"{', adaptive ' + args.adaptive if args.adaptive else ''}) -> {out}: "
+          f"{int(sd.centres.shape[0]):,} senses in all"
+          f"{' (after adding to ' + args.add_to + ')' if base is not None else ''}, "
+          f"mean inertia {st['mean_inertia']:.4g}, {sd.centres.dtype}, {size:,} bytes")
+    return 0

@@ -1,0 +1,360 @@
+"""Batched k-means (sense_jax.kmeans) against scikit-learn, on planted clusters and on real
+all-MiniLM-L6-v2 hidden states of WordNet glosses; masks, determinism, bad input, the driver and
+the ``sense-jax cluster`` command."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans, kmeans_plusplus
+from sklearn.metrics import adjusted_rand_score
+
+from sense_jax.cli import main
+from sense_jax.errors import SenseJaxError
+from sense_jax.kmeans import batched_kmeans, bucket_size, build_sense_dictionary, kmeans_detailed
+from sense_jax.sense_dict import SenseDictionary
+from sense_jax.store import open_store, write_store
+
+WORDNET = Path("/usr/share/wordnet/data.noun")
+T_, N_, D_, K_ = 4, 64, 8, 5  # one shape for the synthetic tests: one compile shared by them all
+
+
+def planted(rng, T, N, D, K, *, sep=12.0, n_min=None):
+    """T tokens, each with n_t <= N points from K well-separated spherical clusters of unequal size."""
+    x = rng.normal(size=(T, N, D)).astype(np.float32) * 50  # garbage at padding
+    mask = np.zeros((T, N), bool)
+    labels = []
+    for t in range(T):
+        n = int(rng.integers(n_min or N // 2, N + 1))
+        centres = rng.normal(size=(K, D)) * sep
+        weights = rng.dirichlet(np.full(K, 2.0)) * 0.7 + 0.3 / K
+        lab = rng.choice(K, size=n, p=weights)
+        x[t, :n] = centres[lab] + rng.normal(size=(n, D))
+        mask[t, :n] = True
+        labels.append(lab)
+    return x, mask, labels
+
+
+@pytest.fixture(scope="module")
+def real_tokens(minilm_dir, sentences):
+    """Real last-layer MiniLM hidden states of frequent tokens: x [T, N, 384] f32, mask, ids.
+
+    Texts: 400 WordNet noun glosses spread over data.noun (the Debian wordnet-base package), or
+    the 40 test sentences if WordNet is not installed.
+    """
+    import sense_jax
+    from sense_jax.batching import pad_batch
+
+    if WORDNET.exists():
+        glosses = [line.split("|", 1)[1].strip() for line in WORDNET.open(encoding="utf-8")
+                   if not line.startswith(" ") and "|" in line]
+        texts, min_count = glosses[::len(glosses) // 400][:400], 24
+    else:
+        texts, min_count = sentences, 12
+    model = sense_jax.load_model(minilm_dir)
+    ids = model.tokenize(texts, max_length=64)["input_ids"]
+    special = set(model.tokenizer.all_special_ids)
+    samples = collections.defaultdict(list)
+    for i in range(0, len(ids), 100):
+        batch = ids[i:i + 100]
+        x, m = pad_batch(batch, 64, batch_size=100)
+        h = np.asarray(model.hidden_states(x, m))
+        for b, seq in enumerate(batch):
+            for p, tok in enumerate(seq):
+                if tok not in special:
+                    samples[tok].append(h[b, p])
+    toks = sorted(t for t, v in samples.items() if len(v) >= min_count)
+    N = 128
+    x = np.zeros((len(toks), N, h.shape[-1]), np.float32)
+    mask = np.zeros((len(toks), N), bool)
+    for i, t in enumerate(toks):
+        v = np.stack(samples[t][:N])
+        x[i, :len(v)], mask[i, :len(v)] = v, True
+    assert len(toks) >= 12
+    return x, mask, toks
+
+
+# --- quality ---------------------------------------------------------------------------------
+
+def test_planted_clusters_adjusted_rand_index():
+    x, mask, labels = planted(np.random.default_rng(0), T=T_, N=N_, D=D_, K=K_)
+    r = batched_kmeans(x, mask, K_, key=jax.random.key(0))
+    a = np.asarray(r.assignments)
+    for t in range(T_):
+        n = int(mask[t].sum())
+        assert adjusted_rand_score(labels[t], a[t, :n]) >= 0.95
+        assert np.all(a[t, n:] == -1)
+    np.testing.assert_array_equal(r.n_senses, K_)
+    assert r.centres.shape == (T_, K_, D_) and r.centres.dtype == np.float32
+
+
+def test_bfloat16_input_clusters_in_float32():
+    x, mask, _ = planted(np.random.default_rng(0), T=T_, N=N_, D=D_, K=K_)
+    xb = x.astype(ml_dtypes.bfloat16)
+    a = batched_kmeans(xb, mask, K_, key=jax.random.key(0))
+    b = batched_kmeans(xb.astype(np.float32), mask, K_, key=jax.random.key(0))
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+    assert a.centres.dtype == np.float32
+
+
+def test_same_init_converges_like_sklearn(real_tokens):
+    """Started from the same centres, our Lloyd iterations end where scikit-learn's do."""
+    x, mask, _ = real_tokens
+    T, K = len(x), 10
+    init = np.zeros((T, K, x.shape[-1]), np.float32)
+    refs = []
+    for t in range(T):
+        pts = x[t, mask[t]]
+        init[t], _ = kmeans_plusplus(pts, K, random_state=t)
+        refs.append(KMeans(K, init=init[t], n_init=1, max_iter=100, tol=1e-4).fit(pts))
+    r = batched_kmeans(x, mask, K, key=jax.random.key(0), init=init)
+    for t in range(T):
+        n = int(mask[t].sum())
+        assert adjusted_rand_score(refs[t].labels_, np.asarray(r.assignments[t, :n])) == 1.0
+        np.testing.assert_allclose(float(r.inertia[t]), refs[t].inertia_, rtol=1e-4)
+        # Same partition -> same centres (up to the order of senses).
+        ours = np.asarray(r.centres[t])[np.asarray(r.assignments[t, :n])]
+        np.testing.assert_allclose(ours, refs[t].cluster_centers_[refs[t].labels_], atol=1e-4)
+
+
+def test_mean_inertia_within_one_percent_of_sklearn(real_tokens):
+    """k-means++ then Lloyd from scratch, K=10, per token, on real MiniLM vectors.
+
+    One k-means++ run's inertia varies by a few % with the seed on ~100-point tokens, so both
+    sides are averaged over 8 seeds x all tokens (sklearn: one KMeans per token and seed).
+    """
+    x, mask, toks = real_tokens
+    K, S, T = 10, 8, len(toks)
+    r = batched_kmeans(np.tile(x, (S, 1, 1)), np.tile(mask, (S, 1)), K, key=jax.random.key(0))
+    ours, c, a = np.asarray(r.inertia), np.asarray(r.centres), np.asarray(r.assignments)
+    # Independent recomputation of our inertia from our own centres and assignments.
+    recomputed = [np.sum((x[i % T, mask[i % T]] - c[i][a[i, mask[i % T]]]) ** 2) for i in range(S * T)]
+    np.testing.assert_allclose(ours, recomputed, rtol=1e-4)
+    ref = np.array([KMeans(K, init="k-means++", n_init=1, max_iter=100, tol=1e-4, random_state=1000 * s + t)
+                    .fit(x[t, mask[t]]).inertia_ for s in range(S) for t in range(T)])
+    rel = ours.mean() / ref.mean() - 1
+    assert rel <= 0.01, f"mean inertia {ours.mean():.2f} vs sklearn {ref.mean():.2f} ({rel:+.2%})"
+    assert rel >= -0.05  # both are local optima of the same objective
+
+
+def test_adaptive_bic_recovers_planted_number_of_clusters():
+    rng = np.random.default_rng(3)
+    true_k = [1, 2, 3, 5]
+    x = np.zeros((T_, N_, D_), np.float32)
+    mask = np.ones((T_, N_), bool)
+    for t, kt in enumerate(true_k):
+        centres = rng.normal(size=(kt, D_)) * 10
+        x[t] = centres[np.arange(N_) % kt] + rng.normal(size=(N_, D_))
+    r = batched_kmeans(x, mask, K_, key=jax.random.key(0), adaptive="bic")
+    np.testing.assert_array_equal(r.n_senses, true_k)
+    c = np.asarray(r.centres)
+    for t, kt in enumerate(true_k):
+        assert np.all(c[t, kt:] == 0)  # padding centres are zero
+
+
+# --- edge cases ------------------------------------------------------------------------------
+
+def test_masked_points_never_leak():
+    rng = np.random.default_rng(1)
+    x, mask, _ = planted(rng, T=T_, N=N_, D=D_, K=3)
+    results = []
+    for garbage in (0.0, 1e6, np.nan, np.inf):
+        xg = np.where(mask[..., None], x, np.float32(garbage))
+        results.append(jax.device_get(kmeans_detailed(xg, mask, K_, key=jax.random.key(5))))
+    for other in results[1:]:
+        for name in results[0]:
+            np.testing.assert_array_equal(results[0][name], other[name], err_msg=name)
+
+
+def test_deterministic_given_seed():
+    x, mask, _ = planted(np.random.default_rng(2), T=T_, N=N_, D=D_, K=8, sep=1.0)
+    a = jax.device_get(batched_kmeans(x, mask, K_, key=jax.random.key(7)))
+    b = jax.device_get(batched_kmeans(x, mask, K_, key=jax.random.key(7)))
+    c = jax.device_get(batched_kmeans(x, mask, K_, key=jax.random.key(8)))
+    for u, v in zip(a, b):
+        assert u.tobytes() == v.tobytes()
+    assert a.centres.tobytes() != c.centres.tobytes()  # the seed is actually used
+
+
+def test_few_samples_keep_their_samples():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(T_, N_, D_)).astype(np.float32)
+    mask = np.zeros((T_, N_), bool)
+    mask[0, [1, 4, 6]] = True  # 3 samples, K=5
+    mask[1, 10:15] = True      # exactly K
+    mask[3, :6] = True         # K + 1: clustered
+    r = batched_kmeans(x, mask, K_, key=jax.random.key(0))
+    np.testing.assert_array_equal(r.n_senses, [3, 5, 0, 5])
+    np.testing.assert_array_equal(r.centres[0, :3], x[0, [1, 4, 6]])
+    np.testing.assert_array_equal(r.centres[0, 3:], 0)
+    np.testing.assert_array_equal(r.centres[1], x[1, 10:15])
+    np.testing.assert_array_equal(r.assignments[0, :8], [-1, 0, -1, -1, 1, -1, 2, -1])
+    np.testing.assert_array_equal(r.assignments[1, 10:15], np.arange(5))
+    np.testing.assert_array_equal(r.assignments[2], -1)
+    np.testing.assert_array_equal(r.inertia[:3], 0)
+    assert float(r.inertia[3]) > 0
+
+
+def test_duplicate_points_give_distinct_senses():
+    rng = np.random.default_rng(5)
+    distinct = rng.normal(size=(3, D_)).astype(np.float32)
+    x = np.broadcast_to(distinct[np.arange(N_) % 3], (T_, N_, D_)).copy()
+    r = batched_kmeans(x, np.ones((T_, N_), bool), K_, key=jax.random.key(0))
+    np.testing.assert_array_equal(r.n_senses, 3)
+    got = np.asarray(r.centres[0, :3])
+    np.testing.assert_allclose(got[np.lexsort(got.T)], distinct[np.lexsort(distinct.T)], atol=1e-6)
+    assert float(r.inertia[0]) < 1e-6 and np.all(np.isfinite(np.asarray(r.centres)))
+
+
+def test_empty_cluster_is_reseeded_from_farthest_point():
+    x, mask, labels = planted(np.random.default_rng(6), T=T_, N=N_, D=D_, K=K_, n_min=N_)
+    # Start 4 centres on 4 planted clusters and 1 far from every point: it is empty at once.
+    init = np.stack([np.stack([x[t][labels[t] == j][0] for j in range(K_ - 1)] + [np.full(D_, 1e4)])
+                     for t in range(T_)]).astype(np.float32)
+    r = batched_kmeans(x, mask, K_, key=jax.random.key(0), init=init)
+    np.testing.assert_array_equal(r.n_senses, K_)
+    for t in range(T_):
+        assert adjusted_rand_score(labels[t], np.asarray(r.assignments[t])) >= 0.95
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [0, -3, 2.5, True])
+def test_k_below_one_refused(k):
+    with pytest.raises(SenseJaxError, match="k must be an integer >= 1"):
+        batched_kmeans(np.zeros((1, 4, 2), np.float32), np.ones((1, 4), bool), k, key=jax.random.key(0))
+
+
+def test_nan_refused_naming_the_row():
+    x = np.ones((3, 8, 2), np.float32)
+    x[2, 5, 1] = np.inf
+    with pytest.raises(SenseJaxError, match="token row 2"):
+        batched_kmeans(x, np.ones((3, 8), bool), 2, key=jax.random.key(0))
+    with pytest.raises(SenseJaxError, match="adaptive"):
+        batched_kmeans(x, np.ones((3, 8), bool), 2, key=jax.random.key(0), adaptive="mcl")
+
+
+# --- the driver and the command ----------------------------------------------------------------
+# One store shape and K for all driver tests, so they share compiled programs.
+K_DRIVER, SEED = 3, 11
+
+
+def zipf_store(path, *, V=24, D=12, seed=0, nan_token=None, empty=(0, 5)):
+    """A store with Zipfian sample counts (56 down to 3), 3 planted senses per token."""
+    rng = np.random.default_rng(seed)
+    n = (120 / np.arange(1, V + 1) ** 1.1).astype(np.int64)
+    n[list(empty)] = 0  # tokens without samples
+    offsets = np.concatenate([[0], np.cumsum(n)])
+    centres = rng.normal(size=(V, 3, D)) * 6
+    tok = np.repeat(np.arange(V), n)
+    vec = (centres[tok, rng.integers(0, 3, tok.size)] + rng.normal(size=(tok.size, D))).astype(np.float32)
+    if nan_token is not None:
+        vec[offsets[nan_token] + 1, 3] = np.nan
+    write_store(path, vec, offsets, n, np.zeros((tok.size, 2)), {"teacher": "synthetic"})
+    return open_store(path)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    store = zipf_store(tmp_path_factory.mktemp("kmeans") / "store")
+    return store, build_sense_dictionary(store, K_DRIVER, seed=SEED, progress=False)
+
+
+def test_build_matches_direct_kmeans_and_keeps_small_tokens(built):
+    store, sd = built
+    K = K_DRIVER
+    n = store.n_samples()
+    np.testing.assert_array_equal(np.asarray(sd.n_senses), np.minimum(n, K))
+    assert sd.meta["stats"]["tokens"] == int((n > 0).sum())
+    assert sd.meta["stats"]["tokens_clustered"] == int((n > K).sum())
+    assert sd.meta["store_fingerprint"] and sd.meta["teacher"] == "synthetic"
+    counts, offs = np.asarray(sd.counts), np.asarray(sd.offsets)
+    for t in np.flatnonzero(n > 0):
+        assert counts[offs[t]:offs[t + 1]].sum() == n[t]  # every sample counted once
+        if n[t] <= K:
+            np.testing.assert_array_equal(sd.token_senses(t), store.token_vectors(t))
+    # A clustered token's senses are what batched_kmeans gives with the token's own key,
+    # whatever chunk the driver put it in.
+    t = int(np.argmax(n))
+    N = bucket_size(int(n[t]), minimum=16)
+    x = np.zeros((1, N, store.hidden_size), np.float32)
+    x[0, :n[t]] = store.token_vectors(t)
+    key = jax.random.fold_in(jax.random.key(SEED), t)[None]
+    r = batched_kmeans(x, np.arange(N)[None] < n[t], K, key=key)
+    np.testing.assert_allclose(sd.token_senses(t), np.asarray(r.centres[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_bucket_sizes_bound_padding():
+    sizes = [bucket_size(n) for n in range(1, 1001)]
+    assert all(s >= n for n, s in enumerate(sizes, 1))
+    assert max(s / n for n, s in enumerate(sizes, 1) if n > 16) < 1.5
+    assert len(set(sizes)) == 13
+
+
+def test_build_refuses_nan_naming_token_id(tmp_path):
+    store = zipf_store(tmp_path / "store", nan_token=2)  # clustered token (n=55 > K)
+    with pytest.raises(SenseJaxError, match="token 2 has NaN"):
+        build_sense_dictionary(store, K_DRIVER, progress=False)
+    store = zipf_store(tmp_path / "store2", nan_token=20)  # a token with <= K samples
+    with pytest.raises(SenseJaxError, match="token 20 has NaN"):
+        build_sense_dictionary(store, K_DRIVER, progress=False)
+
+
+def test_cluster_command(built, tmp_path, capsys):
+    store, sd_ref = built
+    out = tmp_path / "dict"
+    argv = [str(store.path), str(out), "--k", str(K_DRIVER), "--dtype", "bfloat16",
+            "--seed", str(SEED), "--no-progress"]
+    assert main(["cluster", *argv]) == 0
+    summary = capsys.readouterr().out
+    for word in ("clustered", "senses", "mean inertia", "bytes"):
+        assert word in summary
+    sd = SenseDictionary.load(out)
+    assert str(sd.centres.dtype) == "bfloat16" and sd.meta["k_rule"]["k"] == K_DRIVER
+    np.testing.assert_array_equal(np.asarray(sd.centres),
+                                  np.asarray(sd_ref.centres).astype(ml_dtypes.bfloat16))
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+
+    # Same seed, same bytes.
+    argv[1] = str(tmp_path / "again")
+    assert main(["cluster", *argv]) == 0
+    assert {f.name: f.read_bytes() for f in (tmp_path / "again").iterdir()} == before
+
+    # Bad input: exit 2, one line, OUT untouched.
+    zipf_store(tmp_path / "nan", nan_token=4)
+    zipf_store(tmp_path / "wide", D=20)
+    for args, msg in [
+        ([str(store.path), str(out)], "already exists"),
+        ([str(tmp_path / "nan"), str(out), "--overwrite"], "token 4 has NaN"),
+        ([str(store.path), str(out), "--k", "0", "--overwrite"], "k must be"),
+        ([str(tmp_path / "wide"), str(out), "--overwrite", "--add-to", str(out)], "width 20"),
+        ([str(tmp_path / "missing"), str(out), "--overwrite"], "store not found"),
+    ]:
+        capsys.readouterr()
+        assert main(["cluster", *args, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
+        assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
+def test_add_to_existing_dictionary(built):
+    store, sd = built
+    V, D = store.vocab_size, store.hidden_size
+    # A base dictionary with senses for tokens 0 (absent from the store) and 1 (present).
+    n = np.zeros(V, np.int64)
+    n[[0, 1]] = [2, 4]
+    base = SenseDictionary.from_arrays(np.arange(6 * D, dtype=np.float32).reshape(6, D),
+                                       np.concatenate([[0], np.cumsum(n)]))
+    merged = build_sense_dictionary(store, K_DRIVER, seed=SEED, base=base, progress=False)
+    np.testing.assert_array_equal(merged.token_senses(0), base.token_senses(0))
+    for t in range(1, V):
+        np.testing.assert_array_equal(merged.token_senses(t), sd.token_senses(t))
+    other = SenseDictionary.from_arrays(np.zeros((1, D + 1), np.float32), np.r_[0, np.ones(V, int)])
+    with pytest.raises(SenseJaxError, match="another teacher"):
+        build_sense_dictionary(store, K_DRIVER, base=other, progress=False)
