@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Callable
 
 import jax
@@ -228,7 +228,10 @@ class SuiteConfig:
     """Sizes of the evaluation sets (the defaults run in a few minutes on 2 CPU cores).
 
     Attributes:
-      min_examples: a WSI lemma needs at least this many usage examples containing its token.
+      min_synsets: a WSI lemma needs at least this many synsets with >= 2 examples each, so its
+        gold clustering is never all singletons (where ARI and V-measure of a random clustering
+        with K_t = 10 clusters are biased upwards: scikit-learn scores two all-singleton
+        clusterings as a perfect match).
       max_per_lemma: examples kept per lemma (sorted by synset id, then text).
       max_lemmas: WSI / WiC / retrieval lemmas (first in alphabetical order), None for all.
       wic_pairs_per_lemma: pairs sampled per lemma for WiC.
@@ -236,7 +239,7 @@ class SuiteConfig:
       seed: random baseline and pair sampling.
     """
 
-    min_examples: int = 4
+    min_synsets: int = 2
     max_per_lemma: int = 40
     max_lemmas: int | None = None
     wic_pairs_per_lemma: int = 30
@@ -260,7 +263,8 @@ def run_suite(variants: dict[str, Variant], teacher_dict: SenseDictionary, token
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     special = set(tokenizer.all_special_ids)
-    items = [it for it in wsi_items(tokenizer, cfg.max_per_lemma) if len(it.labels) >= cfg.min_examples]
+    items = [it for it in wsi_items(tokenizer, cfg.max_per_lemma)
+             if sum(c >= 2 for c in Counter(it.labels).values()) >= cfg.min_synsets]
     items = items[:cfg.max_lemmas] if cfg.max_lemmas else items
     pairs = wic_pairs(items, cfg.wic_pairs_per_lemma, cfg.seed)
     log(f"evaluation: {len(items)} WSI lemmas, {sum(len(i.labels) for i in items)} examples, {len(pairs)} WiC pairs")

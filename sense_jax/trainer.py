@@ -185,14 +185,16 @@ def read_passages(path: str, text_field: str = "text") -> list[str]:
 class PassageStream:
     """A deterministic, position-addressable stream of tokenised micro-batches.
 
-    The stream is the concatenation over epochs e = 0, 1, ... of the passages permuted by
-    ``default_rng([seed, e])``; micro-batch j holds stream items ``[j B, (j + 1) B)``. So the
-    data position is one integer (micro-batches consumed) and resuming skips nothing.
+    Epoch e visits the N passages in the order ``default_rng([seed, e]).permutation(N)`` in
+    ``M = ceil(N / B)`` micro-batches; the last one is filled up with the epoch's first passages,
+    so every passage is seen at least once per epoch and shapes stay fixed. Micro-batch j is
+    micro-batch ``j % M`` of epoch ``j // M``: the data position is one integer (micro-batches
+    consumed) and resuming skips nothing.
 
     With ``group_window = W > 0`` (length grouping, as transformers' ``group_by_length``), each
-    window of W consecutive micro-batches holds the same W·B stream items, but sorted by token
+    window of W consecutive micro-batches of an epoch holds the same passages, but sorted by token
     length before being cut into micro-batches, whose order inside the window is then shuffled
-    (seeded). Every passage is still seen once per epoch; padding drops several-fold.
+    (seeded). Padding drops several-fold; what an epoch sees is unchanged.
     """
 
     def __init__(self, passages: Sequence[str], tokenizer: Any, batch_size: int, max_length: int,
@@ -201,35 +203,35 @@ class PassageStream:
             raise SenseJaxError("no training passages")
         self.passages, self.tok = list(passages), tokenizer
         self.B, self.T, self.seed, self.W = batch_size, max_length, seed, group_window
-        self._perms: dict[int, np.ndarray] = {}
+        self.per_epoch = -(-len(self.passages) // batch_size)  # M
+        self._perm_cache: tuple[int, np.ndarray] | None = None
         self._lengths: np.ndarray | None = None
-        self._window: tuple[int, np.ndarray] | None = None
+        self._window: tuple[tuple[int, int], np.ndarray] | None = None
 
     def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:  # a window may straddle two epochs; keep both
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.passages))
-        return self._perms[epoch]
-
-    def _items(self, start: int, stop: int) -> np.ndarray:
-        N = len(self.passages)
-        return np.array([self._perm(i // N)[i % N] for i in range(start, stop)])
+        """The epoch's visiting order, padded to M·B by wrapping around."""
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.passages))
+            self._perm_cache = (epoch, np.resize(order, self.per_epoch * self.B))
+        return self._perm_cache[1]
 
     def indices(self, j: int) -> np.ndarray:
         """Passage indices of micro-batch ``j`` [B]."""
         B, W = self.B, self.W
+        epoch, r = divmod(j, self.per_epoch)
+        order = self._perm(epoch)
         if not W:
-            return self._items(j * B, (j + 1) * B)
-        w, r = divmod(j, W)
-        if self._window is None or self._window[0] != w:
+            return order[r * B:(r + 1) * B]
+        w, r_in = divmod(r, W)
+        if self._window is None or self._window[0] != (epoch, w):
             if self._lengths is None:
                 ids = self.tok(self.passages, truncation=True, max_length=self.T)["input_ids"]
                 self._lengths = np.array([len(x) for x in ids])
-            items = self._items(w * W * B, (w + 1) * W * B)
-            batches = items[np.argsort(self._lengths[items], kind="stable")].reshape(W, B)
-            self._window = (w, batches[np.random.default_rng([self.seed, 1 << 21, w]).permutation(W)])
-        return self._window[1][r]
+            items = order[w * W * B:(w + 1) * W * B]
+            batches = items[np.argsort(self._lengths[items], kind="stable")].reshape(-1, B)
+            shuffle = np.random.default_rng([self.seed, epoch, 1 << 21, w]).permutation(len(batches))
+            self._window = ((epoch, w), batches[shuffle])
+        return self._window[1][r_in]
 
     def micro_batch(self, j: int, length: int | None = None) -> dict[str, np.ndarray]:
         """Micro-batch ``j``: ``input_ids``, ``attention_mask``, ``token_type_ids`` [B, T] int32.

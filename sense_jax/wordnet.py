@@ -66,18 +66,29 @@ def in_split(key: str, fraction: float, salt: str = "sense_jax") -> bool:
     return in_split_key(key, salt) < fraction
 
 
-def write_gloss_corpus(out: str | Path, max_glosses: int | None = None) -> Path:
-    """Write the definitions as a plain-text corpus, one per line (sorted by synset id).
+def write_gloss_corpus(out: str | Path, max_glosses: int | None = None,
+                       heldout: tuple[str | Path, int] | None = None) -> Path:
+    """Write definitions as a plain-text corpus, one per line (sorted by synset id), atomically.
 
     Args:
       max_glosses: keep only the first ``max_glosses`` after a deterministic shuffle by hash.
+      heldout: ``(path, n)``: also write the next ``n`` definitions of that order (disjoint from
+        the corpus) to ``path``.
+
+    Raises:
+      SenseJaxError: more definitions asked for than WordNet has.
     """
-    synsets = load_synsets()
-    if max_glosses is not None and max_glosses < len(synsets):
-        synsets = sorted(synsets, key=lambda s: hashlib.sha256(s.id.encode()).digest())[:max_glosses]
-        synsets = sorted(synsets, key=lambda s: s.id)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(s.definition + "\n" for s in synsets), encoding="utf-8")
-    tmp.replace(out)
-    return out
+    synsets = sorted(load_synsets(), key=lambda s: hashlib.sha256(s.id.encode()).digest())
+    n = len(synsets) if max_glosses is None else max_glosses
+    n_held = heldout[1] if heldout else 0
+    if n + n_held > len(synsets):
+        from sense_jax.errors import SenseJaxError
+
+        raise SenseJaxError(f"asked for {n} + {n_held} definitions; WordNet 3.0 has {len(synsets)}")
+    parts = [(out, synsets[:n])] + ([(heldout[0], synsets[n:n + n_held])] if heldout else [])
+    for path, chosen in parts:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(s.definition + "\n" for s in sorted(chosen, key=lambda s: s.id)), encoding="utf-8")
+        tmp.replace(path)
+    return Path(out)

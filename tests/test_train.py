@@ -269,6 +269,19 @@ def dataclasses_replace(cfg, **kw):
     return dataclasses.replace(cfg, **kw)
 
 
+def test_every_passage_is_seen_each_epoch_with_a_wrapped_last_batch(minilm_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
+    passages = [f"passage number {i}" for i in range(10)]
+    for window in (0, 2):
+        stream = T.PassageStream(passages, tok, batch_size=4, max_length=16, seed=3, group_window=window)
+        assert stream.per_epoch == 3
+        for epoch in range(2):
+            seen = np.concatenate([stream.indices(3 * epoch + r) for r in range(3)])
+            assert len(seen) == 12 and set(seen.tolist()) == set(range(10))
+
+
 def test_length_grouping_keeps_every_passage_once_per_epoch_and_cuts_padding(minilm_dir):
     from transformers import AutoTokenizer
 
