@@ -72,7 +72,9 @@ def encode(variant: Variant, token_ids: list[list[int]], pad_id: int, batch_size
 
 
 def apply_senses(enc: Encoded, sense_dict: SenseDictionary, chunk: int = 8192) -> Encoded:
-    """Replace every state of a token with an entry by its nearest sense (METHOD §2)."""
+    """Replace every state of a token with an entry by its nearest sense (METHOD §2), by the
+    dictionary's metric (``meta["metric"]``, else the paper's "dot")."""
+    metric = sense_dict.meta.get("metric", "dot")
     ids = np.concatenate(enc.ids)
     h = np.concatenate(enc.states)
     out = np.empty_like(h)
@@ -81,7 +83,7 @@ def apply_senses(enc: Encoded, sense_dict: SenseDictionary, chunk: int = 8192) -
         pid = np.zeros((1, chunk), np.int32)
         ph = np.zeros((1, chunk, h.shape[1]), np.float32)
         pid[0, :n], ph[0, :n] = ids[a:a + n], h[a:a + n]  # fixed shape: one compile
-        out[a:a + n] = np.asarray(nearest_sense(sense_dict, pid, ph)[1][0, :n])
+        out[a:a + n] = np.asarray(nearest_sense(sense_dict, pid, ph, metric=metric)[1][0, :n])
     splits = np.cumsum([len(x) for x in enc.ids])[:-1]
     return Encoded(enc.ids, np.split(out, splits))
 
@@ -146,17 +148,20 @@ def classification_split(n_train: int, n_test: int) -> tuple[list, list]:
 
 # --- evaluations ------------------------------------------------------------------------------
 
-def sense_ids_at_targets(queries: Encoded, sense_dict: SenseDictionary, items: list[WsiItem]) -> list[np.ndarray]:
+def sense_ids_at_targets(queries: Encoded, sense_dict: SenseDictionary, items: list[WsiItem],
+                         metric: str | None = None) -> list[np.ndarray]:
     """Per lemma, the nearest-sense index of the target token in each example, [n_examples].
 
-    ``queries`` holds the raw states of every item's examples, in item order.
+    ``queries`` holds the raw states of every item's examples, in item order; ``metric``
+    defaults to the dictionary's own (its ``meta["metric"]``, else the paper's "dot").
     """
+    metric = metric or sense_dict.meta.get("metric", "dot")
     out, k = [], 0
     for it in items:
         h = np.stack([queries.states[k + j][p] for j, p in enumerate(it.positions)])
         k += len(it.positions)
         ids = np.full((len(h), 1), it.token_id, np.int32)
-        idx, _, _ = nearest_sense(sense_dict, ids, h[:, None, :])
+        idx, _, _ = nearest_sense(sense_dict, ids, h[:, None, :], metric=metric)
         out.append(np.asarray(idx[:, 0]))
     return out
 
@@ -257,9 +262,11 @@ def run_suite(variants: dict[str, Variant], teacher_dict: SenseDictionary, token
     """Run the four evaluations for every variant; returns the report's evaluation blocks.
 
     WSI and WiC use sense ids: for ``teacher_senses`` / ``skd_student_senses`` / ``mse_student`` /
-    ``truncated_student`` the nearest sense (in ``teacher_dict``) of that model's state at the
-    target token; for ``teacher_one_sense`` the nearest sense in its own K=1 dictionary; plus the
-    ``one_sense`` and ``random`` baselines. Classification and retrieval run every variant.
+    ``truncated_student`` the nearest sense (in ``teacher_dict``, by its metric) of that model's
+    state at the target token; ``teacher_senses_cos`` / ``teacher_senses_l2`` the same with the
+    other look-up metrics; for ``teacher_one_sense`` the nearest sense in its own K=1
+    dictionary; plus the ``one_sense`` and ``random`` baselines. Classification and retrieval run
+    every variant.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     special = set(tokenizer.all_special_ids)
@@ -299,6 +306,9 @@ def run_suite(variants: dict[str, Variant], teacher_dict: SenseDictionary, token
         if name in SENSE_VARIANTS_FOR_WSI:
             d = v.sense_dict if name == "teacher_one_sense" else teacher_dict
             sense_ids[name] = sense_ids_at_targets(enc["queries"], d, items)
+            if name == "teacher_senses":  # how much the look-up metric matters (METHOD §2 options)
+                for metric in ("cos", "l2"):
+                    sense_ids[f"teacher_senses_{metric}"] = sense_ids_at_targets(enc["queries"], d, items, metric)
         if v.sense_dict is not None:
             enc = {k: apply_senses(e, v.sense_dict) for k, e in enc.items()}
         pool = {k: mean_pool(e, special) for k, e in enc.items()}
