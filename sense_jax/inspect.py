@@ -22,8 +22,12 @@ def _token_id(tokenizer, token: str) -> int:
                         "pass one of those pieces, or #ID")
 
 
-def token_senses(token: str, sense_dict_dir, store_dir, *, corpus=None, teacher=None, contexts: int = 3) -> dict:
+def token_senses(token: str, sense_dict_dir, store_dir, *, corpus=None, teacher=None, contexts: int = 3,
+                 metric: str | None = None) -> dict:
     """The senses of ``token``: per sense, its sample count and the ``contexts`` nearest passages.
+
+    Samples are assigned to senses by ``metric`` (default: the dictionary's ``meta["metric"]``,
+    else the paper's "dot"); "l2" reproduces the k-means clusters the senses came from.
 
     Returns a dict with ``token``, ``token_id`` and ``senses``: a list of
     ``{"index", "assigned", "contexts": [(score, passage text with the token in [[ ]])]}``.
@@ -54,8 +58,9 @@ def token_senses(token: str, sense_dict_dir, store_dir, *, corpus=None, teacher=
     src = np.asarray(store.token_sources(tid))
     ids = np.full((len(x), 1), tid, np.int32)
     codebook, valid = gather_senses(sd, ids)
-    scores = np.asarray(sense_scores(codebook, valid, x[:, None, :], sd.meta.get("metric", "dot")))[:, 0]
-    assign = np.asarray(nearest_sense(sd, ids, x[:, None, :])[0][:, 0])
+    metric = metric or sd.meta.get("metric", "dot")
+    scores = np.asarray(sense_scores(codebook, valid, x[:, None, :], metric))[:, 0]
+    assign = np.asarray(nearest_sense(sd, ids, x[:, None, :], metric=metric)[0][:, 0])
     chosen = {}
     for k in range(int(sd.n_senses[tid])):
         members = np.flatnonzero(assign == k)
@@ -82,13 +87,13 @@ def token_senses(token: str, sense_dict_dir, store_dir, *, corpus=None, teacher=
     senses = [{"index": k, "assigned": n, "contexts": [(s, mark(p, pos)) for s, p, pos in lst]}
               for k, (n, lst) in chosen.items()]
     return {"token": token, "token_id": tid, "samples": len(x), "occurrences": int(store.counts[tid]),
-            "senses": senses}
+            "metric": metric, "senses": senses}
 
 
 def format_senses(r: dict) -> str:
     """Plain-text rendering of :func:`token_senses`."""
     lines = [f"{r['token']!r} (id {r['token_id']}): {len(r['senses'])} senses from {r['samples']} sampled "
-             f"of {r['occurrences']} occurrences"]
+             f"of {r['occurrences']} occurrences (look-up: {r['metric']})"]
     for s in r["senses"]:
         lines.append(f"  sense {s['index']} ({s['assigned']} samples)")
         for score, text in s["contexts"]:

@@ -14,12 +14,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", help="corpus the store was extracted from (default: from the store's metadata)")
     p.add_argument("--teacher", help="teacher directory for the tokenizer (default: from the store's metadata)")
     p.add_argument("--contexts", type=int, default=3, help="contexts shown per sense")
+    p.add_argument("--metric", choices=("dot", "cos", "l2"),
+                   help="look-up metric (default: the dictionary's; l2 shows the k-means clusters themselves)")
 
 
 def run(args: argparse.Namespace) -> int:
     from sense_jax.inspect import format_senses, token_senses
 
     report = token_senses(args.token, args.sense_dict, args.store, corpus=args.corpus,
-                          teacher=args.teacher, contexts=args.contexts)
+                          teacher=args.teacher, contexts=args.contexts, metric=args.metric)
     print(format_senses(report))
     return 0
