@@ -115,9 +115,35 @@ class Pipeline:
             return p
         return self.out / "corpus" / "glosses.txt"
 
+    def _outputs(self) -> dict[str, tuple[Path, ...]]:
+        """Each stage's completion markers (what the next stages read)."""
+        from sense_jax.convert import METADATA_FILE
+        from sense_jax.sense_dict import META_FILE
+        from sense_jax.store import COMPLETE_MARKER
+
+        return {"convert": (self.teacher_dir / METADATA_FILE,),
+                "corpus": (self.corpus_path(),),
+                "extract": (self.store_dir / COMPLETE_MARKER,),
+                "cluster": (self.senses_dir / META_FILE, self.senses_k1_dir / META_FILE)}
+
+    def _check_inputs(self, stages) -> None:
+        """Refuse to start a stage whose inputs no earlier stage (run now or before) produced."""
+        outputs = self._outputs()
+        for i, stage in enumerate(stages):
+            for needed in STAGES[:STAGES.index(stage)]:
+                if needed in stages[:i] or needed not in outputs:
+                    continue
+                missing = [str(p) for p in outputs[needed] if not p.exists()]
+                if missing:
+                    raise ConfigError(f"stage {stage} needs the output of stage {needed}, which is missing "
+                                      f"or incomplete ({', '.join(missing)}); run --stages {needed} first "
+                                      f"(or run every stage)")
+
     def run(self, stages=STAGES) -> Path:
+        stages = tuple(stages)
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_config_unchanged()
+        self._check_inputs(stages)
         for stage in stages:
             t = time.perf_counter()
             getattr(self, f"stage_{stage}")()

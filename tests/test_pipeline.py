@@ -98,3 +98,8 @@ def test_missing_corpus_is_a_clear_error(tmp_path, tiny_teacher):
     cfg = dataclasses.replace(_cfg(tmp_path, tiny_teacher), corpus=str(tmp_path / "nope.txt"))
     with pytest.raises(SenseJaxError, match="corpus .*nope.txt does not exist"):
         Pipeline(cfg).run()
+
+
+def test_a_stage_without_its_inputs_is_refused_by_name(tmp_path, tiny_teacher):
+    with pytest.raises(ConfigError, match=r"stage evaluate needs the output of stage convert,.*teacher"):
+        Pipeline(_cfg(tmp_path, tiny_teacher)).run(stages=("evaluate",))
