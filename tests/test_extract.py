@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib
 import itertools
 import json
 import os
@@ -29,8 +28,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from extract_worker import make_corpus, make_tiny_teacher  # noqa: E402
 
-# extract() is also exported as sense_jax.extract; import the module explicitly.
-ex = importlib.import_module("sense_jax.extract")
+from sense_jax import extract as ex  # noqa: E402
 
 ARRAYS = ("vectors.npy", "offsets.npy", "counts.npy", "sources.npy", "meta.json", "COMPLETE")
 RUN = dict(n_per_token=3, seed=0, batch_size=4, window_passages=16, chunk_passages=16, progress=False)
