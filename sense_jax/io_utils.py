@@ -37,6 +37,9 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iter
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the artefact is as readable as mkdir's
     except OSError as e:
         raise SenseJaxError(f"cannot write under {out.parent}: {e.strerror or e}") from None
     try:

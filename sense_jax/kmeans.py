@@ -591,6 +591,7 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
     counts = np.concatenate([senses[t][1] for t in order] or [np.zeros(0, np.int64)])
     meta = {
         "teacher": store.meta.get("teacher"),
+        "teacher_fingerprint": store.meta.get("teacher_fingerprint"),
         "layer": store.meta.get("layer"),
         "hidden_size": D,
         "metric": metric,

@@ -159,8 +159,8 @@ class Pipeline:
             before = json.loads(f.read_text())
             diff = sorted(k for k in now if before.get(k) != now[k])
             if diff:
-                raise ConfigError(f"{self.out} was made with other settings ({', '.join(diff)} differ: "
-                                  f"{[(k, before.get(k), now[k]) for k in diff]}); choose another --out")
+                changes = ", ".join(f"{k}: {before.get(k)!r} then, {now[k]!r} now" for k in diff)
+                raise ConfigError(f"{self.out} was made with other settings ({changes}); choose another --out")
         else:
             write_json_atomic(f, now)
 
@@ -194,8 +194,11 @@ class Pipeline:
         from sense_jax import wordnet
 
         path = self.corpus_path()
-        if self.cfg.corpus or (path.exists() and self.heldout_path().exists()):
+        if self.cfg.corpus:
             self.log(f"[corpus] {path}")
+            return
+        if path.exists() and self.heldout_path().exists():
+            self.log(f"[corpus] done already: {path}")
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         wordnet.write_gloss_corpus(path, self.cfg.n_glosses, heldout=(self.heldout_path(), self.cfg.n_heldout))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -860,7 +861,6 @@ def train(cfg: DistillConfig, *, passages: Sequence[str] | None = None,
     """
     log = log or (lambda m: print(m, file=sys.stderr))
     run_dir = Path(cfg.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if passages is None:
         if not cfg.train_data:
             raise ConfigError("config: train_data is required")
@@ -884,8 +884,8 @@ def train(cfg: DistillConfig, *, passages: Sequence[str] | None = None,
     from sense_jax.convert import copy_tokenizer_files
     from sense_jax.io_utils import write_json_atomic
 
-    if jax.process_index() == 0:
-        (run_dir / "tokenizer").mkdir(exist_ok=True)
+    if jax.process_index() == 0:  # inputs are valid: only now does the run directory appear
+        (run_dir / "tokenizer").mkdir(parents=True, exist_ok=True)
         copy_tokenizer_files(Path(s.meta["teacher_path"]), run_dir / "tokenizer")
         write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
     mngr = checkpoint_manager(run_dir / "checkpoints", save_every=cfg.save_every, keep=cfg.keep_checkpoints)
@@ -1003,7 +1003,13 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, step: 
     if not ck_dir.is_dir():
         raise SenseJaxError(f"checkpoint directory not found: {ckpt}")
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    mngr = ocp.CheckpointManager(ck_dir.absolute(), options=options, item_names=("state", "data", "meta"))
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # Orbax warns that a read-only manager is read-only
+    try:
+        mngr = ocp.CheckpointManager(ck_dir.absolute(), options=options, item_names=("state", "data", "meta"))
+    finally:
+        absl_logger.setLevel(level)
     try:
         steps = sorted(mngr.all_steps(), reverse=True)
         if step is not None:

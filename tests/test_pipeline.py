@@ -62,7 +62,7 @@ def test_rerun_skips_every_stage_and_changes_nothing(finished, tiny_teacher):
     before = (tmp / "run" / "report" / "report.json").read_bytes()
     logs = []
     Pipeline(_cfg(tmp, tiny_teacher), log=logs.append).run()
-    for stage in ("convert", "extract", "cluster", "distill", "evaluate"):
+    for stage in ("convert", "corpus", "extract", "cluster", "distill", "evaluate"):
         assert any(line.startswith(f"[{stage}] done already") for line in logs), stage
     assert (tmp / "run" / "report" / "report.json").read_bytes() == before
 
@@ -79,7 +79,7 @@ def test_a_half_written_stage_is_redone_identically(finished, tiny_teacher):
 
 def test_other_settings_into_the_same_output_are_refused(finished, tiny_teacher):
     tmp, _ = finished
-    with pytest.raises(ConfigError, match=r"made with other settings \(k differ"):
+    with pytest.raises(ConfigError, match=r"made with other settings \(k: 3 then, 5 now\)"):
         Pipeline(_cfg(tmp, tiny_teacher, k=5)).run()
 
 

@@ -1,0 +1,54 @@
+"""Artefacts appear whole, readable, and only when their inputs were valid."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from sense_jax.errors import ConfigError, SenseJaxError
+from sense_jax.io_utils import atomic_directory
+
+
+def test_atomic_directory_is_readable_like_mkdir(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out" / "f").read_text() == "x"
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "out"):
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refused_training_config_creates_no_run_directory(tmp_path):
+    from sense_jax import trainer
+
+    cfg = trainer.load_config(None, [f"out_dir={tmp_path / 'run'}", "senses=x"], preset="runlocal")
+    with pytest.raises(ConfigError, match="train_data is required"):
+        trainer.train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_inspect_refuses_a_dictionary_built_from_another_store(tmp_path):
+    from sense_jax.inspect import token_senses
+    from sense_jax.kmeans import build_sense_dictionary
+    from sense_jax.store import open_store, write_store
+
+    def store(name, seed):
+        x = np.random.default_rng(seed).normal(size=(6, 4)).astype(np.float32)
+        return write_store(tmp_path / name, x, [0, 0, 6, 6], [0, 9, 0], np.zeros((6, 2)),
+                           {"teacher": "t", "seed": seed})  # as two extractions with other seeds
+
+    a, b = store("a", 1), store("b", 2)
+    build_sense_dictionary(open_store(a), 2, seed=0, progress=False).save(tmp_path / "senses")
+    with pytest.raises(SenseJaxError, match="was built from another store"):
+        token_senses("#1", tmp_path / "senses", b)
