@@ -225,11 +225,8 @@ class PassageStream:
             return order[r * B:(r + 1) * B]
         w, r_in = divmod(r, W)
         if self._window is None or self._window[0] != (epoch, w):
-            if self._lengths is None:
-                ids = self.tok(self.passages, truncation=True, max_length=self.T)["input_ids"]
-                self._lengths = np.array([len(x) for x in ids])
             items = order[w * W * B:(w + 1) * W * B]
-            batches = items[np.argsort(self._lengths[items], kind="stable")].reshape(-1, B)
+            batches = items[np.argsort(self.lengths()[items], kind="stable")].reshape(-1, B)
             shuffle = np.random.default_rng([self.seed, epoch, 1 << 21, w]).permutation(len(batches))
             self._window = ((epoch, w), batches[shuffle])
         return self._window[1][r_in]
@@ -244,6 +241,13 @@ class PassageStream:
     def texts(self, j: int) -> list[str]:
         return [self.passages[i] for i in self.indices(j)]
 
+    def lengths(self) -> np.ndarray:
+        """Token length of every passage after truncation [N] (tokenised once, on first use)."""
+        if self._lengths is None:
+            ids = self.tok(self.passages, truncation=True, max_length=self.T)["input_ids"]
+            self._lengths = np.array([len(x) for x in ids])
+        return self._lengths
+
     def step_batches(self, j: int, n: int, buckets: bool) -> list[dict[str, np.ndarray]]:
         """Micro-batches ``j .. j + n - 1`` padded to one length: the smallest bucket of
         :data:`sense_jax.batching.DEFAULT_BUCKETS` holding their longest passage (capped at
@@ -252,8 +256,7 @@ class PassageStream:
         if buckets:
             from sense_jax.batching import bucket_length
 
-            longest = max(len(ids) for m in range(j, j + n) for ids in self.tok(
-                self.texts(m), truncation=True, max_length=self.T)["input_ids"])
+            longest = max(int(self.lengths()[self.indices(m)].max()) for m in range(j, j + n))
             length = min(bucket_length(longest), self.T)
         return [self.micro_batch(m, length) for m in range(j, j + n)]
 
