@@ -5,6 +5,7 @@ the ``sense-jax cluster`` command."""
 from __future__ import annotations
 
 import collections
+import os
 from pathlib import Path
 
 import jax
@@ -16,7 +17,8 @@ from sklearn.metrics import adjusted_rand_score
 
 from sense_jax.cli import main
 from sense_jax.errors import SenseJaxError
-from sense_jax.kmeans import batched_kmeans, bucket_size, build_sense_dictionary, kmeans_detailed
+from sense_jax.kmeans import (batched_kmeans, bucket_size, build_sense_dictionary, kmeans_detailed,
+                              map_batch_size)
 from sense_jax.sense_dict import SenseDictionary
 from sense_jax.store import open_store, write_store
 
@@ -141,6 +143,36 @@ def test_mean_inertia_within_one_percent_of_sklearn(real_tokens):
     rel = ours.mean() / ref.mean() - 1
     assert rel <= 0.01, f"mean inertia {ours.mean():.2f} vs sklearn {ref.mean():.2f} ({rel:+.2%})"
     assert rel >= -0.05  # both are local optima of the same objective
+
+
+def test_map_and_vmap_loops_cluster_alike(real_tokens):
+    """The CPU loop (tokens one after another, lax.map) and the accelerator loop (lockstep,
+    vmap) run the same arithmetic per token: same partitions, same centres and inertia up to
+    float rounding, on real vectors and on edge cases (few samples, empty rows, duplicates)."""
+    x, mask, _ = real_tokens
+    rng = np.random.default_rng(6)
+    edge = np.zeros((4, x.shape[1], x.shape[2]), np.float32)
+    emask = np.zeros((4, x.shape[1]), bool)
+    edge[0, :5], emask[0, :5] = rng.normal(size=(5, x.shape[2])), True  # n <= K: kept
+    edge[2, :40], emask[2, :40] = np.repeat(rng.normal(size=(4, x.shape[2])), 10, 0), True  # duplicates
+    x, mask = np.concatenate([x, edge]), np.concatenate([mask, emask])  # row T + 1: empty
+    a = jax.device_get(kmeans_detailed(x, mask, 10, key=jax.random.key(3), loop="map"))
+    b = jax.device_get(kmeans_detailed(x, mask, 10, key=jax.random.key(3), loop="vmap"))
+    np.testing.assert_array_equal(a["n_senses"], b["n_senses"])
+    np.testing.assert_array_equal(a["counts"], b["counts"])
+    for t in range(len(x)):
+        n = int(mask[t].sum())
+        assert adjusted_rand_score(a["assignments"][t, :n], b["assignments"][t, :n]) == 1.0 or n == 0
+    np.testing.assert_allclose(a["centres"], b["centres"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(a["inertia"], b["inertia"], rtol=1e-4, atol=1e-4)
+    assert list(a["n_senses"][-4:]) == [5, 0, 4, 0]
+    with pytest.raises(SenseJaxError, match="loop"):
+        batched_kmeans(x[:2], mask[:2], 3, key=jax.random.key(0), loop="pmap")
+
+
+def test_map_batch_size_groups_small_tokens_only():
+    assert [map_batch_size(n, 384) for n in (16, 64, 96, 128, 184, 1024)] == [4, 4, 2, 2, 1, 1]
+    assert map_batch_size(24, 4096) == 1  # wide models: one token at a time
 
 
 def test_adaptive_bic_recovers_planted_number_of_clusters():
@@ -290,6 +322,24 @@ def test_build_matches_direct_kmeans_and_keeps_small_tokens(built):
     np.testing.assert_allclose(sd.token_senses(t), np.asarray(r.centres[0]), rtol=1e-5, atol=1e-5)
 
 
+def test_dictionary_bytes_do_not_depend_on_device_count_or_chunking(built, tmp_path):
+    """Tokens sharded over 2 simulated CPU devices (a fresh process) or cut into 1-token chunks
+    give the same dictionary, byte for byte, as one device with default chunks."""
+    import subprocess
+    import sys
+
+    store, sd = built
+    sd.save(tmp_path / "one")
+    build_sense_dictionary(store, K_DRIVER, seed=SEED, progress=False, chunk_tokens=1).save(tmp_path / "small")
+    code = ("import jax; jax.config.update('jax_num_cpu_devices', 2); assert len(jax.devices()) == 2; "
+            "from sense_jax.kmeans import build_sense_dictionary as b; from sense_jax.store import open_store; "
+            f"b(open_store({str(store.path)!r}), {K_DRIVER}, seed={SEED}, progress=False).save({str(tmp_path / 'two')!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    ref = (tmp_path / "one" / "senses.safetensors").read_bytes()
+    for other in ("two", "small"):
+        assert (tmp_path / other / "senses.safetensors").read_bytes() == ref, other
+
+
 def test_bucket_sizes_bound_padding():
     sizes = [bucket_size(n) for n in range(1, 1001)]
     assert all(s >= n for n, s in enumerate(sizes, 1))
@@ -313,7 +363,7 @@ def test_cluster_command(built, tmp_path, capsys):
             "--seed", str(SEED), "--no-progress"]
     assert main(["cluster", *argv]) == 0
     summary = capsys.readouterr().out
-    for word in ("clustered", "senses", "mean inertia", "bytes"):
+    for word in ("clustered", "senses", "mean inertia", "bytes", "cpu device"):
         assert word in summary
     sd = SenseDictionary.load(out)
     assert str(sd.centres.dtype) == "bfloat16" and sd.meta["k_rule"]["k"] == K_DRIVER
@@ -335,6 +385,9 @@ def test_cluster_command(built, tmp_path, capsys):
         ([str(store.path), str(out), "--k", "0", "--overwrite"], "k must be"),
         ([str(tmp_path / "wide"), str(out), "--overwrite", "--add-to", str(out)], "width 20"),
         ([str(tmp_path / "missing"), str(out), "--overwrite"], "store not found"),
+        ([str(store.path), str(out), "--overwrite", "--cpu-devices", "0"], "--cpu-devices must be >= 1"),
+        # This process's JAX already runs: asking for devices explicitly is refused, not ignored.
+        ([str(store.path), str(out), "--overwrite", "--cpu-devices", "2"], "before backends are initialized"),
     ]:
         capsys.readouterr()
         assert main(["cluster", *args, "--no-progress"]) == 2

@@ -22,7 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", choices=("dot", "cos", "l2"), default="dot",
                    help="look-up metric recorded for nearest_sense (paper: dot)")
     p.add_argument("--chunk-tokens", type=int, default=None,
-                   help="tokens per k-means chunk (default: sized to --memory-gb)")
+                   help="tokens per device per k-means chunk (default: sized to --memory-gb)")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="on a CPU-only machine, split the CPU into this many JAX devices and shard "
+                        "tokens over them (default: one per core; 1 = a single device)")
     p.add_argument("--memory-gb", type=float, default=1.0, help="working-memory budget per chunk")
     p.add_argument("--add-to", metavar="DICT", default=None,
                    help="existing dictionary to add to: the store's tokens replace its entries")
@@ -33,6 +36,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def use_cpu_devices(n: int | None) -> None:
+    """One JAX CPU device per core (or ``n``) unless XLA_FLAGS already sets a count.
+
+    The k-means programs run on about one core per device, so this is what lets tokens use
+    every core. Only the CPU platform is affected (accelerators keep their devices).
+
+    Raises:
+      SenseJaxError: n < 1, or JAX's backends were initialised before the call.
+    """
+    import os
+
+    import jax
+
+    from sense_jax.errors import SenseJaxError
+
+    if n is not None and n < 1:
+        raise SenseJaxError(f"--cpu-devices must be >= 1, got {n}")
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", n or os.cpu_count() or 1)
+    except RuntimeError as e:  # backends already initialised in this process
+        if n is not None:
+            raise SenseJaxError(f"--cpu-devices {n}: {e}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -41,11 +70,13 @@ def run(args: argparse.Namespace) -> int:
     from sense_jax.sense_dict import SenseDictionary
     from sense_jax.store import open_store
 
-    validate_k(args.k, adaptive=args.adaptive, k_min=args.k_min)
-    if args.compile_cache:
-        import jax
+    import jax
 
+    validate_k(args.k, adaptive=args.adaptive, k_min=args.k_min)
+    use_cpu_devices(args.cpu_devices)
+    if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every program
     out = Path(args.out)
     if out.exists() and not args.overwrite:  # fail before the (long) clustering
         raise SenseJaxError(f"{out} already exists; pass --overwrite to replace it")
@@ -65,5 +96,6 @@ def run(args: argparse.Namespace) -> int:
           f"{', adaptive ' + args.adaptive if args.adaptive else ''}) -> {out}: "
           f"{int(sd.centres.shape[0]):,} senses in all"
           f"{' (after adding to ' + args.add_to + ')' if base is not None else ''}, "
-          f"mean inertia {st['mean_inertia']:.4g}, {sd.centres.dtype}, {size:,} bytes")
+          f"mean inertia {st['mean_inertia']:.4g}, {sd.centres.dtype}, {size:,} bytes; "
+          f"{jax.local_device_count()} {jax.default_backend()} device(s)")
     return 0
