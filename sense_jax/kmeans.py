@@ -365,12 +365,19 @@ def _batched(x, mask, u, init, max_iter, tol, *, k, adaptive, k_min, has_init, l
 
 
 def _as_token_keys(key, T: int) -> jax.Array:
+    """[T] per-token keys from one key (split) or from [T] keys; SenseJaxError otherwise."""
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.split(key, T) if key.ndim == 0 else key
-    if key.ndim == 1:  # raw uint32 [2] key
+        if key.ndim == 0:
+            return jax.random.split(key, T)
+        if key.shape == (T,):
+            return key
+    elif key.dtype == jnp.uint32 and key.shape == (2,):  # one raw uint32 [2] key
         return jax.random.split(key, T)
-    return key
+    elif key.dtype == jnp.uint32 and key.shape == (T, 2):  # raw per-token keys
+        return key
+    raise SenseJaxError(f"key must be one PRNG key (jax.random.key(seed)) or [T={T}] per-token keys; "
+                        f"got {key.dtype} {tuple(key.shape)}")
 
 
 def map_batch_size(n_pad: int, hidden_size: int) -> int:
@@ -610,6 +617,8 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
                                      or chunk_tokens < 1):
         raise SenseJaxError(f"chunk_tokens must be an integer >= 1, got {chunk_tokens!r}")
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, np.integer)) or memory_budget < 1:
+        raise SenseJaxError(f"memory_budget must be a number of bytes >= 1, got {memory_budget!r}")
     if not isinstance(store, Store):
         store = open_store(store)
     V, D = store.vocab_size, store.hidden_size
@@ -734,7 +743,7 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
             room = max(memory_budget // 4, nbytes)
         waves[-1].append((size, ids, T))
         room -= nbytes
-    overlap = jax.default_backend() != "cpu"
+    overlap = devices[0].platform != "cpu"
 
     def load(wave):
         return [gather(*chunk) for chunk in wave]

@@ -263,6 +263,17 @@ def test_k_below_one_refused(k):
         batched_kmeans(np.zeros((1, 4, 2), np.float32), np.ones((1, 4), bool), k, key=jax.random.key(0))
 
 
+@pytest.mark.parametrize("key", [0, "split3", "raw3"])
+def test_bad_key_refused(key):
+    """A bare int, or per-token keys that do not match T, get a clear error (T = 5 here)."""
+    if key == "split3":
+        key = jax.random.split(jax.random.key(0), 3)
+    elif key == "raw3":
+        key = np.zeros((3, 2), np.uint32)
+    with pytest.raises(SenseJaxError, match=r"key must be one PRNG key .* \[T=5\] per-token keys"):
+        batched_kmeans(np.zeros((5, 20, 2), np.float32), np.ones((5, 20), bool), 3, key=key)
+
+
 def test_nan_refused_naming_the_row():
     x = np.ones((3, 8, 2), np.float32)
     x[2, 5, 1] = np.inf
@@ -386,6 +397,8 @@ def test_cluster_command(built, tmp_path, capsys):
         ([str(tmp_path / "wide"), str(out), "--overwrite", "--add-to", str(out)], "width 20"),
         ([str(tmp_path / "missing"), str(out), "--overwrite"], "store not found"),
         ([str(store.path), str(out), "--overwrite", "--cpu-devices", "0"], "--cpu-devices must be >= 1"),
+        ([str(store.path), str(out), "--overwrite", "--memory-gb", "nan"], "--memory-gb must be"),
+        ([str(store.path), str(out), "--overwrite", "--memory-gb", "0"], "--memory-gb must be"),
         # This process's JAX already runs: asking for devices explicitly is refused, not ignored.
         ([str(store.path), str(out), "--overwrite", "--cpu-devices", "2"], "before backends are initialized"),
     ]:

@@ -63,6 +63,7 @@ def use_cpu_devices(n: int | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
     from pathlib import Path
 
     from sense_jax.errors import SenseJaxError
@@ -82,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         raise SenseJaxError(f"{out} already exists; pass --overwrite to replace it")
     if args.chunk_tokens is not None and args.chunk_tokens < 1:
         raise SenseJaxError(f"--chunk-tokens must be >= 1, got {args.chunk_tokens}")
+    if not (math.isfinite(args.memory_gb) and args.memory_gb > 0):
+        raise SenseJaxError(f"--memory-gb must be a finite number > 0, got {args.memory_gb}")
     store = open_store(args.store)
     base = SenseDictionary.load(args.add_to) if args.add_to else None
     sd = build_sense_dictionary(
