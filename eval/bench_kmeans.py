@@ -15,6 +15,8 @@ Measured side by side in one run, same data, K=10, iteration cap 100, rounds int
   - (a) scikit-learn ``KMeans(init="k-means++", n_init=1, tol=1e-4)`` per token (the reference);
   - (b) faiss-cpu ``faiss.Kmeans(niter=100)`` per token (random init, no tolerance: all 100
     iterations);
+  - faiss at equal or lower inertia than ours: the best of r k-means++ runs (``nredo``), r = 2, 4,
+    8 until its mean inertia is <= ours;
   - mean inertia of each over the clustered tokens (n_t > K);
   - achieved GFLOP/s of one batched Lloyd step beside plain f32 matmuls;
   - ``nearest_sense`` against a per-token Python loop.
@@ -99,13 +101,14 @@ def baselines(npz: str, K: int, max_iter: int, seed: int, rounds: int) -> dict:
     except ImportError:
         return out
 
-    def faiss_loop(plusplus=False):
+    def faiss_loop(plusplus=False, nredo=1):
         # faiss 1.15 defaults: random init, stop once the objective stops improving
-        # (early_stop_threshold 0) or at niter; plusplus=True selects its k-means++ init.
+        # (early_stop_threshold 0) or at niter; plusplus=True selects its k-means++ init;
+        # nredo > 1 keeps the best of that many runs.
         extra = {"init_method": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS} if plusplus else {}
         inertia = []
         for x in xs:
-            f = faiss.Kmeans(D, K, niter=max_iter, seed=seed + 1, verbose=False,
+            f = faiss.Kmeans(D, K, niter=max_iter, seed=seed + 1, verbose=False, nredo=nredo,
                              min_points_per_centroid=1, max_points_per_centroid=100000, **extra)
             f.train(x)
             dist, _ = f.index.search(x, 1)
@@ -114,7 +117,12 @@ def baselines(npz: str, K: int, max_iter: int, seed: int, rounds: int) -> dict:
 
     out["faiss"] = best_of(faiss_loop, rounds)
     out["faiss_pp"] = best_of(lambda: faiss_loop(plusplus=True), rounds)
+    for r in REDO:
+        out[f"faiss_pp_redo{r}"] = best_of(lambda: faiss_loop(plusplus=True, nredo=r), rounds)
     return out
+
+
+REDO = (2, 4, 8)  # faiss restarts tried to reach our inertia ("at equal or lower inertia")
 
 
 def best_of(fn, rounds: int) -> tuple[float, float]:
@@ -253,6 +261,13 @@ def main() -> int:
               f"inertia ours/faiss   {inertia_ours / inertia_fa:.4f}; cached-compile ratio {t_fa / t_cached:.2f}x")
         print(f"(b') faiss k-means++  {t_fa2:8.2f} s   mean inertia {inertia_fa2:10.3f}   "
               f"time ratio faiss/ours   {t_fa2 / t_ours:5.2f}x, inertia ours/faiss {inertia_ours / inertia_fa2:.4f}")
+        # faiss at equal or lower inertia: best of r k-means++ runs, the fewest r that gets there.
+        for r in REDO:
+            t_r, inertia_r = base[f"faiss_pp_redo{r}"]
+            print(f"(b'') faiss best of {r}  {t_r:8.2f} s   mean inertia {inertia_r:10.3f}   "
+                  f"time ratio faiss/ours   {t_r / t_ours:5.2f}x, inertia ours/faiss {inertia_ours / inertia_r:.4f}")
+            if inertia_r <= inertia_ours:
+                break
 
     # --- Lloyd step GFLOP/s vs plain matmul --------------------------------------------------------
     # One device, tokens one after another (lax.map), as the CPU program runs them.
