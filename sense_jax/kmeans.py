@@ -663,8 +663,9 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
         for i in range(0, members.size, T * n_dev):
             chunks.append((int(size), members[i:i + T * n_dev], T))
 
-    # Compile every distinct (T, N) program ahead of time on a thread pool (XLA compiles without
-    # the GIL), so compilation runs in parallel and overlaps the first chunks' execution.
+    # Compile every distinct (T, N) program ahead of time on a thread pool, overlapping the
+    # uniforms, the first gathers and the first chunks' execution (on 2 CPU cores the compiles
+    # themselves ran mostly one after another: ~1 s each).
     statics = dict(k=k, adaptive=adaptive, k_min=int(k_min))
     scalars = (jnp.int32(max_iter), jnp.float32(tol))
     # The scalars on every device once (not re-sent with each chunk).
