@@ -196,12 +196,13 @@ def init_params(family: ModelFamily, cfg: Any, seed: int = 0) -> dict:
 
 
 def _strip_prefix(names: list[str], family: ModelFamily) -> dict[str, str]:
-    """Map stored names to base-model names, stripping a task model's prefix (``bert.``)."""
+    """Map stored names to base-model names: a task model's prefix (``bert.``) stripped, then the
+    family's :attr:`~sense_jax.models.ModelFamily.renames` (older releases' names) applied."""
     for prefix in family.base_prefixes:
         if any(n.startswith(prefix) for n in names) and not any(
                 n.startswith(("embeddings.", "encoder.")) for n in names):
-            return {n: n[len(prefix):] if n.startswith(prefix) else n for n in names}
-    return {n: n for n in names}
+            return {n: family.rename(n[len(prefix):] if n.startswith(prefix) else n) for n in names}
+    return {n: family.rename(n) for n in names}
 
 
 def _match(rules, name: str) -> tuple[str, Any] | None:
@@ -230,6 +231,7 @@ def hf_to_params(family: ModelFamily, cfg: Any, state: dict[str, np.ndarray],
     base = _strip_prefix(list(state), family)
     ignored = [re.compile(p) for p in family.ignored]
     flat: dict[str, np.ndarray] = {}
+    source_of: dict[str, str] = {}
     skipped, unknown = [], []
     for stored, name in base.items():
         where = f"{file_of.get(stored, 'checkpoint')}: tensor {stored!r}"
@@ -241,6 +243,10 @@ def hf_to_params(family: ModelFamily, cfg: Any, state: dict[str, np.ndarray],
             unknown.append(where)
             continue
         path, transform = hit
+        if path in source_of:  # e.g. both LayerNorm.gamma and LayerNorm.weight stored
+            raise ConversionError(f"{where} and tensor {source_of[path]!r} both name parameter "
+                                  f"{_hf_name(family, path)!r}; keep one of them")
+        source_of[path] = stored
         value = transform.to_flax(np.asarray(state[stored]))
         want = tuple(expected[path].shape)
         if tuple(value.shape) != want:

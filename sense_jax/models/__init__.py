@@ -58,6 +58,33 @@ class ParamRule:
         return re.compile("^" + re.escape(self.hf).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
 
 
+@dataclasses.dataclass(frozen=True)
+class Rename:
+    """A rewrite of stored tensor names, applied (after the task-model prefix is stripped) before
+    the conversion table is consulted: ``re.sub(pattern, replacement, name)``.
+
+    Renames describe names that older releases wrote and that transformers still loads; they are
+    data beside the table, never special cases in the converter.
+    """
+
+    pattern: str
+    replacement: str
+
+    def apply(self, name: str) -> str:
+        return re.sub(self.pattern, self.replacement, name)
+
+
+# transformers' "legacy" renamings, applied on load to every model whatever its type
+# (transformers/conversion_mapping.py, mapping["legacy"], added by get_model_conversion_mapping):
+# TF-era conversions named LayerNorm parameters gamma / beta. (The other legacy rows, weight-norm
+# weight_g / weight_v and a duplicated ``model.language_model.model`` prefix, name modules that no
+# family here has.)
+LEGACY_RENAMES: tuple[Rename, ...] = (
+    Rename(r"LayerNorm\.gamma$", "LayerNorm.weight"),
+    Rename(r"LayerNorm\.beta$", "LayerNorm.bias"),
+)
+
+
 def dense_rules(hf_prefix: str, flax_prefix: str, rows) -> list[ParamRule]:
     """Rows ``(hf_module, our_module)`` of torch Linear layers -> weight (LINEAR) and bias rules."""
     out = []
@@ -92,6 +119,14 @@ class ModelFamily:
       ignored: regexes of transformers keys that hold no parameter of ours (buffers such as
         ``position_ids``, task heads); they are skipped, and reported.
       init_method: name of the module method that touches every parameter (for ``init``).
+      renames: stored-name rewrites applied before ``rules`` (:class:`Rename`); by default
+        transformers' legacy names (``LayerNorm.gamma`` / ``LayerNorm.beta``).
+      tied: ``(head, source, config_flag)`` rows as transformers' ``_tied_weights_keys``: when
+        the config's ``config_flag`` is true the ``head`` tensor is ``source`` and need not be
+        stored. A checkpoint that stores both with different values is untied on load, as
+        transformers does (``config_flag`` set false, the stored head kept, and a note says so).
+      head_params: top-level params that belong to a task head, not to transformers' base model
+        (AutoModel); an export of the base model leaves them out.
     """
 
     name: str
@@ -102,6 +137,15 @@ class ModelFamily:
     base_prefixes: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
     init_method: str | None = None
+    renames: tuple[Rename, ...] = LEGACY_RENAMES
+    tied: tuple[tuple[str, str, str], ...] = ()
+    head_params: tuple[str, ...] = ()
+
+    def rename(self, name: str) -> str:
+        """``name`` after every :attr:`renames` row (a no-op for current names)."""
+        for r in self.renames:
+            name = r.apply(name)
+        return name
 
 
 _REGISTRY: dict[str, ModelFamily] = {}
