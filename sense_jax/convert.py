@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,11 @@ TOKENIZER_FILES = (
     "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spm.model",
     "tokenizer.model",
 )
+
+
+class ConversionNote(UserWarning):
+    """A conversion choice the user should know of (e.g. a tied head stored apart, kept untied);
+    also listed under ``notes`` in ``sense_jax.json``."""
 
 
 # --- Reading a transformers checkpoint --------------------------------------------------------
@@ -307,6 +313,7 @@ class Converted:
     hf_config: dict
     skipped: list[str]
     adapters: list = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def apply_config_overrides(cfg: Any, overrides: dict | None, source: str = "config_overrides") -> Any:
@@ -355,14 +362,43 @@ def load_hf(src: str | os.PathLike, *, adapter: Any = None,
         for a in ([adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter)):
             state, info = merge_lora(state, a, family)
             adapters_info.append(info)
-    base = list(_strip_prefix(list(state), family).values())
+    names = _strip_prefix(list(state), family)
+    cfg, notes = _untie_if_stored_apart(family, cfg, state, names, str(model_dir))
+    base = list(names.values())
     if hasattr(cfg, "add_pooler"):
         cfg = dataclasses.replace(cfg, add_pooler=any(n.startswith("pooler.") for n in base))
     if hasattr(cfg, "adapt_to_checkpoint"):
         cfg = cfg.adapt_to_checkpoint(base)
     cfg = apply_config_overrides(cfg, config_overrides)
     params, skipped = hf_to_params(family, cfg, state, file_of)
-    return Converted(family, cfg, params, hf_config, skipped, adapters_info), model_dir
+    for note in notes:
+        warnings.warn(note, ConversionNote, stacklevel=2)
+    return Converted(family, cfg, params, hf_config, skipped, adapters_info, notes), model_dir
+
+
+def _untie_if_stored_apart(family: ModelFamily, cfg: Any, state: dict[str, np.ndarray],
+                           names: dict[str, str], source: str) -> tuple[Any, list[str]]:
+    """Follow the checkpoint where the config ties a head to a tensor but both are stored, apart.
+
+    transformers (5.x, ``PreTrainedModel.tie_weights`` on load) does not tie them then: it keeps
+    the stored head and warns. So do we, and say so, rather than run the stored model with another
+    head (a Llama's LM head differed by up to 7.5 in logits). Equal tensors stay tied.
+    """
+    notes = []
+    stored = {base: name for name, base in names.items()}
+    for head, src, flag in family.tied:
+        if not getattr(cfg, flag, False) or head not in stored or src not in stored:
+            continue
+        a, b = state[stored[head]], state[stored[src]]
+        if a.shape == b.shape and np.array_equal(a, b):
+            continue
+        cfg = dataclasses.replace(cfg, **{flag: False})
+        diff = (f"max |difference| {float(np.abs(a.astype(np.float32) - b.astype(np.float32)).max()):.4g}"
+                if a.shape == b.shape else f"shapes {tuple(a.shape)} and {tuple(b.shape)}")
+        notes.append(f"{source}: config.json says {flag}=true but the checkpoint stores "
+                     f"{stored[head]!r} apart from {stored[src]!r} ({diff}); following the "
+                     f"checkpoint as transformers does: {flag}=false, the stored {stored[head]!r} kept")
+    return cfg, notes
 
 
 def save_params(path: Path, params: dict) -> None:
@@ -433,6 +469,7 @@ def write_converted(out: str | os.PathLike, converted: Converted, tokenizer_dir:
             "tokenizer_files": tok_files,
             "skipped_tensors": converted.skipped,
             "merged_adapters": converted.adapters,
+            "notes": converted.notes,
             **(extra_metadata or {}),
         })
     return out

@@ -112,3 +112,40 @@ def test_both_old_and_new_name_of_one_parameter_is_refused(tmp_path, tiny_bert):
     with pytest.raises(ConversionError, match=r"'embeddings\.LayerNorm\.(gamma|weight)' and tensor "
                                               r"'embeddings\.LayerNorm\.(gamma|weight)' both name"):
         cv.load_hf(d)
+
+
+# --- 11. Configuration that contradicts the checkpoint -----------------------------------------
+
+def test_tied_config_with_a_distinct_stored_lm_head_follows_the_checkpoint_like_transformers(tmp_path):
+    """config.json: tie_word_embeddings=true, but lm_head.weight is stored and differs from the
+    embedding. transformers keeps the stored head (untied, with a warning); so do we, saying so."""
+    from transformers import AutoModelForCausalLM
+
+    tied = _save_causal(tmp_path / "tied", _llama_cfg(tie_word_embeddings=True))
+    assert "lm_head.weight" not in load_file(str(tied / "model.safetensors"))
+    rng = np.random.default_rng(1)
+    d = _rewrite(tied, tmp_path / "apart", lambda s: {
+        **s, "lm_head.weight": rng.normal(0, 0.2, s["model.embed_tokens.weight"].shape).astype(np.float32)})
+    ids = _ids()
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(str(d)).eval()(input_ids=torch.tensor(ids)).logits.numpy()
+    with pytest.warns(cv.ConversionNote, match=r"tie_word_embeddings=true but the checkpoint stores "
+                                               r"'lm_head\.weight' apart from 'model\.embed_tokens\.weight'"):
+        converted, _ = cv.load_hf(d)
+    assert not converted.config.tie_word_embeddings and converted.config.lm_head
+    assert np.abs(_ours(converted, ids, logits=True) - ref).max() < 1e-4
+    with pytest.warns(cv.ConversionNote):
+        out = cv.convert(d, tmp_path / "conv")
+    assert "lm_head.weight" in json.loads((out / "sense_jax.json").read_text())["notes"][0]
+
+    # The same tensor stored twice stays tied, silently (transformers ties it too).
+    same = _rewrite(tied, tmp_path / "same", lambda s: {**s, "lm_head.weight": s["model.embed_tokens.weight"]})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cv.ConversionNote)
+        converted, _ = cv.load_hf(same)
+    assert converted.config.tie_word_embeddings and "lm_head" not in converted.params
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(str(same)).eval()(input_ids=torch.tensor(ids)).logits.numpy()
+    assert np.abs(_ours(converted, ids, logits=True) - ref).max() < 1e-4

@@ -21,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sense_jax.convert import convert
+    import warnings
+
+    from sense_jax.convert import ConversionNote, convert
     from sense_jax.io_utils import read_json
 
     overrides = {}
@@ -29,12 +31,16 @@ def run(args: argparse.Namespace) -> int:
         overrides["causal"] = False
     if args.pooling:
         overrides["pooling"] = args.pooling
-    out = convert(args.src, args.out, overwrite=args.overwrite, adapter=args.adapter,
-                  config_overrides=overrides or None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConversionNote)  # printed below as one line each
+        out = convert(args.src, args.out, overwrite=args.overwrite, adapter=args.adapter,
+                      config_overrides=overrides or None)
     meta = read_json(out / "sense_jax.json")
     print(f"converted {args.src} -> {out}: {meta['family']} ({meta['model_type']}), "
           f"{meta['param_count']:,} params"
           + (f", skipped {len(meta['skipped_tensors'])} buffer/head tensor(s)" if meta["skipped_tensors"] else "")
           + "".join(f", merged adapter {a['adapter']} ({a['merged_modules']} modules)"
                     for a in meta.get("merged_adapters") or []))
+    for note in meta.get("notes") or []:
+        print(f"note: {note}")
     return 0

@@ -527,4 +527,7 @@ FAMILY = register(ModelFamily(
     ignored=(r"rotary_emb\.inv_freq$", r"^lm_head\.", r"^score\.", r"^classifier\.",
              r"^qa_outputs\."),
     init_method="init_all",
+    # transformers' LlamaForCausalLM._tied_weights_keys (names after the "model." prefix is stripped)
+    tied=(("lm_head.weight", "embed_tokens.weight", "tie_word_embeddings"),),
+    head_params=("lm_head",),
 ))
