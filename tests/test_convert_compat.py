@@ -149,3 +149,122 @@ def test_tied_config_with_a_distinct_stored_lm_head_follows_the_checkpoint_like_
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(str(same)).eval()(input_ids=torch.tensor(ids)).logits.numpy()
     assert np.abs(_ours(converted, ids, logits=True) - ref).max() < 1e-4
+
+
+# --- 5. LoRA adapters merge as PEFT merges them, or are refused by name --------------------------
+
+def _peft_adapter(base_dir: Path, out: Path, model_cls, seed=0, **lora_kw):
+    """A PEFT LoRA adapter on ``base_dir`` whose every trainable tensor (lora_A, lora_B, and the
+    biases / modules_to_save copies the config makes trainable) is perturbed, as training would;
+    returns (adapter_dir, PEFT's merge_and_unload model)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(model_cls.from_pretrained(str(base_dir)), LoraConfig(**lora_kw))
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(str(out))
+    return out, model.merge_and_unload().eval()
+
+
+def _assert_merged_like_peft(converted, merged, ids, logits=False):
+    with torch.no_grad():
+        out = merged(input_ids=torch.tensor(ids), output_hidden_states=True)
+    ours = _ours(converted, ids)
+    assert np.abs(ours - out.hidden_states[-1].numpy()).max() < 1e-4
+    if logits:
+        assert np.abs(_ours(converted, ids, logits=True) - out.logits.numpy()).max() < 1e-4
+    sd = merged.state_dict()
+    for name, flat in (("q_proj", converted.params["layer_1"]["self_attn"]["q_proj"]),
+                       ("v_proj", converted.params["layer_1"]["self_attn"]["v_proj"])):
+        np.testing.assert_allclose(flat["kernel"], sd[f"model.layers.1.self_attn.{name}.weight"].numpy().T,
+                                   atol=1e-6, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return _save_causal(tmp_path_factory.mktemp("llama") / "llama", _llama_cfg())
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory):
+    return _save_causal(tmp_path_factory.mktemp("qwen2") / "qwen2", _llama_cfg(Qwen2Config),
+                        model_cls=Qwen2ForCausalLM)
+
+
+def test_alpha_and_rank_patterns_are_regexes_matched_as_peft_does(tmp_path, tiny_llama):
+    """alpha_pattern {"q_proj|v_proj": 16} with r=4, lora_alpha=4: both modules get scale 16/4,
+    as PEFT's get_pattern_key matches ``(.*\\.)?(q_proj|v_proj)$``; a rank pattern by layer."""
+    adapter, merged = _peft_adapter(
+        tiny_llama, tmp_path / "ad", LlamaForCausalLM, r=4, lora_alpha=4,
+        target_modules=["q_proj", "v_proj"], alpha_pattern={"q_proj|v_proj": 16},
+        rank_pattern={r"layers\.1\.self_attn\.(q|v)_proj": 2})
+    converted, _ = cv.load_hf(tiny_llama, adapter=adapter)
+    _assert_merged_like_peft(converted, merged, _ids())
+
+
+@pytest.mark.parametrize("lora_kw", [dict(bias="all"), dict(bias="lora_only"),
+                                     dict(bias="all", modules_to_save=["lm_head"])],
+                         ids=["bias_all", "bias_lora_only", "bias_all_modules_to_save"])
+def test_trained_biases_and_modules_to_save_are_merged_like_peft(tmp_path, tiny_qwen2, lora_kw):
+    """bias="all" saves <module>.base_layer.bias for adapted layers (and k_proj.bias for the rest);
+    modules_to_save saves the trained lm_head as lm_head.weight."""
+    adapter, merged = _peft_adapter(tiny_qwen2, tmp_path / "ad", Qwen2ForCausalLM, r=2, lora_alpha=4,
+                                    target_modules=["q_proj", "v_proj"], **lora_kw)
+    keys = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any(k.endswith("q_proj.base_layer.bias") for k in keys)
+    converted, _ = cv.load_hf(tiny_qwen2, adapter=adapter)
+    _assert_merged_like_peft(converted, merged, _ids(), logits=True)
+    np.testing.assert_allclose(converted.params["layer_0"]["self_attn"]["q_proj"]["bias"],
+                               merged.state_dict()["model.layers.0.self_attn.q_proj.bias"].numpy(), atol=0)
+
+
+@pytest.fixture(scope="module")
+def plain_adapter(tmp_path_factory, tiny_llama):
+    return _peft_adapter(tiny_llama, tmp_path_factory.mktemp("plain") / "ad", LlamaForCausalLM, r=2,
+                         target_modules=["q_proj", "v_proj"])[0]
+
+
+def _edited(adapter: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(adapter, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(init_lora_weights="pissa"), r"init_lora_weights=\"pissa\" is not supported: that init rewrites"),
+    (dict(init_lora_weights="pissa_niter_4"), r"init_lora_weights=\"pissa_niter_4\""),
+    (dict(init_lora_weights="olora"), r"init_lora_weights=\"olora\""),
+    (dict(init_lora_weights="corda"), r"init_lora_weights=\"corda\""),
+    (dict(init_lora_weights="loftq", loftq_config={"loftq_bits": 4}), r"init_lora_weights=\"loftq\""),
+    (dict(use_dora=True), r"use_dora=true is not supported \(DoRA"),
+    (dict(layer_replication=[[0, 2], [1, 2]]), r"layer_replication=\[\[0, 2\], \[1, 2\]\] is not supported"),
+    (dict(lora_bias=True), r"lora_bias=true is not supported"),
+    (dict(fan_in_fan_out=True), r"fan_in_fan_out=true is not supported"),
+    (dict(target_parameters=["mlp.experts.down_proj"]), r"target_parameters=.* is not supported"),
+    (dict(trainable_token_indices=[3, 4]), r"trainable_token_indices=\[3, 4\] is not supported"),
+    (dict(some_future_field=2), r"some_future_field=2 is not supported \(a setting this merge does not know\)"),
+    (dict(bias="everything"), r"bias=\"everything\" is not supported"),
+])
+def test_adapter_settings_not_implemented_are_refused_by_name(tmp_path, tiny_llama, plain_adapter,
+                                                             changes, message):
+    with pytest.raises(ConversionError, match=r"adapter_config\.json: " + message):
+        cv.load_hf(tiny_llama, adapter=_edited(plain_adapter, tmp_path / "ad", **changes))
+
+
+def test_pissa_adapter_saved_by_peft_is_refused_and_plain_settings_pass(tmp_path, tiny_llama, plain_adapter):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(str(tiny_llama)),
+                           LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
+    model.save_pretrained(str(tmp_path / "pissa"))
+    with pytest.raises(ConversionError, match="init_lora_weights=\"pissa\""):
+        cv.load_hf(tiny_llama, adapter=tmp_path / "pissa")
+    # Unset unknown fields, descriptive fields and plain inits are accepted.
+    ok = _edited(plain_adapter, tmp_path / "ok", init_lora_weights="gaussian", some_future_field=None,
+                 task_type="CAUSAL_LM", lora_dropout=0.1, inference_mode=True)
+    assert cv.load_hf(tiny_llama, adapter=ok)[0].adapters[0]["merged_modules"] == 4
