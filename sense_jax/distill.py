@@ -309,10 +309,19 @@ def check_sense_dict(sense_dict: SenseDictionary, teacher_cfg: Any, *, fingerpri
 # --- Export to transformers -------------------------------------------------------------------
 
 
+# What an export holds: float32 weights (the params are float32; narrowing them would lose the
+# 1e-4 parity with sense_jax), and a config.json that says so. transformers 5 loads with
+# dtype="auto", i.e. in the config's ``dtype`` (4.x: ``torch_dtype``); a teacher's "bfloat16" left
+# there would load the float32 weights in bf16 (errors of 2.5e-2).
+EXPORT_DTYPE = "float32"
+
+
 def student_hf_config(teacher_hf_config: dict, student_cfg: Any) -> dict:
-    """The student's transformers config.json: the teacher's, with the student's sizes."""
+    """The student's transformers config.json: the teacher's, with the student's sizes, the base
+    model's architecture and ``dtype`` / ``torch_dtype`` = "float32" (what the export holds)."""
     cfg = {k: v for k, v in teacher_hf_config.items() if not k.startswith("_")}
     cfg.update(student_cfg.to_hf())
+    cfg["dtype"] = cfg["torch_dtype"] = EXPORT_DTYPE
     arch = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
             "camembert": "CamembertModel", "deberta-v2": "DebertaV2Model", "llama": "LlamaModel",
             "mistral": "MistralModel", "qwen2": "Qwen2Model"}.get(student_cfg.model_type)
@@ -327,8 +336,10 @@ def export_hf(out: str | os.PathLike, family: Any, student_cfg: Any, student_par
               overwrite: bool = False) -> Path:
     """Write a student as a transformers model directory, atomically.
 
-    Layout of ``out``: ``config.json``, ``model.safetensors`` (transformers' base-model names,
-    float32, ``format=pt``), tokenizer files copied from ``tokenizer_dir``, and when given
+    Layout of ``out``: ``config.json`` (``dtype`` float32, ``architectures`` the base model, e.g.
+    LlamaModel), ``model.safetensors`` (transformers' base-model names, float32, ``format=pt``;
+    task heads such as a decoder's ``lm_head``, ``family.head_params``, are left out, so that
+    ``AutoModel`` reports no missing or unexpected keys), tokenizer files copied from ``tokenizer_dir``, and when given
     ``adaptor.safetensors`` (``weight`` [D, S] and ``bias`` [D] in torch.nn.Linear layout, plus the
     frozen teacher pooler as ``pooler.dense.weight`` / ``pooler.dense.bias``) with
     ``adaptor.json``. When the widths match the pooler is also written into model.safetensors, so
@@ -343,7 +354,7 @@ def export_hf(out: str | os.PathLike, family: Any, student_cfg: Any, student_par
     from sense_jax.convert import copy_tokenizer_files, params_to_hf
     from sense_jax.io_utils import atomic_directory, write_json_atomic
 
-    params = dict(student_params)
+    params = {k: v for k, v in student_params.items() if k not in family.head_params}
     cfg = student_cfg
     if pooler is not None and pooler["kernel"].shape[0] == student_cfg.hidden_size:
         params["pooler"] = pooler

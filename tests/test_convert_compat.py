@@ -268,3 +268,40 @@ def test_pissa_adapter_saved_by_peft_is_refused_and_plain_settings_pass(tmp_path
     ok = _edited(plain_adapter, tmp_path / "ok", init_lora_weights="gaussian", some_future_field=None,
                  task_type="CAUSAL_LM", lora_dropout=0.1, inference_mode=True)
     assert cv.load_hf(tiny_llama, adapter=ok)[0].adapters[0]["merged_modules"] == 4
+
+
+# --- 6. Exports say what they contain ----------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_export_of_a_bf16_teachers_student_loads_in_float32_without_stray_keys(tmp_path, kind):
+    """The teacher's config.json says dtype bfloat16; the export holds float32 weights and says
+    float32, so AutoModel loads what sense_jax computes (1e-4); a decoder's lm_head is not written."""
+    from sense_jax import distill as D
+
+    if kind == "bert":
+        f32 = save_tiny_hf_model(tmp_path / "f32", BertConfig(**BERT), seed=3)
+        model = AutoModel.from_pretrained(str(f32))
+    else:
+        f32 = _save_causal(tmp_path / "f32", _llama_cfg(tie_word_embeddings=False))
+        model = LlamaForCausalLM.from_pretrained(str(f32))
+    model.to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
+    hf = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert "bfloat16" in (hf.get("dtype"), hf.get("torch_dtype"))
+    teacher, _ = cv.load_hf(tmp_path / "bf16")
+    cfg, params = D.truncated_student(teacher.config, teacher.params, 1)
+    assert (kind == "llama") == ("lm_head" in params)
+    _, pooler = D.split_pooler(teacher.params)  # the teacher's pooler, as the trainer exports it
+    out = D.export_hf(tmp_path / "student", teacher.family, cfg, params, teacher.hf_config, pooler=pooler)
+
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["dtype"] == exported["torch_dtype"] == "float32"
+    assert {str(v.dtype) for v in load_file(str(out / "model.safetensors")).values()} == {"float32"}
+    loaded, info = AutoModel.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert loaded.dtype == torch.float32
+    ids = _ids(vocab=BERT["vocab_size"] if kind == "bert" else V)
+    with torch.no_grad():
+        ref = loaded.eval()(input_ids=torch.tensor(ids)).last_hidden_state.numpy()
+    ours = np.asarray(teacher.family.make_module(cfg).apply(
+        {"params": jax.tree.map(jnp.asarray, params)}, jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32)))
+    assert np.abs(ours - ref).max() < 1e-4
