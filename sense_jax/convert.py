@@ -364,6 +364,9 @@ def load_hf(src: str | os.PathLike, *, adapter: Any = None,
             adapters_info.append(info)
     names = _strip_prefix(list(state), family)
     cfg, notes = _untie_if_stored_apart(family, cfg, state, names, str(model_dir))
+    for _, _, flag in family.tied:  # the config.json we write (and exports) then says what holds
+        if flag in hf_config and not getattr(cfg, flag, True):
+            hf_config = {**hf_config, flag: False}
     base = list(names.values())
     if hasattr(cfg, "add_pooler"):
         cfg = dataclasses.replace(cfg, add_pooler=any(n.startswith("pooler.") for n in base))

@@ -137,6 +137,12 @@ def test_tied_config_with_a_distinct_stored_lm_head_follows_the_checkpoint_like_
     with pytest.warns(cv.ConversionNote):
         out = cv.convert(d, tmp_path / "conv")
     assert "lm_head.weight" in json.loads((out / "sense_jax.json").read_text())["notes"][0]
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    from sense_jax import load_model
+
+    m = load_model(out)  # the converted directory restores the untied head
+    h = m.module.apply({"params": m.params}, jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32))
+    assert np.abs(np.asarray(m.module.apply({"params": m.params}, h, method="logits")) - ref).max() < 1e-4
 
     # The same tensor stored twice stays tied, silently (transformers ties it too).
     same = _rewrite(tied, tmp_path / "same", lambda s: {**s, "lm_head.weight": s["model.embed_tokens.weight"]})
