@@ -262,14 +262,30 @@ def test_adapter_settings_not_implemented_are_refused_by_name(tmp_path, tiny_lla
         cv.load_hf(tiny_llama, adapter=_edited(plain_adapter, tmp_path / "ad", **changes))
 
 
-def test_pissa_adapter_saved_by_peft_is_refused_and_plain_settings_pass(tmp_path, tiny_llama, plain_adapter):
+def test_pissa_adapter_is_refused_and_its_plain_lora_form_merges_like_peft(tmp_path, tiny_llama, plain_adapter):
+    """PiSSA rewrites the base weights (W - s·B0 A0): its adapter does not apply to the stored
+    base and is refused. The remedy the message names, PEFT's save_pretrained with
+    path_initial_model_for_weight_conversion, gives a plain adapter (rank 2r) on the original
+    base, which merges to PEFT's merge_and_unload of the PiSSA model."""
     from peft import LoraConfig, get_peft_model
 
+    torch.manual_seed(0)
     model = get_peft_model(LlamaForCausalLM.from_pretrained(str(tiny_llama)),
-                           LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                      init_lora_weights="pissa"))
+    model.peft_config["default"].init_lora_weights = True  # PEFT's recipe: the initial adapter
+    model.save_pretrained(str(tmp_path / "init"))
+    model.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(str(tmp_path / "pissa"))
-    with pytest.raises(ConversionError, match="init_lora_weights=\"pissa\""):
+    model.save_pretrained(str(tmp_path / "plain"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    with pytest.raises(ConversionError, match="init_lora_weights=\"pissa\".*path_initial_model_for_weight_conversion"):
         cv.load_hf(tiny_llama, adapter=tmp_path / "pissa")
+    converted, _ = cv.load_hf(tiny_llama, adapter=tmp_path / "plain")
+    _assert_merged_like_peft(converted, model.merge_and_unload().eval(), _ids())
     # Unset unknown fields, descriptive fields and plain inits are accepted.
     ok = _edited(plain_adapter, tmp_path / "ok", init_lora_weights="gaussian", some_future_field=None,
                  task_type="CAUSAL_LM", lora_dropout=0.1, inference_mode=True)
