@@ -41,7 +41,7 @@ _UNSUPPORTED_KEYS = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vec
 _CONFIG_NOTES = frozenset({
     "peft_type", "base_model_name_or_path", "revision", "task_type", "inference_mode", "peft_version",
     "auto_mapping", "megatron_core", "lora_dropout", "target_modules", "exclude_modules",
-    "layers_to_transform", "layers_pattern", "qalora_group_size",
+    "layers_to_transform", "layers_pattern", "qalora_group_size", "runtime_config",
     # Settings of an init method; the method itself is init_lora_weights, checked below.
     "loftq_config", "eva_config", "corda_config", "lora_ga_config",
     # Ties adapters of tied layers; LoRA on embeddings is refused by tensor name, and a stored head
@@ -70,7 +70,6 @@ _CONFIG_REFUSED = {
     "monteclora_config": "MonteCLoRA's sampled adapters",
     "velora_config": "VeLoRA",
     "megatron_config": "Megatron parallel linear layers",
-    "runtime_config": "runtime settings",
 }
 # init_lora_weights values after which W + s·BA on the original base weights is the adapted model.
 # PiSSA / OLoRA / CorDA / LoftQ / LoRA-GA instead rewrite the base weights at init (W - s·B0 A0,
@@ -141,7 +140,9 @@ def _read_adapter_tensors(adapter_dir: Path) -> dict[str, np.ndarray]:
 
 
 def _resolve_base_name(module_weight: str, state: dict, family) -> str | None:
-    """The state-dict key of ``module_weight`` allowing for a task model's prefix (``model.``)."""
+    """The state-dict key of ``module_weight`` allowing for a task model's prefix (``model.``)
+    and for an older release's name of it (``LayerNorm.beta`` for PEFT's ``LayerNorm.bias``:
+    PEFT names tensors as transformers does after its legacy renaming)."""
     candidates = [module_weight]
     for prefix in (family.base_prefixes if family is not None else ()):
         candidates.append(prefix + module_weight)
@@ -150,6 +151,11 @@ def _resolve_base_name(module_weight: str, state: dict, family) -> str | None:
     for c in candidates:
         if c in state:
             return c
+    if family is not None and family.renames:
+        renamed = {family.rename(k): k for k in state}
+        for c in candidates:
+            if c in renamed:
+                return renamed[c]
     return None
 
 

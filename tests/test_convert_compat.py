@@ -327,3 +327,20 @@ def test_export_of_a_bf16_teachers_student_loads_in_float32_without_stray_keys(t
     ours = np.asarray(teacher.family.make_module(cfg).apply(
         {"params": jax.tree.map(jnp.asarray, params)}, jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32)))
     assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_adapter_with_trained_biases_on_an_old_named_base_merges_like_peft(tmp_path, tiny_bert):
+    """PEFT names tensors as transformers does after renaming: a bias="all" adapter trained on a
+    gamma/beta checkpoint stores LayerNorm.bias, which replaces the stored LayerNorm.beta."""
+    from transformers import BertModel
+
+    old = _rewrite(tiny_bert, tmp_path / "old", _gamma_beta)
+    adapter, merged = _peft_adapter(old, tmp_path / "ad", BertModel, r=2, lora_alpha=4,
+                                    target_modules=["query", "value"], bias="all")
+    assert "base_model.model.encoder.layer.0.output.LayerNorm.bias" in load_file(
+        str(adapter / "adapter_model.safetensors"))
+    converted, _ = cv.load_hf(old, adapter=adapter)
+    ids = _ids(vocab=BERT["vocab_size"])
+    with torch.no_grad():
+        ref = merged(input_ids=torch.tensor(ids)).last_hidden_state.numpy()
+    assert np.abs(_ours(converted, ids) - ref).max() < 1e-4
