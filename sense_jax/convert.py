@@ -289,7 +289,9 @@ def params_to_hf(family: ModelFamily, params: dict) -> dict[str, np.ndarray]:
     """Our params pytree -> transformers' base-model state dict (float32 numpy arrays).
 
     The inverse of :func:`hf_to_params`: ``params_to_hf(hf_to_params(sd)) == sd`` bit for bit
-    (minus skipped buffers and heads).
+    (minus skipped buffers and heads). Every param is named, task heads included (a decoder's
+    ``lm_head``); a writer of a base-model directory leaves out ``family.head_params`` and states
+    float32 in its config.json (:func:`sense_jax.distill.export_hf`).
     """
     out = {}
     for path, value in traverse_util.flatten_dict(params, sep="/").items():
