@@ -116,7 +116,8 @@ def test_both_old_and_new_name_of_one_parameter_is_refused(tmp_path, tiny_bert):
 
 # --- 11. Configuration that contradicts the checkpoint -----------------------------------------
 
-def test_tied_config_with_a_distinct_stored_lm_head_follows_the_checkpoint_like_transformers(tmp_path):
+def test_tied_config_with_a_distinct_stored_lm_head_follows_the_checkpoint_like_transformers(
+        tmp_path, monkeypatch, capsys):
     """config.json: tie_word_embeddings=true, but lm_head.weight is stored and differs from the
     embedding. transformers keeps the stored head (untied, with a warning); so do we, saying so."""
     from transformers import AutoModelForCausalLM
@@ -134,8 +135,17 @@ def test_tied_config_with_a_distinct_stored_lm_head_follows_the_checkpoint_like_
         converted, _ = cv.load_hf(d)
     assert not converted.config.tie_word_embeddings and converted.config.lm_head
     assert np.abs(_ours(converted, ids, logits=True) - ref).max() < 1e-4
-    with pytest.warns(cv.ConversionNote):
-        out = cv.convert(d, tmp_path / "conv")
+    from sense_jax import cli
+
+    monkeypatch.setattr(cli, "COMMANDS", {"convert": "sense_jax.commands.convert"})
+    out = tmp_path / "conv"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cv.ConversionNote)  # the CLI prints it as a line instead
+        assert cli.main(["convert", str(d), str(out)]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "'lm_head.weight' apart from" in notes[0]
     meta = json.loads((out / "sense_jax.json").read_text())
     assert "lm_head.weight" in meta["notes"][0]
     # The directory says the same everywhere (load_model restores meta["config"]).
@@ -144,8 +154,6 @@ def test_tied_config_with_a_distinct_stored_lm_head_follows_the_checkpoint_like_
 
     # The same tensor stored twice stays tied, silently (transformers ties it too).
     same = _rewrite(tied, tmp_path / "same", lambda s: {**s, "lm_head.weight": s["model.embed_tokens.weight"]})
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error", cv.ConversionNote)
         converted, _ = cv.load_hf(same)
