@@ -350,3 +350,19 @@ def test_adapter_with_trained_biases_on_an_old_named_base_merges_like_peft(tmp_p
     with torch.no_grad():
         ref = merged(input_ids=torch.tensor(ids)).last_hidden_state.numpy()
     assert np.abs(_ours(converted, ids) - ref).max() < 1e-4
+
+
+def test_task_head_saved_by_a_classification_adapter_is_skipped_and_reported(tmp_path, tiny_qwen2):
+    """task_type SEQ_CLS adds modules_to_save=["classifier", "score"]: the trained score head is no
+    parameter of ours (heads are skipped), the merged base model still equals PEFT's."""
+    from transformers import Qwen2ForSequenceClassification
+
+    adapter, merged = _peft_adapter(tiny_qwen2, tmp_path / "ad", Qwen2ForSequenceClassification, r=2,
+                                    target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    assert "base_model.model.score.weight" in load_file(str(adapter / "adapter_model.safetensors"))
+    converted, _ = cv.load_hf(tiny_qwen2, adapter=adapter)
+    assert converted.adapters[0]["skipped_tensors"] == ["score.weight"]
+    ids = _ids()
+    with torch.no_grad():
+        ref = merged.model(input_ids=torch.tensor(ids)).last_hidden_state.numpy()
+    assert np.abs(_ours(converted, ids) - ref).max() < 1e-4
