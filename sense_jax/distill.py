@@ -339,11 +339,12 @@ def export_hf(out: str | os.PathLike, family: Any, student_cfg: Any, student_par
     Layout of ``out``: ``config.json`` (``dtype`` float32, ``architectures`` the base model, e.g.
     LlamaModel), ``model.safetensors`` (transformers' base-model names, float32, ``format=pt``;
     task heads such as a decoder's ``lm_head``, ``family.head_params``, are left out, so that
-    ``AutoModel`` reports no missing or unexpected keys), tokenizer files copied from ``tokenizer_dir``, and when given
-    ``adaptor.safetensors`` (``weight`` [D, S] and ``bias`` [D] in torch.nn.Linear layout, plus the
-    frozen teacher pooler as ``pooler.dense.weight`` / ``pooler.dense.bias``) with
-    ``adaptor.json``. When the widths match the pooler is also written into model.safetensors, so
-    AutoModel's pooler_output is the teacher's head.
+    ``AutoModel`` reports no unexpected keys), tokenizer files copied from ``tokenizer_dir``, and
+    when given ``adaptor.safetensors`` (``weight`` [D, S] and ``bias`` [D] in torch.nn.Linear
+    layout, plus the frozen teacher pooler as ``pooler.dense.weight`` / ``pooler.dense.bias``)
+    with ``adaptor.json``. When the widths match the pooler is also written into
+    model.safetensors, so AutoModel's pooler_output is the teacher's head (otherwise BertModel
+    reports its pooler missing).
 
     Raises:
       SenseJaxError: ``out`` exists and not ``overwrite``; ConversionError: a parameter has no
