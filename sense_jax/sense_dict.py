@@ -72,13 +72,25 @@ def dequantize_int8(q, scales) -> np.ndarray:
 
 def duplicate_rows(values, offsets) -> np.ndarray:
     """For each row of values [S, D], the first row of the same token with equal values (the row
-    itself when it has no earlier copy), [S] int64. Exact equality (+0.0 == -0.0), one sort of
-    the rows' bytes keyed by token."""
+    itself when it has no earlier copy), [S] int64. Exact equality (+0.0 == -0.0): rows are
+    grouped by (token, a 64-bit hash of their bits), one stable sort, and every group is then
+    checked element by element (on a hash collision, an exact sort of the rows' bytes)."""
     v = np.ascontiguousarray(np.asarray(values, np.float32) + np.float32(0.0))  # -0.0 -> +0.0
     S = v.shape[0]
     if S == 0:
         return np.zeros(0, np.int64)
     token = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
+    bits = v.view(np.uint32)
+    mult = np.random.default_rng(0).integers(1, 1 << 63, v.shape[1], dtype=np.uint64) | np.uint64(1)
+    h = np.concatenate([(bits[i:i + 8192].astype(np.uint64) * mult).sum(axis=1, dtype=np.uint64)
+                        for i in range(0, S, 8192)])  # wraps mod 2^64
+    order = np.lexsort((h, token))  # stable: within a group, rows in their original order
+    t, hh = token[order], h[order]
+    starts = np.r_[True, (t[1:] != t[:-1]) | (hh[1:] != hh[:-1])]
+    owner = np.empty(S, np.int64)
+    owner[order] = order[np.maximum.accumulate(np.where(starts, np.arange(S), 0))]
+    if np.array_equal(v[owner], v):
+        return owner
     rows = np.concatenate([token[:, None].view(np.uint8), v.view(np.uint8).reshape(S, -1)], axis=1)
     rows = np.ascontiguousarray(rows).view(np.dtype((np.void, rows.shape[1]))).ravel()
     _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
