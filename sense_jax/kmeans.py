@@ -636,7 +636,8 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
         are merged like duplicate samples.
       metric: look-up metric recorded in the metadata ("dot" | "cos" | "l2").
       base: optional :class:`SenseDictionary` to add to: the store's tokens replace its entries;
-        the result's ``meta["sources"]`` lists the base's sources and this store.
+        the result (stored as ``dtype``) lists the base's sources and this store in
+        ``meta["sources"]``.
       devices: devices to shard tokens over (default: ``jax.local_devices()``).
       loop: ``"map"`` | ``"vmap"`` | None, as in :func:`batched_kmeans` (default: map on CPU).
       progress: show a tqdm progress bar.
@@ -859,4 +860,4 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
     if "duplicate_senses_merged" not in out.meta["stats"]:
         out = out.replace(meta_json=json.dumps(dict(meta, stats=dict(meta["stats"], duplicate_senses_merged=0)),
                                                sort_keys=True))
-    return base.merged(out) if base is not None else out
+    return base.merged(out).astype(dtype) if base is not None else out

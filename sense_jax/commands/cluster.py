@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         max_iter=args.max_iter, tol=args.tol, chunk_tokens=args.chunk_tokens,
         memory_budget=int(args.memory_gb * (1 << 30)), dtype=args.dtype, metric=args.metric,
         base=base, progress=not args.no_progress)
-    sd.save(out, overwrite=args.overwrite)
+    sd.save(out, dtype=args.dtype, overwrite=args.overwrite)
     st = sd.meta["stats"]
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"clustered {st['tokens_clustered']:,} of {st['tokens']:,} tokens (K={args.k}"
