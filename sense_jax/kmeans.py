@@ -33,12 +33,17 @@ algorithm="lloyd")``, ``sklearn/cluster/_kmeans.py``):
   clusters is ``<= tol * mean_d var(x[:, d])`` (scikit-learn's tolerance) or ``max_iter``.
 - **Empty clusters** are re-seeded with the real points farthest from their assigned centres
   (scikit-learn's ``_relocate_empty_clusters``), the farthest going to the first empty cluster.
-- **Final**: a last assignment step; clusters left empty (only possible when the token has fewer
-  distinct points than K, i.e. duplicates) are dropped, so ``n_senses`` counts distinct,
-  non-empty senses and real centres come first. Inertia is ``sum_i ||x_i - c_{a(i)}||^2`` over
-  real points, computed directly (not from the expanded form) for accuracy.
-- **Few samples**: a token with ``n <= K`` real points keeps its points as senses
-  (``n_senses = n``, inertia 0; METHOD §1).
+- **Final**: a last assignment step; the points of a centre exactly equal to an earlier one
+  (re-seeded clusters on copies of one point) go to the earlier one; clusters left empty (only
+  possible when the token has fewer distinct points than K, i.e. duplicates) are dropped, so
+  ``n_senses`` counts distinct, non-empty senses and real centres come first. Inertia is
+  ``sum_i ||x_i - c_{a(i)}||^2`` over real points, computed directly (not from the expanded
+  form) for accuracy.
+- **Few samples**: a token with ``n <= K`` real points keeps its distinct points as senses
+  (METHOD §1), each with the count of its copies (``n_senses`` = distinct points, inertia 0):
+  two equal senses would get equal SKD logits.
+- **Overflow**: a real point whose squared norm is not finite in float32 (NaN, inf, or
+  ``|x|`` above ~1.8e19) is refused: its distances would be inf and the point silently lost.
 
 Distances use ``||x||^2 - 2 x·c + ||c||^2`` (one matmul per step, taken as ``c @ x.T`` ->
 [K, N] with the points on the minor axis, 1.3-1.5x faster on CPU than ``x @ c.T``) in float32 at
@@ -502,7 +507,8 @@ def batched_kmeans(x, mask, k: int, *, key, max_iter: int = 100, tol: float = 1e
       int32 with -1 at masked points, inertia [T] f32).
 
     Raises:
-      SenseJaxError: K < 1, bad shapes, an unknown rule, or NaN/inf samples (naming the row).
+      SenseJaxError: K < 1, bad shapes, an unknown rule, or NaN/inf samples or samples whose
+        squared norm overflows float32 (naming the row).
     """
     r = kmeans_detailed(x, mask, k, key=key, max_iter=max_iter, tol=tol, adaptive=adaptive,
                         k_min=k_min, init=init, check_finite=check_finite, loop=loop)

@@ -522,6 +522,12 @@ def test_add_to_refuses_another_teacher_and_lists_every_source(tmp_path, capsys)
     assert all(s["k_rule"]["k"] == K_DRIVER and s["teacher_fingerprint"] == "aaaa" for s in src)
     assert m.meta["merged_from"] == [s["store_fingerprint"] for s in src]
     assert m.meta["tokenizer_hash"] == "tok1" and m.duplicate_senses() == 0
+    # Added as int8 to a float32 dictionary: the whole merged dictionary is int8.
+    assert main(["cluster", str(tmp_path / "a2"), str(tmp_path / "M8"), "--add-to", str(tmp_path / "A"),
+                 "--seed", "9", "--dtype", "int8", *common]) == 0
+    m8 = SenseDictionary.load(tmp_path / "M8")
+    assert m8.dtype == "int8" and len(m8.meta["sources"]) == 2
+    np.testing.assert_array_equal(np.asarray(m8.offsets), np.asarray(m.offsets))
 
 
 def test_cluster_int8(built, tmp_path):
