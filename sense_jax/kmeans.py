@@ -33,12 +33,17 @@ algorithm="lloyd")``, ``sklearn/cluster/_kmeans.py``):
   clusters is ``<= tol * mean_d var(x[:, d])`` (scikit-learn's tolerance) or ``max_iter``.
 - **Empty clusters** are re-seeded with the real points farthest from their assigned centres
   (scikit-learn's ``_relocate_empty_clusters``), the farthest going to the first empty cluster.
-- **Final**: a last assignment step; clusters left empty (only possible when the token has fewer
-  distinct points than K, i.e. duplicates) are dropped, so ``n_senses`` counts distinct,
-  non-empty senses and real centres come first. Inertia is ``sum_i ||x_i - c_{a(i)}||^2`` over
-  real points, computed directly (not from the expanded form) for accuracy.
-- **Few samples**: a token with ``n <= K`` real points keeps its points as senses
-  (``n_senses = n``, inertia 0; METHOD §1).
+- **Final**: a last assignment step; the points of a centre exactly equal to an earlier one
+  (re-seeded clusters on copies of one point) go to the earlier one; clusters left empty (only
+  possible when the token has fewer distinct points than K, i.e. duplicates) are dropped, so
+  ``n_senses`` counts distinct, non-empty senses and real centres come first. Inertia is
+  ``sum_i ||x_i - c_{a(i)}||^2`` over real points, computed directly (not from the expanded
+  form) for accuracy.
+- **Few samples**: a token with ``n <= K`` real points keeps its distinct points as senses
+  (METHOD §1), each with the count of its copies (``n_senses`` = distinct points, inertia 0):
+  two equal senses would get equal SKD logits.
+- **Overflow**: a real point whose squared norm is not finite in float32 (NaN, inf, or
+  ``|x|`` above ~1.8e19) is refused: its distances would be inf and the point silently lost.
 
 Distances use ``||x||^2 - 2 x·c + ||c||^2`` (one matmul per step, taken as ``c @ x.T`` ->
 [K, N] with the points on the minor axis, 1.3-1.5x faster on CPU than ``x @ c.T``) in float32 at
@@ -81,6 +86,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
 import math
 import os
 from typing import Any, NamedTuple
@@ -203,20 +209,39 @@ def _lloyd_step(p: _Points, centres, active):
     return new
 
 
+def _first_equal(c, valid):
+    """For each row j of c [k, D], the first valid row i <= j exactly equal to it (j itself
+    when none is; invalid rows map to themselves). Two equal senses would get equal SKD logits
+    (the student's loss could never fall below log 2), so equal rows are merged into the first."""
+    k = c.shape[0]
+    eq = jnp.all(c[:, None, :] == c[None, :, :], axis=-1) & valid[:, None] & valid[None, :]
+    eq = eq & (jnp.arange(k)[None, :] <= jnp.arange(k)[:, None])
+    return jnp.where(valid, jnp.argmax(eq, axis=1), jnp.arange(k)).astype(jnp.int32)
+
+
 def _keep_samples(x, mask, *, k: int):
-    """A token with ``n <= k`` real points keeps them as senses (METHOD §1): real points moved
-    to the front in order, inertia 0. Only k rows are gathered (positions found by cumsum)."""
+    """A token with ``n <= k`` real points keeps its distinct points as senses (METHOD §1),
+    in order of first appearance, each counting its copies; inertia 0. Only k rows are
+    gathered (positions found by cumsum)."""
     N = x.shape[0]
     n = jnp.sum(mask).astype(jnp.int32)
     seen = jnp.cumsum(mask)
     first = jnp.searchsorted(seen, jnp.arange(1, k + 1), side="left", method="compare_all")  # [k]
     real = jnp.arange(k) < n
+    rows = jnp.where(real[:, None], x[jnp.minimum(first, N - 1)], 0.0)
+    canon = _first_equal(rows, real)
+    keep = real & (canon == jnp.arange(k))
+    slot = jnp.cumsum(keep) - 1  # slot of each kept row
+    row_slot = slot[canon]       # slot of each real row (that of the first copy)
+    copies = (row_slot[None, :] == jnp.arange(k)[:, None]) & real[None, :]  # [k, k]: slot <- rows
+    src = jnp.argmax(copies & keep[None, :], axis=1)  # the kept row of each slot
+    n_senses = jnp.sum(keep).astype(jnp.int32)
     return dict(
-        centres=jnp.where(real[:, None], x[jnp.minimum(first, N - 1)], 0.0),
-        n_senses=n,
-        assignments=jnp.where(mask, seen - 1, -1).astype(jnp.int32),
+        centres=jnp.where((jnp.arange(k) < n_senses)[:, None], rows[src], 0.0),
+        n_senses=n_senses,
+        assignments=jnp.where(mask, row_slot[jnp.clip(seen - 1, 0, k - 1)], -1).astype(jnp.int32),
         inertia=jnp.float32(0.0),
-        counts=real.astype(jnp.int32),
+        counts=jnp.sum(copies, axis=1).astype(jnp.int32),
         n_iter=jnp.int32(0),
     )
 
@@ -243,6 +268,9 @@ def _cluster(p: _Points, u, k_active, init, max_iter, tol, *, k: int, has_init: 
     centres, n_iter, _ = jax.lax.while_loop(cond, body, (centres, jnp.int32(0), jnp.float32(jnp.inf)))
 
     a, _ = _assign(p, centres, active)
+    # Equal centres (re-seeded clusters on copies of one point) become one sense: the points of
+    # a later copy go to the first; the later one is then empty and dropped below.
+    a = _first_equal(centres, active)[a]
     onehot = (a[None, :] == jnp.arange(k)[:, None]) & mask[None, :]  # [k, N]
     counts = jnp.sum(onehot, axis=1).astype(jnp.int32)
     nonempty = (counts > 0) & active
@@ -317,8 +345,11 @@ def _uniforms_by_id(root, token_ids, *, k, adaptive, k_min):
 
 def _token_program(x, mask, u, init, max_iter, tol, *, k: int, adaptive: str | None,
                    k_min: int, has_init: bool):
-    finite = jnp.all(jnp.isfinite(x) | ~mask[:, None])  # checked by the driver, not a host pass
     x = jnp.where(mask[:, None], x.astype(jnp.float32), 0.0)
+    # Checked by the driver, not a host pass. A squared norm that is not finite in f32 catches
+    # NaN/inf and also finite vectors whose squares overflow (|x| > ~1.8e19): their distances
+    # would be inf, silently losing the point (inertia inf).
+    finite = jnp.all(jnp.isfinite(jnp.sum(x * x, axis=-1)))
     if adaptive is None:
         return dict(_kmeans_one(x, mask, u[0], k, init, max_iter, tol, k=k, has_init=has_init),
                     finite=finite)
@@ -428,10 +459,13 @@ def kmeans_detailed(x, mask, k: int, *, key, max_iter: int = 100, tol: float = 1
         raise SenseJaxError(f"batched_kmeans expects floating x, got {x.dtype}")
     T, N, D = x.shape
     if check_finite and not isinstance(x, jax.core.Tracer):
-        bad = np.asarray(jnp.any(~jnp.isfinite(x) & mask[..., None], axis=(1, 2)))
+        x32 = jnp.where(mask[..., None], x.astype(jnp.float32), 0.0)
+        nonfinite = np.asarray(jnp.any(~jnp.isfinite(x32), axis=(1, 2)))
+        bad = nonfinite | np.asarray(jnp.any(~jnp.isfinite(jnp.sum(x32 * x32, axis=-1)), axis=1))
         if bad.any():
-            raise SenseJaxError(f"token row {int(np.flatnonzero(bad)[0])} of the batch has NaN or inf "
-                                "vectors; refusing to cluster")
+            row = int(np.flatnonzero(bad)[0])
+            raise SenseJaxError(f"token row {row} of the batch {_bad_rows_message(bool(nonfinite[row]))}; "
+                                "refusing to cluster")
     has_init = init is not None
     if has_init:
         init = jnp.asarray(init, jnp.float32)
@@ -473,7 +507,8 @@ def batched_kmeans(x, mask, k: int, *, key, max_iter: int = 100, tol: float = 1e
       int32 with -1 at masked points, inertia [T] f32).
 
     Raises:
-      SenseJaxError: K < 1, bad shapes, an unknown rule, or NaN/inf samples (naming the row).
+      SenseJaxError: K < 1, bad shapes, an unknown rule, or NaN/inf samples or samples whose
+        squared norm overflows float32 (naming the row).
     """
     r = kmeans_detailed(x, mask, k, key=key, max_iter=max_iter, tol=tol, adaptive=adaptive,
                         k_min=k_min, init=init, check_finite=check_finite, loop=loop)
@@ -498,8 +533,6 @@ def bucket_size(n: int, minimum: int = 16) -> int:
 
 def store_fingerprint(store) -> str:
     """sha256 of the store's metadata and offsets/counts arrays (identifies the sample set cheaply)."""
-    import json
-
     h = hashlib.sha256(json.dumps(store.meta, sort_keys=True).encode())
     h.update(np.ascontiguousarray(store.offsets, np.int64).tobytes())
     h.update(np.ascontiguousarray(store.counts, np.int64).tobytes())
@@ -543,14 +576,31 @@ def _sharded_program(mesh, *, k: int, adaptive: str | None, k_min: int, loop: st
                                  out_specs=tokens, check_vma=False))
 
 
+def _bad_rows(vectors) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of vectors [R, D]: (holds NaN/inf, squared norm not finite in float32) [R] bool.
+    The second covers the first and finite rows of norm above ~1.8e19, whose f32 squares
+    overflow (k-means would give them distance inf and lose them silently)."""
+    v = np.asarray(vectors, np.float32)
+    nonfinite = ~np.isfinite(v).all(axis=-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        overflow = ~np.isfinite(np.einsum("rd,rd->r", v, v))
+    return nonfinite, overflow | nonfinite
+
+
+def _bad_rows_message(nonfinite: bool) -> str:
+    return ("has NaN or inf vectors" if nonfinite else
+            "has vectors whose squared norm overflows float32 (|x| above ~1.8e19)")
+
+
 def _check_finite_rows(vectors: np.ndarray, token_ids: np.ndarray, starts: np.ndarray,
                        lengths: np.ndarray, where: str) -> None:
-    """Raise naming the first token whose rows hold NaN/inf. vectors are the gathered rows."""
-    bad = ~np.isfinite(np.asarray(vectors, np.float32)).all(axis=-1)
+    """Raise naming the first token whose rows hold NaN/inf or overflow f32 when squared.
+    vectors are the gathered rows."""
+    nonfinite, bad = _bad_rows(vectors)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         i = int(np.searchsorted(starts, row, side="right") - 1)
-        raise SenseJaxError(f"{where}: token {int(token_ids[i])} has NaN or inf vectors "
+        raise SenseJaxError(f"{where}: token {int(token_ids[i])} {_bad_rows_message(bool(nonfinite[row]))} "
                             f"(sample {row - int(starts[i])} of {int(lengths[i])}); refusing to cluster")
 
 
@@ -587,31 +637,40 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
       chunk_tokens: tokens per device per chunk (rounded up to whole :func:`map_batch_size`
         groups); default :func:`default_chunk_tokens`.
       memory_budget: bytes of working memory for a chunk (accelerators) and a wave (/4).
-      dtype: storage dtype of the centres, "float32" | "bfloat16" | "float16".
+      dtype: storage dtype of the centres, "float32" | "bfloat16" | "float16" | "int8" (per-sense
+        scales, :func:`sense_jax.sense_dict.quantize_int8`). Senses a narrower dtype makes equal
+        are merged like duplicate samples.
       metric: look-up metric recorded in the metadata ("dot" | "cos" | "l2").
-      base: optional :class:`SenseDictionary` to add to: the store's tokens replace its entries.
+      base: optional :class:`SenseDictionary` to add to: the store's tokens replace its entries;
+        the result (stored as ``dtype``) lists the base's sources and this store in
+        ``meta["sources"]``.
       devices: devices to shard tokens over (default: ``jax.local_devices()``).
       loop: ``"map"`` | ``"vmap"`` | None, as in :func:`batched_kmeans` (default: map on CPU).
       progress: show a tqdm progress bar.
 
     Returns:
       :class:`sense_jax.sense_dict.SenseDictionary` over the store's vocabulary, its metadata
-      holding the teacher, hidden size, metric, K rule, seed, store fingerprint and build stats
-      (``tokens``, ``tokens_clustered``, ``senses``, ``mean_inertia`` over clustered tokens).
+      holding the teacher (path, fingerprint, tokenizer hash, layer), hidden size, metric, K
+      rule, seed, store fingerprint, ``sources`` (:func:`sense_jax.sense_dict.source_record`)
+      and build stats (``tokens``, ``tokens_clustered``, ``senses``, ``mean_inertia`` over
+      clustered tokens, ``duplicate_senses_merged``). No token has two equal senses: equal
+      samples of a token with ``<= k`` samples, and equal centres, are merged into one sense
+      whose count adds theirs.
 
     Raises:
-      SenseJaxError: K < 1, unknown rule/dtype/metric, NaN/inf vectors (naming the token id),
-        or a ``base`` of another width / vocabulary.
+      SenseJaxError: K < 1, unknown rule/dtype/metric, NaN/inf vectors or vectors whose squared
+        norm overflows float32 (naming the token id), or a ``base`` of another width, vocabulary,
+        teacher fingerprint, tokenizer or layer (checked before clustering).
     """
     from tqdm.auto import tqdm
 
-    from sense_jax.sense_dict import DTYPES, METRICS, SenseDictionary
+    from sense_jax.sense_dict import METRICS, STORAGE_DTYPES, SenseDictionary, source_record, teacher_mismatch
     from sense_jax.store import Store, open_store
 
     k = validate_k(k, adaptive=adaptive, k_min=k_min)
     loop = validate_loop(loop)
-    if dtype not in DTYPES:
-        raise SenseJaxError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    if dtype not in STORAGE_DTYPES:
+        raise SenseJaxError(f"unknown dtype {dtype!r}; choose from {sorted(STORAGE_DTYPES)}")
     if metric not in METRICS:
         raise SenseJaxError(f"unknown metric {metric!r}; choose from {METRICS}")
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
@@ -626,6 +685,9 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
         raise SenseJaxError(f"cannot add store {store.path} (width {D}, vocabulary {V}) to a dictionary "
                             f"of width {base.hidden_size}, vocabulary {base.vocab_size} "
                             "(a store from another teacher?)")
+    if base is not None and (mismatch := teacher_mismatch(base.meta, store.meta)):
+        raise SenseJaxError(f"cannot add store {store.path} to a dictionary from another teacher: "
+                            f"{mismatch} (dictionary vs store)")
     offsets = np.asarray(store.offsets, np.int64)
     n = np.diff(offsets)
     tokens = np.flatnonzero(n > 0)
@@ -725,6 +787,10 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
             t = int(ids[bad[0]])
             _check_finite_rows(np.asarray(store.vectors[offsets[t]:offsets[t + 1]]), np.array([t]),
                                np.array([0]), n[[t]], str(store.path))
+        overflow = np.flatnonzero(~np.isfinite(res["inertia"][slots]))
+        if overflow.size:  # finite squared norms whose distances still overflow float32
+            raise SenseJaxError(f"{store.path}: token {int(ids[overflow[0]])}: k-means inertia overflows "
+                                "float32 (vectors too large); refusing to cluster")
         for i, t in zip(slots, ids):
             m = int(res["n_senses"][i])
             senses[int(t)] = (res["centres"][i, :m], res["counts"][i, :m].astype(np.int64))
@@ -781,6 +847,7 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
     meta = {
         "teacher": store.meta.get("teacher"),
         "teacher_fingerprint": store.meta.get("teacher_fingerprint"),
+        "tokenizer_hash": store.meta.get("tokenizer_hash"),
         "layer": store.meta.get("layer"),
         "hidden_size": D,
         "metric": metric,
@@ -793,5 +860,10 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
                   "senses": int(centres.shape[0]),
                   "mean_inertia": float(np.mean(list(inertia.values()))) if inertia else 0.0},
     }
-    out = SenseDictionary.from_arrays(centres.astype(DTYPES[dtype]), new_offsets, counts, meta)
-    return base.merged(out) if base is not None else out
+    meta["sources"] = [source_record(meta)]
+    # Equal samples kept as senses (and centres a narrower dtype makes equal) become one sense.
+    out = SenseDictionary.from_arrays(centres, new_offsets, counts, meta).astype(dtype).deduplicated()
+    if "duplicate_senses_merged" not in out.meta["stats"]:
+        out = out.replace(meta_json=json.dumps(dict(meta, stats=dict(meta["stats"], duplicate_senses_merged=0)),
+                                               sort_keys=True))
+    return base.merged(out).astype(dtype) if base is not None else out

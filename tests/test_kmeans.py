@@ -288,8 +288,9 @@ def test_nan_refused_naming_the_row():
 K_DRIVER, SEED = 3, 11
 
 
-def zipf_store(path, *, V=24, D=12, seed=0, nan_token=None, empty=(0, 5)):
-    """A store with Zipfian sample counts (56 down to 3), 3 planted senses per token."""
+def zipf_store(path, *, V=24, D=12, seed=0, nan_token=None, empty=(0, 5), edit=None, meta=None):
+    """A store with Zipfian sample counts (55 down to 3), 3 planted senses per token.
+    ``edit(vectors, offsets)`` may change the vectors in place; ``meta`` adds store metadata."""
     rng = np.random.default_rng(seed)
     n = (120 / np.arange(1, V + 1) ** 1.1).astype(np.int64)
     n[list(empty)] = 0  # tokens without samples
@@ -299,7 +300,9 @@ def zipf_store(path, *, V=24, D=12, seed=0, nan_token=None, empty=(0, 5)):
     vec = (centres[tok, rng.integers(0, 3, tok.size)] + rng.normal(size=(tok.size, D))).astype(np.float32)
     if nan_token is not None:
         vec[offsets[nan_token] + 1, 3] = np.nan
-    write_store(path, vec, offsets, n, np.zeros((tok.size, 2)), {"teacher": "synthetic"})
+    if edit is not None:
+        edit(vec, offsets)
+    write_store(path, vec, offsets, n, np.zeros((tok.size, 2)), {"teacher": "synthetic", **(meta or {})})
     return open_store(path)
 
 
@@ -424,3 +427,123 @@ def test_add_to_existing_dictionary(built):
     other = SenseDictionary.from_arrays(np.zeros((1, D + 1), np.float32), np.r_[0, np.ones(V, int)])
     with pytest.raises(SenseJaxError, match="another teacher"):
         build_sense_dictionary(store, K_DRIVER, base=other, progress=False)
+
+
+# --- issue 16 (duplicate senses, int8, merges) and issue 11 item 10 (overflow) ----------------
+
+def test_duplicate_samples_become_one_sense_with_their_count():
+    """Issue 16.1: three samples of which two are identical, K = 4: two senses (not three),
+    the duplicate's count added; the same when the token is padded past K (the lax.cond branch)."""
+    x = np.array([[[1, 1, 1, 1], [1, 1, 1, 1], [0, 5, 0, 0]]], np.float32)
+    r = kmeans_detailed(x, np.ones((1, 3), bool), 4, key=jax.random.key(0))
+    np.testing.assert_array_equal(r["n_senses"], [2])
+    np.testing.assert_array_equal(r["centres"][0], [[1, 1, 1, 1], [0, 5, 0, 0], [0] * 4, [0] * 4])
+    np.testing.assert_array_equal(r["counts"], [[2, 1, 0, 0]])
+    np.testing.assert_array_equal(r["assignments"], [[0, 0, 1]])
+    x2 = np.full((2, 8, 4), np.nan, np.float32)  # NaN at padding: must not matter
+    mask = np.zeros((2, 8), bool)
+    x2[0, :3], mask[0, :3] = x[0], True
+    x2[1, [0, 2, 5]], mask[1, [0, 2, 5]] = [[0, 5, 0, 0], [1, 1, 1, 1], [0, 5, 0, 0]], True
+    r = kmeans_detailed(x2, mask, 4, key=jax.random.key(0))
+    np.testing.assert_array_equal(r["n_senses"], [2, 2])
+    np.testing.assert_array_equal(r["counts"], [[2, 1, 0, 0], [2, 1, 0, 0]])
+    np.testing.assert_array_equal(r["centres"][1, :2], [[0, 5, 0, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(r["assignments"][1], [0, -1, 1, -1, -1, 0, -1, -1])
+    np.testing.assert_array_equal(r["inertia"], 0)
+
+
+def _duplicates(vec, offsets):
+    vec[offsets[22] + 1] = vec[offsets[22]]                    # 3 samples (<= K): a, a, b
+    vec[offsets[23]:offsets[23] + 3] = vec[offsets[23]]        # 3 samples: a, a, a
+    vec[offsets[17] + 1] = vec[offsets[17]]                    # 4 samples (> K, clustered): a, a, b, b
+    vec[offsets[17] + 3] = vec[offsets[17] + 2]
+
+
+def test_build_has_no_duplicate_senses(tmp_path):
+    store = zipf_store(tmp_path / "store", edit=_duplicates)
+    sd = build_sense_dictionary(store, K_DRIVER, seed=SEED, progress=False)
+    assert sd.duplicate_senses() == 0
+    n = np.asarray(sd.n_senses)
+    assert (n[22], n[23], n[17]) == (2, 1, 2)
+    counts, offs = np.asarray(sd.counts), np.asarray(sd.offsets)
+    np.testing.assert_array_equal(counts[offs[22]:offs[23]], [2, 1])
+    np.testing.assert_array_equal(counts[offs[23]:offs[24]], [3])
+    np.testing.assert_array_equal(sorted(counts[offs[17]:offs[18]]), [2, 2])
+    np.testing.assert_array_equal(sd.token_senses(22), store.token_vectors(22)[1:])
+    for t in np.flatnonzero(store.n_samples()):
+        assert counts[offs[t]:offs[t + 1]].sum() == store.n_samples()[t]  # every sample still counted
+    # 22 and 23 kept 3 samples each (merged 1 + 2); token 17's fourth cluster was empty anyway.
+    assert sd.meta["stats"]["duplicate_senses_merged"] == 3 and sd.meta["stats"]["senses"] == int(n.sum())
+
+
+@pytest.mark.parametrize("token", [2, 22])  # a clustered token (35 samples), one with <= K (3)
+def test_vectors_whose_square_overflows_are_refused(tmp_path, token):
+    """Issue 11.10: one sample of magnitude 1e20 (finite, but its f32 square is inf) was lost
+    with inertia inf and no error; now refused naming the token, like NaN."""
+    def big(vec, offsets):
+        vec[offsets[token] + 1] = 1e20
+    store = zipf_store(tmp_path / "store", edit=big)
+    with pytest.raises(SenseJaxError, match=f"token {token} has vectors whose squared norm overflows float32 "
+                                            r"\(\|x\| above ~1.8e19\) \(sample 1 of"):
+        build_sense_dictionary(store, K_DRIVER, progress=False)
+    x = np.ones((2, 6, 3), np.float32)
+    x[1, 2] = [1e20, 0, 0]
+    with pytest.raises(SenseJaxError, match="token row 1 of the batch has vectors whose squared norm overflows"):
+        batched_kmeans(x, np.ones((2, 6), bool), 2, key=jax.random.key(0))
+    x[1, 2] = 1e19  # |x|^2 = 3e38 < f32 max: accepted
+    assert np.isfinite(np.asarray(batched_kmeans(x, np.ones((2, 6), bool), 2, key=jax.random.key(0)).inertia[0]))
+
+
+def test_add_to_refuses_another_teacher_and_lists_every_source(tmp_path, capsys):
+    """Issue 11.8(b) / 16.4: a store from teacher B is not merged into teacher A's dictionary;
+    a merge of stores of one teacher lists every source."""
+    teacher = {"teacher_fingerprint": "aaaa", "tokenizer_hash": "tok1", "layer": 6}
+    zipf_store(tmp_path / "a", meta=teacher)
+    zipf_store(tmp_path / "a2", seed=1, meta=teacher, empty=(0, 1, 2, 3))
+    zipf_store(tmp_path / "b", meta=dict(teacher, teacher_fingerprint="bbbb"))
+    zipf_store(tmp_path / "t", meta=dict(teacher, tokenizer_hash="tok2"))
+    common = ["--k", str(K_DRIVER), "--no-progress"]
+    assert main(["cluster", str(tmp_path / "a"), str(tmp_path / "A"), "--seed", "4", *common]) == 0
+    for store, msg in [("b", "teacher_fingerprint aaaa != bbbb"), ("t", "tokenizer_hash tok1 != tok2")]:
+        capsys.readouterr()
+        assert main(["cluster", str(tmp_path / store), str(tmp_path / "M"), "--add-to", str(tmp_path / "A"),
+                     *common]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "another teacher" in err and msg in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "M").exists()
+    assert main(["cluster", str(tmp_path / "a2"), str(tmp_path / "M"), "--add-to", str(tmp_path / "A"),
+                 "--seed", "9", *common]) == 0
+    m = SenseDictionary.load(tmp_path / "M")
+    a, a2 = open_store(tmp_path / "a"), open_store(tmp_path / "a2")
+    from sense_jax.kmeans import store_fingerprint
+    src = m.meta["sources"]
+    assert [s["store_fingerprint"] for s in src] == [store_fingerprint(a), store_fingerprint(a2)]
+    assert [s["seed"] for s in src] == [4, 9] and [s["tokens"] for s in src] == [22, 20]
+    assert all(s["k_rule"]["k"] == K_DRIVER and s["teacher_fingerprint"] == "aaaa" for s in src)
+    assert m.meta["merged_from"] == [s["store_fingerprint"] for s in src]
+    assert m.meta["tokenizer_hash"] == "tok1" and m.duplicate_senses() == 0
+    # Added as int8 to a float32 dictionary: the whole merged dictionary is int8.
+    assert main(["cluster", str(tmp_path / "a2"), str(tmp_path / "M8"), "--add-to", str(tmp_path / "A"),
+                 "--seed", "9", "--dtype", "int8", *common]) == 0
+    m8 = SenseDictionary.load(tmp_path / "M8")
+    assert m8.dtype == "int8" and len(m8.meta["sources"]) == 2
+    np.testing.assert_array_equal(np.asarray(m8.offsets), np.asarray(m.offsets))
+
+
+def test_cluster_int8(built, tmp_path):
+    """Issue 16.3: ``cluster --dtype int8``: int8 centres with per-sense scales, each element
+    within half a step of the float32 dictionary's, 3 bytes saved per element."""
+    store, sd_ref = built
+    argv = [str(store.path), "--k", str(K_DRIVER), "--seed", str(SEED), "--no-progress"]
+    assert main(["cluster", argv[0], str(tmp_path / "i8"), *argv[1:], "--dtype", "int8"]) == 0
+    sd = SenseDictionary.load(tmp_path / "i8")
+    assert sd.dtype == "int8" and sd.meta["stats"]["duplicate_senses_merged"] == 0
+    np.testing.assert_array_equal(np.asarray(sd.offsets), np.asarray(sd_ref.offsets))
+    scale = np.asarray(sd.scales)
+    np.testing.assert_allclose(scale, np.abs(np.asarray(sd_ref.centres)).max(axis=1) / 127, rtol=1e-6)
+    assert np.all(np.abs(sd.float_centres() - np.asarray(sd_ref.centres)) <= scale[:, None] / 2 + 1e-6)
+    sd_ref.save(tmp_path / "f32")
+    size = lambda d: (tmp_path / d / "senses.safetensors").stat().st_size
+    S, D = sd.centres.shape
+    # 3 bytes saved per element, 4 spent per sense on its scale (header sizes differ a little).
+    assert abs((size("f32") - size("i8")) - (3 * S * D - 4 * S)) < 100

@@ -17,8 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="k-means++ seed (same seed -> same bytes)")
     p.add_argument("--max-iter", type=int, default=100, help="Lloyd iteration cap (default 100)")
     p.add_argument("--tol", type=float, default=1e-4, help="relative centre-shift tolerance (sklearn's)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="storage dtype of the centres")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "int8"), default="float32",
+                   help="storage dtype of the centres (int8: per-sense scales, 1/4 of float32)")
     p.add_argument("--metric", choices=("dot", "cos", "l2"), default="dot",
                    help="look-up metric recorded for nearest_sense (paper: dot)")
     p.add_argument("--chunk-tokens", type=int, default=None,
@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "tokens over them (default: one per core; 1 = a single device)")
     p.add_argument("--memory-gb", type=float, default=1.0, help="working-memory budget per chunk")
     p.add_argument("--add-to", metavar="DICT", default=None,
-                   help="existing dictionary to add to: the store's tokens replace its entries")
+                   help="existing dictionary to add to: the store's tokens replace its entries; "
+                        "refused when the store comes from another teacher, tokenizer or layer")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--compile-cache", metavar="DIR", default=None,
                    help="persistent XLA compilation cache directory: later runs skip compiling "
@@ -92,13 +93,13 @@ def run(args: argparse.Namespace) -> int:
         max_iter=args.max_iter, tol=args.tol, chunk_tokens=args.chunk_tokens,
         memory_budget=int(args.memory_gb * (1 << 30)), dtype=args.dtype, metric=args.metric,
         base=base, progress=not args.no_progress)
-    sd.save(out, overwrite=args.overwrite)
+    sd.save(out, dtype=args.dtype, overwrite=args.overwrite)
     st = sd.meta["stats"]
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"clustered {st['tokens_clustered']:,} of {st['tokens']:,} tokens (K={args.k}"
           f"{', adaptive ' + args.adaptive if args.adaptive else ''}) -> {out}: "
           f"{int(sd.centres.shape[0]):,} senses in all"
           f"{' (after adding to ' + args.add_to + ')' if base is not None else ''}, "
-          f"mean inertia {st['mean_inertia']:.4g}, {sd.centres.dtype}, {size:,} bytes; "
+          f"mean inertia {st['mean_inertia']:.4g}, {sd.dtype}, {size:,} bytes; "
           f"{jax.local_device_count()} {jax.default_backend()} device(s)")
     return 0
