@@ -919,6 +919,9 @@ def _summary(c: _Counted, n: int) -> dict:
         "empty_skipped": int(s["empty_skipped"]),
         "malformed_skipped": int(s["malformed_skipped"]),
         "undecodable_replaced": int(s["undecodable_replaced"]),
+        # what the reader changed (sense_jax.corpus); absent in counts saved by older releases
+        **{k: int(s.get(k, 0)) for k in ("bom_stripped", "crlf_line_endings", "cr_line_endings",
+                                         "separators_replaced")},
         "truncated": int(s["truncated"]),
         "tokens_seen": int(c.counts.sum()),
         "distinct_tokens": int((c.counts > 0).sum()),

@@ -168,13 +168,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 
 
 def read_passages(path: str, text_field: str = "text") -> list[str]:
-    """All passages of a corpus (text lines, JSONL, directory, .gz) via ``sense_jax.corpus``."""
-    try:
-        from sense_jax.corpus import iter_passages
-    except ImportError:  # corpus reader not installed: plain text, one passage per line
-        def iter_passages(p, text_field="text"):
-            with open(p, encoding="utf-8") as f:
-                yield from (line.rstrip("\n") for line in f if line.strip())
+    """All passages of a corpus (text lines, JSONL, directory, compressed) via ``sense_jax.corpus``,
+    which decides byte-order marks, line ends and damaged files (see its docstring)."""
+    from sense_jax.corpus import iter_passages
+
     if not Path(path).exists():
         raise SenseJaxError(f"corpus not found: {path}")
     passages = list(iter_passages(path, text_field=text_field))
