@@ -634,16 +634,19 @@ def setup(cfg: DistillConfig, *, sense_dict=None, devices=None) -> Setup:
 
     Raises:
       ConfigError / SenseJaxError: vocabulary mismatch, a dictionary of another teacher, a bad
-        mesh, missing files (named).
+        mesh, missing files (named), ``max_length`` beyond the teacher's or student's positions.
     """
 
     from sense_jax import distill as D
     from sense_jax.loading import load_model
+    from sense_jax.models import check_input_length
     from sense_jax.sense_dict import SenseDictionary
 
     tpath = _teacher_path(cfg)
     teacher = load_model(tpath, dtype=cfg.compute_dtype)
     tcfg, family = teacher.config, teacher.family
+    check_input_length(cfg.max_length, tcfg, "config: max_length", f"teacher {tpath}'s", ConfigError,
+                       "set max_length <= {limit}")
     fp = D.teacher_fingerprint(teacher.params, tcfg.vocab_size)
     if sense_dict is None:
         if not cfg.senses:
@@ -668,6 +671,8 @@ def setup(cfg: DistillConfig, *, sense_dict=None, devices=None) -> Setup:
         sparams, _ = D.split_pooler(jax.device_get(smodel.params))
         scfg = dataclasses.replace(smodel.config, add_pooler=False)
     scfg = dataclasses.replace(scfg, dtype=cfg.compute_dtype)
+    check_input_length(cfg.max_length, scfg, "config: max_length", f"student {cfg.student}'s", ConfigError,
+                       "set max_length <= {limit}")
     adaptor = D.init_adaptor(scfg.hidden_size, tcfg.hidden_size, seed=cfg.seed)
     params = {"student": sparams, "adaptor": adaptor}
     if pooler is not None:
