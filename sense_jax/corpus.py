@@ -113,6 +113,7 @@ _UNICODE_SEPARATORS = re.compile("[\u2028\u2029\u0085]")
 # and codec), which valid text never decodes to; each line is then checked and the marks replaced.
 _MARK_ERRORS = "sense_jax.mark_undecodable"
 _MARKED = re.compile("[\udc00-\udcff]+")
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def _mark_undecodable(e: UnicodeDecodeError) -> tuple[str, int]:
@@ -175,7 +176,12 @@ def _clean_line(line: str, stats: CorpusStats) -> str:
 
 
 def _passage(text: str, stats: CorpusStats) -> str:
-    """Unicode line/paragraph separators inside a passage become spaces (counted), then strip."""
+    """Lone surrogates (JSON ``"\\ud800"`` escapes, e.g. a cut emoji; no UTF-8 text holds them and
+    tokenizers refuse them) become U+FFFD, Unicode line/paragraph separators become spaces (both
+    counted), then strip."""
+    text, n = _SURROGATES.subn("\ufffd", text)
+    if n:
+        stats.undecodable_replaced += 1
     text, n = _UNICODE_SEPARATORS.subn(" ", text)
     stats.separators_replaced += n
     return text.strip()
@@ -195,7 +201,7 @@ def _iter_file(path: Path, text_field: str, stats: CorpusStats) -> Iterator[str]
                         continue
                     try:
                         obj = json.loads(line)
-                    except json.JSONDecodeError:
+                    except (ValueError, RecursionError):  # not JSON, a >4300-digit number, deep nesting
                         stats.malformed_skipped += 1
                         continue
                     text = obj.get(text_field) if isinstance(obj, dict) else None

@@ -129,3 +129,14 @@ def test_extract_on_a_damaged_gz_exits_2_and_leaves_nothing(tmp_path, teacher, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(corpus) in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt.gz"]
+
+
+def test_jsonl_records_json_accepts_but_text_cannot_hold(tmp_path):
+    """A 5,000-digit number and 100,000-deep nesting (ValueError / RecursionError from json) are
+    malformed lines, not crashes; a lone surrogate escape (a cut emoji) becomes U+FFFD."""
+    js = tmp_path / "odd.jsonl"
+    js.write_text('{"text": "ok"}\n' + "1" * 5000 + "\n" + "[" * 100000 + "]" * 100000 + "\n"
+                  + '{"text": "cut \\ud83d emoji"}\n', encoding="utf-8")
+    passages, st = _read(js)
+    assert passages == ["ok", "cut \ufffd emoji"]
+    assert (st.malformed_skipped, st.undecodable_replaced) == (2, 1)

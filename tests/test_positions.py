@@ -157,3 +157,15 @@ def test_evaluation_length_follows_the_models_positions(short_teacher, minilm_di
     assert EVAL_MAX_LENGTH == 128
     assert eval_max_length([minilm]) == 128  # the MiniLM report is unchanged
     assert eval_max_length([minilm, teacher]) == 64
+
+
+def test_pipeline_refuses_max_length_right_after_convert(short_teacher, tmp_path):
+    from sense_jax.pipeline import Pipeline, load_pipeline_config
+
+    d, _ = short_teacher
+    cfg = load_pipeline_config(None, [f"teacher={d / 'teacher'}", "max_length=128", "progress=false"],
+                               out=str(tmp_path / "p"))
+    for _ in range(2):  # converting, then with the teacher converted already
+        with pytest.raises(ConfigError, match=r"config: max_length 128 tokens exceeds teacher .*'s 64 positions"):
+            Pipeline(cfg, log=lambda m: None).run(stages=("convert", "corpus"))
+    assert not (tmp_path / "p" / "corpus").exists()
