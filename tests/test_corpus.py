@@ -140,3 +140,16 @@ def test_jsonl_records_json_accepts_but_text_cannot_hold(tmp_path):
     passages, st = _read(js)
     assert passages == ["ok", "cut \ufffd emoji"]
     assert (st.malformed_skipped, st.undecodable_replaced) == (2, 1)
+
+
+def test_distill_on_a_damaged_gz_exits_2_and_leaves_nothing(tmp_path, capsys):
+    from sense_jax.cli import main
+
+    corpus = tmp_path / "train.txt.gz"
+    corpus.write_bytes(_flip(gzip.compress(_lines(), mtime=0), 20))
+    out = tmp_path / "run"
+    assert main(["distill", "--set", f"train_data={corpus}", "--set", f"out_dir={out}",
+                 "--set", f"senses={tmp_path / 'senses'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(corpus) in err[0] and "zlib.error" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.txt.gz"]
