@@ -133,6 +133,25 @@ def test_wsi_items_find_lemmas_of_a_byte_level_bpe_tokenizer():
     assert sum(c >= 2 for c in Counter(it.labels).values()) == 2
 
 
+def test_inspect_looks_a_word_up_as_it_appears_in_text(minilm_dir):
+    """``sense-jax inspect bank``: the in-sentence token (``Ġbank``) of a byte-level BPE
+    vocabulary, not the text-initial piece ``bank``; WordPiece lookups are unchanged."""
+    from transformers import AutoTokenizer
+
+    from sense_jax.inspect import _token_id
+
+    synsets = {s.id for s in wordnet.load_synsets() if "bank" in s.lemmas}
+    tok = _byte_level_bpe([e.text for e in wordnet.load_examples() if e.synset_id in synsets])
+    assert "bank" in tok.get_vocab()
+    assert _token_id(tok, "bank") == tok.convert_tokens_to_ids("Ġbank")
+    assert _token_id(tok, "Ġbank") == tok.convert_tokens_to_ids("Ġbank")
+    assert _token_id(tok, f"#{tok.convert_tokens_to_ids('bank')}") == tok.convert_tokens_to_ids("bank")
+    bert = AutoTokenizer.from_pretrained(str(minilm_dir))
+    vocab = bert.get_vocab()
+    for word, piece in (("bank", "bank"), ("Bank", "bank"), ("##ing", "##ing"), ("[CLS]", "[CLS]")):
+        assert _token_id(bert, word) == vocab[piece], word
+
+
 def test_classification_split_is_disjoint_and_fixed():
     tr, te = ev.classification_split(500, 200)
     tr2, te2 = ev.classification_split(500, 200)
