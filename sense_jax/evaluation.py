@@ -576,7 +576,9 @@ def write_report(pipeline, report_dir) -> None:
     size["store"] = {"vectors": int(store.vectors.shape[0]),
                      "bytes": int(sum(p.stat().st_size for p in Path(store.path).iterdir()))}
     report["size"] = size
-    lines = [line for line in Path(pipeline.corpus_path()).read_text(encoding="utf-8").splitlines() if line.strip()]
+    from sense_jax.corpus import iter_passages
+
+    lines = list(iter_passages(pipeline.corpus_path()))  # the passages as extraction read them
     rng = np.random.default_rng(cfg.seed)
     sample = [lines[i] for i in sorted(rng.choice(len(lines), min(cfg.speed_sentences, len(lines)), replace=False))]
     ids = tok(sample, truncation=True, max_length=length)["input_ids"]
