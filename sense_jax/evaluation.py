@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from collections import Counter, defaultdict
 from typing import Callable
 
@@ -34,6 +35,7 @@ from sense_jax.batching import length_bucketed_batches, pad_batch
 from sense_jax.sense_dict import SenseDictionary, nearest_sense
 
 StatesFn = Callable[[np.ndarray, np.ndarray], jax.Array]
+EVAL_MAX_LENGTH = 128  # tokens per evaluated text: WordNet examples and definitions fit
 
 
 @dataclasses.dataclass
@@ -109,24 +111,87 @@ class WsiItem:
     token_ids: list[list[int]]
 
 
-def wsi_items(tokenizer, max_per_lemma: int = 40, max_lemmas: int | None = None) -> list[WsiItem]:
-    """Lemmas with one vocabulary token and >= 2 synsets whose examples contain that token."""
+def _trimmed_span(text: str, start: int, end: int) -> tuple[int, int]:
+    """A token's character span without surrounding whitespace (byte-level BPE and SentencePiece
+    offsets may include the space that marks a word start)."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
+
+
+def _single_token_at(offsets, text: str, start: int, end: int) -> int | None:
+    """Index of the one token whose trimmed span is exactly ``text[start:end]``, None when the
+    characters are split over several tokens, share one with neighbours, or were truncated."""
+    hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    if len(hits) != 1:
+        return None
+    a, b = offsets[hits[0]]
+    return hits[0] if _trimmed_span(text, a, b) == (start, end) else None
+
+
+def _word_start_pattern(lemma: str) -> re.Pattern:
+    # the lemma's letters where a word starts (no letter directly before), case-insensitive; what
+    # follows is free, so "coiling" counts when the tokenizer splits off "coil" as one token
+    return re.compile(rf"(?<![^\W\d_]){re.escape(lemma)}", re.IGNORECASE)
+
+
+def wsi_items(tokenizer, max_per_lemma: int = 40, max_lemmas: int | None = None,
+              max_length: int = EVAL_MAX_LENGTH) -> list[WsiItem]:
+    """Lemmas that are one vocabulary token inside a sentence, with examples of >= 2 synsets.
+
+    The lemma's token is the one it gets after a space inside a sentence (``"a bank"``), found by
+    character offsets, so word-start marks are those of running text whatever the tokenizer
+    (WordPiece ``bank``, byte-level BPE ``Ġbank``, SentencePiece ``▁bank``), not those of the word
+    tokenised alone. In each usage example the lemma is located by characters (its letters at the
+    start of a word, case-insensitive) and mapped to tokens with the tokenizer's offset mapping;
+    the example is kept when such an occurrence is exactly one token with the lemma's id (the
+    first one is the target). An inflected form counts when the tokenizer splits the lemma off as
+    that token (WordPiece ``coiling`` -> ``coil ##ing``); for WordPiece this selects exactly the
+    examples and positions of the first occurrence of the lemma's id. Examples where the word has another id (a capitalised form in a cased
+    vocabulary, the text's first word without a space before it) are left out: sense ids are
+    per token id.
+
+    Args:
+      tokenizer: a transformers *fast* tokenizer (offset mappings).
+      max_per_lemma: examples kept per lemma (sorted by synset id, then text).
+      max_lemmas: first lemmas in alphabetical order, None for all.
+      max_length: examples are truncated to this many tokens (specials included).
+
+    Raises:
+      SenseJaxError: the tokenizer has no offset mapping (not a fast tokenizer).
+    """
+    from sense_jax.errors import SenseJaxError
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise SenseJaxError(f"WSI items need a fast tokenizer (offset mappings); got {type(tokenizer).__name__}")
     synsets = {s.id: s for s in wordnet.load_synsets()}
     by_lemma: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for ex in wordnet.load_examples():
         for lemma in synsets[ex.synset_id].lemmas:
             if "_" not in lemma and lemma.isalpha():
                 by_lemma[lemma.lower()].append((ex.synset_id, ex.text))
-    vocab = tokenizer.get_vocab()
+    lemmas = sorted(by_lemma)
+    carriers = [f"a {lemma}" for lemma in lemmas]  # the lemma after a space, as in running text
+    enc = tokenizer(carriers, add_special_tokens=False, return_offsets_mapping=True)
     items = []
-    for lemma in sorted(by_lemma):
-        pieces = tokenizer.tokenize(lemma)
-        if len(pieces) != 1 or pieces[0] not in vocab:
+    for lemma, carrier, ids, offsets in zip(lemmas, carriers, enc["input_ids"], enc["offset_mapping"]):
+        at = _single_token_at(offsets, carrier, 2, len(carrier))
+        if at is None:
             continue
-        tid = vocab[pieces[0]]
+        tid = ids[at]
         rows = sorted(set(by_lemma[lemma]))
-        encoded = tokenizer([t for _, t in rows], truncation=True, max_length=128)["input_ids"]
-        kept = [(s, t, ids, ids.index(tid)) for (s, t), ids in zip(rows, encoded) if tid in ids]
+        texts = [t for _, t in rows]
+        encoded = tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=True)
+        word = _word_start_pattern(lemma)
+        kept = []
+        for (sid, text), ex_ids, ex_offsets in zip(rows, encoded["input_ids"], encoded["offset_mapping"]):
+            for m in word.finditer(text):
+                p = _single_token_at(ex_offsets, text, m.start(), m.end())
+                if p is not None and ex_ids[p] == tid:
+                    kept.append((sid, text, list(ex_ids), p))
+                    break
         if len({s for s, *_ in kept}) < 2:
             continue
         kept = kept[:max_per_lemma]
@@ -242,6 +307,8 @@ class SuiteConfig:
       wic_pairs_per_lemma: pairs sampled per lemma for WiC.
       n_train, n_test: definitions for the lexicographer-file probe.
       seed: random baseline and pair sampling.
+      max_length: tokens per text (examples, definitions), truncated beyond; :func:`write_report`
+        lowers it to the models' position limit (:func:`eval_max_length`).
     """
 
     min_synsets: int = 2
@@ -251,6 +318,14 @@ class SuiteConfig:
     n_train: int = 8000
     n_test: int = 2000
     seed: int = 0
+    max_length: int = EVAL_MAX_LENGTH
+
+
+def eval_max_length(models, default: int = EVAL_MAX_LENGTH) -> int:
+    """``default``, lowered to the fewest positions any of ``models`` (:class:`sense_jax.loading.Model`)
+    holds, so that no evaluated text overflows a position table (which would give NaN states)."""
+    limits = [m.max_input_length for m in models if m.max_input_length is not None]
+    return min([default, *limits])
 
 
 SENSE_VARIANTS_FOR_WSI = ("teacher_senses", "teacher_one_sense", "skd_student_senses", "mse_student",
@@ -270,7 +345,7 @@ def run_suite(variants: dict[str, Variant], teacher_dict: SenseDictionary, token
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     special = set(tokenizer.all_special_ids)
-    items = [it for it in wsi_items(tokenizer, cfg.max_per_lemma)
+    items = [it for it in wsi_items(tokenizer, cfg.max_per_lemma, max_length=cfg.max_length)
              if sum(c >= 2 for c in Counter(it.labels).values()) >= cfg.min_synsets]
     items = items[:cfg.max_lemmas] if cfg.max_lemmas else items
     pairs = wic_pairs(items, cfg.wic_pairs_per_lemma, cfg.seed)
@@ -278,8 +353,8 @@ def run_suite(variants: dict[str, Variant], teacher_dict: SenseDictionary, token
     report = {"wsi": {}, "wic": {}, "classification": {}, "retrieval": {}}
 
     train, test = classification_split(cfg.n_train, cfg.n_test)
-    defs_train = tokenizer([s.definition for s in train], truncation=True, max_length=128)["input_ids"]
-    defs_test = tokenizer([s.definition for s in test], truncation=True, max_length=128)["input_ids"]
+    defs_train = tokenizer([s.definition for s in train], truncation=True, max_length=cfg.max_length)["input_ids"]
+    defs_test = tokenizer([s.definition for s in test], truncation=True, max_length=cfg.max_length)["input_ids"]
     # Retrieval: each WSI example against the definitions of every synset of its lemma.
     synsets = {s.id: s for s in wordnet.load_synsets()}
     lemma_synsets = defaultdict(list)
@@ -288,7 +363,7 @@ def run_suite(variants: dict[str, Variant], teacher_dict: SenseDictionary, token
             lemma_synsets[lm.lower()].append(s.id)
     cand_ids = sorted({sid for it in items for sid in lemma_synsets[it.lemma]})
     cand_index = {sid: i for i, sid in enumerate(cand_ids)}
-    cand_tok = tokenizer([synsets[s].definition for s in cand_ids], truncation=True, max_length=128)["input_ids"]
+    cand_tok = tokenizer([synsets[s].definition for s in cand_ids], truncation=True, max_length=cfg.max_length)["input_ids"]
     queries = [ids for it in items for ids in it.token_ids]
     groups = [[cand_index[s] for s in lemma_synsets[it.lemma]] for it in items for _ in it.labels]
     gold = [lemma_synsets[it.lemma].index(lab) for it in items for lab in it.labels]
@@ -487,9 +562,10 @@ def write_report(pipeline, report_dir) -> None:
         pipeline.teacher_dir, pipeline.senses_dir, pipeline.senses_k1_dir,
         skd if skd.is_dir() else None, mse if mse.is_dir() else None, cfg.student_layers)
     tok = models["teacher"].tokenizer
+    length = eval_max_length(models.values())
     report = run_suite(variants, sd, tok, SuiteConfig(max_lemmas=cfg.eval_max_lemmas or None,
                                                       n_train=cfg.eval_train, n_test=cfg.eval_test,
-                                                      seed=cfg.seed), log=pipeline.log)
+                                                      seed=cfg.seed, max_length=length), log=pipeline.log)
     store = open_store(pipeline.store_dir)
     size = {}
     for name, m in models.items():
@@ -500,10 +576,12 @@ def write_report(pipeline, report_dir) -> None:
     size["store"] = {"vectors": int(store.vectors.shape[0]),
                      "bytes": int(sum(p.stat().st_size for p in Path(store.path).iterdir()))}
     report["size"] = size
-    lines = [line for line in Path(pipeline.corpus_path()).read_text(encoding="utf-8").splitlines() if line.strip()]
+    from sense_jax.corpus import iter_passages
+
+    lines = list(iter_passages(pipeline.corpus_path()))  # the passages as extraction read them
     rng = np.random.default_rng(cfg.seed)
     sample = [lines[i] for i in sorted(rng.choice(len(lines), min(cfg.speed_sentences, len(lines)), replace=False))]
-    ids = tok(sample, truncation=True, max_length=128)["input_ids"]
+    ids = tok(sample, truncation=True, max_length=length)["input_ids"]
     speed_variants = {k: v for k, v in variants.items()
                       if k in ("teacher", "teacher_senses", "skd_student", "skd_student_senses")}
     report["speed"] = measure_speed(speed_variants, ids, tok.pad_token_id or 0)

@@ -269,8 +269,15 @@ def _config_hash(config: Any) -> str:
 
 
 def _max_length(model, requested: int | None) -> int:
+    """Tokens per passage: ``requested`` (refused past the teacher's position table), else the
+    table's length (rotary: ``max_position_embeddings``), capped by the tokenizer's own limit."""
+    from sense_jax.models import check_input_length, input_length_limit
+
     cfg = model.config
-    limit = int(getattr(cfg, "max_position_embeddings", 512)) - int(getattr(cfg, "position_offset", 0))
+    if requested is not None:
+        check_input_length(requested, cfg, "max_length", f"teacher {model.path}'s",
+                           fix="choose --max-length <= {limit}")
+    limit = input_length_limit(cfg) or int(cfg.max_position_embeddings)
     tok_max = getattr(model.tokenizer, "model_max_length", None)
     if isinstance(tok_max, int) and 0 < tok_max < limit:
         limit = tok_max
@@ -919,6 +926,9 @@ def _summary(c: _Counted, n: int) -> dict:
         "empty_skipped": int(s["empty_skipped"]),
         "malformed_skipped": int(s["malformed_skipped"]),
         "undecodable_replaced": int(s["undecodable_replaced"]),
+        # what the reader changed (sense_jax.corpus); absent in counts saved by older releases
+        **{k: int(s.get(k, 0)) for k in ("bom_stripped", "crlf_line_endings", "cr_line_endings",
+                                         "separators_replaced")},
         "truncated": int(s["truncated"]),
         "tokens_seen": int(c.counts.sum()),
         "distinct_tokens": int((c.counts > 0).sum()),

@@ -9,9 +9,29 @@ import numpy as np
 from sense_jax.errors import SenseJaxError
 
 
+def _in_text_token_id(tokenizer, word: str) -> int | None:
+    """The id ``word`` gets inside running text, after a space (``Ġbank`` in a byte-level BPE
+    vocabulary, ``▁bank`` in SentencePiece, ``bank`` in WordPiece), located by character offsets;
+    None when it is not one token there (or the tokenizer has no offsets)."""
+    from sense_jax.evaluation import _single_token_at
+
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    carrier = f"a {word}"
+    enc = tokenizer(carrier, add_special_tokens=False, return_offsets_mapping=True)
+    at = _single_token_at(enc["offset_mapping"], carrier, 2, len(carrier))
+    return None if at is None else int(enc["input_ids"][at])
+
+
 def _token_id(tokenizer, token: str) -> int:
+    """``#ID``; else the word as it appears inside text (vocabularies that mark word starts also
+    hold the bare piece, e.g. ``bank`` beside ``Ġbank``, which only text-initial words take); else
+    a vocabulary entry spelled exactly so (``##ing``, ``Ġbank``); else its one piece."""
     if token.startswith("#") and token[1:].isdigit():
         return int(token[1:])
+    in_text = _in_text_token_id(tokenizer, token)
+    if in_text is not None:
+        return in_text
     vocab = tokenizer.get_vocab()
     if token in vocab:
         return vocab[token]

@@ -15,7 +15,7 @@ import numpy as np
 from sense_jax import convert as _convert
 from sense_jax.errors import ConversionError, SenseJaxError
 from sense_jax.io_utils import read_json
-from sense_jax.models import ModelFamily, get_family
+from sense_jax.models import ModelFamily, check_input_length, get_family, input_length_limit
 
 
 @dataclasses.dataclass
@@ -44,11 +44,22 @@ class Model:
         self._forward = jax.jit(functools.partial(self.module.apply),
                                 static_argnames=("output_all_hidden_states",))
 
+    @property
+    def max_input_length(self) -> int | None:
+        """Most tokens per input row (specials included) the position table holds, e.g. 512 for
+        BERT (512 positions) and RoBERTa (514 minus its padding offset 2); None for rotary
+        (Llama family) and relative (DeBERTa-v3) positions, which have no table to overflow."""
+        return input_length_limit(self.config)
+
     def hidden_states(self, input_ids, attention_mask, token_type_ids=None) -> jax.Array:
         """Last-layer hidden states [B, T, D] (compute dtype) for int [B, T] inputs; jitted.
 
         Compiles once per distinct (B, T); use :func:`sense_jax.batching.length_buckets` to keep
         the number of shapes small.
+
+        Raises:
+          SenseJaxError: T > :attr:`max_input_length` (checked on the shape when tracing, by
+            the model's embeddings; never NaN states).
         """
         input_ids = jnp.asarray(input_ids, jnp.int32)
         attention_mask = jnp.asarray(attention_mask, jnp.int32)
@@ -67,12 +78,17 @@ class Model:
         """Tokenise ``texts`` with the model's tokenizer, unpadded, truncated to the model's length.
 
         Returns a dict of ragged lists under ``input_ids`` (and ``token_type_ids`` if the
-        tokenizer makes them).
+        tokenizer makes them). Default length: :attr:`max_input_length`, else (rotary positions)
+        ``max_position_embeddings``.
+
+        Raises:
+          SenseJaxError: ``max_length`` exceeds :attr:`max_input_length`.
         """
+        if max_length is not None:
+            check_input_length(max_length, self.config, "max_length", f"the {self.path} model's")
         if self.tokenizer is None:
             raise SenseJaxError(f"{self.path}: no tokenizer files")
-        limit = max_length or getattr(self.config, "max_position_embeddings", 512) \
-            - getattr(self.config, "position_offset", 0)
+        limit = max_length or self.max_input_length or int(self.config.max_position_embeddings)
         return self.tokenizer(list(texts), truncation=True, max_length=limit, padding=False)
 
     def with_dtype(self, dtype: str) -> "Model":

@@ -171,6 +171,7 @@ class Pipeline:
 
         if (self.teacher_dir / METADATA_FILE).exists():
             self.log(f"[convert] done already: {self.teacher_dir}")
+            self._check_max_length()
             return
         src = self.cfg.teacher
         if not src:
@@ -185,6 +186,18 @@ class Pipeline:
         else:
             convert(src, self.teacher_dir, overwrite=True)  # absent or incomplete
         self.log(f"[convert] {src} -> {self.teacher_dir}")
+        self._check_max_length()
+
+    def _check_max_length(self) -> None:
+        """Refuse a training ``max_length`` past the teacher's positions now, not after the
+        extraction and clustering stages (the trainer checks it again at setup)."""
+        from sense_jax.convert import read_hf_config
+        from sense_jax.models import check_input_length, get_family
+
+        hf = read_hf_config(self.teacher_dir)
+        cfg = get_family(hf.get("model_type"), str(self.teacher_dir / "config.json")).config_from_hf(hf)
+        check_input_length(self.cfg.max_length, cfg, "config: max_length", f"teacher {self.teacher_dir}'s",
+                           ConfigError, "set max_length <= {limit}")
 
     def heldout_path(self) -> Path | None:
         """Held-out passages for the students' sense accuracy (None: the trainer holds out 5%)."""

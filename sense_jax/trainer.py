@@ -168,13 +168,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 
 
 def read_passages(path: str, text_field: str = "text") -> list[str]:
-    """All passages of a corpus (text lines, JSONL, directory, .gz) via ``sense_jax.corpus``."""
-    try:
-        from sense_jax.corpus import iter_passages
-    except ImportError:  # corpus reader not installed: plain text, one passage per line
-        def iter_passages(p, text_field="text"):
-            with open(p, encoding="utf-8") as f:
-                yield from (line.rstrip("\n") for line in f if line.strip())
+    """All passages of a corpus (text lines, JSONL, directory, compressed) via ``sense_jax.corpus``,
+    which decides byte-order marks, line ends and damaged files (see its docstring)."""
+    from sense_jax.corpus import iter_passages
+
     if not Path(path).exists():
         raise SenseJaxError(f"corpus not found: {path}")
     passages = list(iter_passages(path, text_field=text_field))
@@ -637,16 +634,19 @@ def setup(cfg: DistillConfig, *, sense_dict=None, devices=None) -> Setup:
 
     Raises:
       ConfigError / SenseJaxError: vocabulary mismatch, a dictionary of another teacher, a bad
-        mesh, missing files (named).
+        mesh, missing files (named), ``max_length`` beyond the teacher's or student's positions.
     """
 
     from sense_jax import distill as D
     from sense_jax.loading import load_model
+    from sense_jax.models import check_input_length
     from sense_jax.sense_dict import SenseDictionary
 
     tpath = _teacher_path(cfg)
     teacher = load_model(tpath, dtype=cfg.compute_dtype)
     tcfg, family = teacher.config, teacher.family
+    check_input_length(cfg.max_length, tcfg, "config: max_length", f"teacher {tpath}'s", ConfigError,
+                       "set max_length <= {limit}")
     fp = D.teacher_fingerprint(teacher.params, tcfg.vocab_size)
     if sense_dict is None:
         if not cfg.senses:
@@ -671,6 +671,8 @@ def setup(cfg: DistillConfig, *, sense_dict=None, devices=None) -> Setup:
         sparams, _ = D.split_pooler(jax.device_get(smodel.params))
         scfg = dataclasses.replace(smodel.config, add_pooler=False)
     scfg = dataclasses.replace(scfg, dtype=cfg.compute_dtype)
+    check_input_length(cfg.max_length, scfg, "config: max_length", f"student {cfg.student}'s", ConfigError,
+                       "set max_length <= {limit}")
     adaptor = D.init_adaptor(scfg.hidden_size, tcfg.hidden_size, seed=cfg.seed)
     params = {"student": sparams, "adaptor": adaptor}
     if pooler is not None:

@@ -56,6 +56,24 @@ def load_examples(data_dir: Path | None = None) -> tuple[Example, ...]:
     return tuple(Example(s, t) for s, t in _rows("examples.tsv.gz", data_dir))
 
 
+def glosses(pos: str | None = None) -> list[str]:
+    """Glosses rebuilt from the shipped files: ``definition; "example"; ...`` per synset, in synset-id order.
+
+    This is the text of the gloss field of WordNet's ``data.*`` files (examples in sorted order),
+    so benchmarks and tests get real WordNet text that is identical on every machine without the
+    system package.
+
+    Args:
+      pos: keep only synsets of this part of speech (``"n"``, ``"v"``, ``"a"``, ``"s"``, ``"r"``);
+        None keeps all.
+    """
+    examples: dict[str, list[str]] = {}
+    for e in load_examples():
+        examples.setdefault(e.synset_id, []).append(e.text)
+    return ["; ".join([s.definition] + [f'"{t}"' for t in examples.get(s.id, ())])
+            for s in load_synsets() if pos is None or s.pos == pos]
+
+
 def in_split_key(key: str, salt: str = "sense_jax") -> float:
     """A deterministic pseudo-random number in [0, 1) for ``key`` (sha256 of salt and key)."""
     return int.from_bytes(hashlib.sha256(f"{salt}:{key}".encode()).digest()[:8], "big") / 2**64

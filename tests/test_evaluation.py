@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -65,13 +69,87 @@ def test_wsi_items_select_single_token_lemmas_with_two_synsets(minilm_dir):
 
     tok = AutoTokenizer.from_pretrained(str(minilm_dir))
     items = ev.wsi_items(tok, max_per_lemma=40)
-    assert len(items) > 1000
+    # The selection of the WordPiece rule (first occurrence of the lemma's id), unchanged since
+    # items were located by character offsets: same lemmas, examples and target positions.
+    rows = [[it.lemma, it.token_id, it.texts, it.labels, it.positions, it.token_ids] for it in items]
+    assert (len(items), sum(len(it.texts) for it in items)) == (3663, 18231)
+    assert hashlib.sha256(json.dumps(rows).encode()).hexdigest() == \
+        "48563156348a40fda8a85cc33a02ecd64a739741e8bb36f7201a3aa7b227ddad"
     for it in items[:200]:
         assert len(set(it.labels)) >= 2
         assert tok.tokenize(it.lemma) == [tok.convert_ids_to_tokens(it.token_id)]
         for ids, p in zip(it.token_ids, it.positions):
             assert ids[p] == it.token_id
     assert all(wordnet.load_examples()) and "bank" in {it.lemma for it in items}
+
+
+def _byte_level_bpe(texts, add_prefix_space=False):
+    """A byte-level BPE tokenizer (GPT-2/RoBERTa style: a word start is the Ġ of its leading
+    space), trained offline on ``texts`` until every word is one token; a transformers fast
+    tokenizer with offsets that include the leading space (no trimming)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=2000, min_frequency=1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<pad>"], show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>")
+
+
+BANK_EXAMPLES = {  # the shipped usage examples with " bank" inside a sentence, target = word index
+    "00169305-n": [("the plane went into a steep bank", 6)],
+    "02039431-v": [("the pilot had to bank the aircraft", 4)],
+    "02343392-v": [("Where do you bank in this town?", 3)],
+    "02787772-n": [("the bank is on the corner of Nassau and Witherspoon", 1)],
+    "04139859-n": [("the coin bank was empty", 2)],
+    "08420278-n": [("he cashed a check at the bank", 6), ("that bank holds the mortgage on my home", 1)],
+    "08462066-n": [("he operated a bank of switches", 3)],
+    "09213434-n": [("a huge bank of earth", 2)],
+    "09213565-n": [("he sat on the bank of the river and watched the currents", 4),
+                   ("they pulled the canoe up on the bank", 7)],
+    "13356402-n": [("he tried to break the bank at Monte Carlo", 5)],
+}
+
+
+def test_wsi_items_find_lemmas_of_a_byte_level_bpe_tokenizer():
+    """``bank`` alone is the token ``bank``; inside a sentence it is ``Ġbank``. The item holds the
+    in-sentence token and every example where the word is that token (12, two synsets with two
+    examples each), located by character offsets; the three examples that start with "bank"
+    (token ``bank``, no space before) are not mixed in."""
+    synsets = {s.id for s in wordnet.load_synsets() if "bank" in s.lemmas}
+    texts = [e.text for e in wordnet.load_examples() if e.synset_id in synsets]
+    tok = _byte_level_bpe(texts + ["the river bank", "a bank"])
+    assert tok.tokenize("bank") == ["bank"] and tok.tokenize("the bank") == ["the", "Ġbank"]
+    items = {it.lemma: it for it in ev.wsi_items(tok, max_per_lemma=40)}
+    it = items["bank"]
+    assert it.token_id == tok.convert_tokens_to_ids("Ġbank")
+    want = sorted((sid, text, p) for sid, rows in BANK_EXAMPLES.items() for text, p in rows)
+    assert list(zip(it.labels, it.texts, it.positions)) == want
+    for ids, p in zip(it.token_ids, it.positions):
+        assert ids[p] == it.token_id
+    assert sum(c >= 2 for c in Counter(it.labels).values()) == 2
+
+
+def test_inspect_looks_a_word_up_as_it_appears_in_text(minilm_dir):
+    """``sense-jax inspect bank``: the in-sentence token (``Ġbank``) of a byte-level BPE
+    vocabulary, not the text-initial piece ``bank``; WordPiece lookups are unchanged."""
+    from transformers import AutoTokenizer
+
+    from sense_jax.inspect import _token_id
+
+    synsets = {s.id for s in wordnet.load_synsets() if "bank" in s.lemmas}
+    tok = _byte_level_bpe([e.text for e in wordnet.load_examples() if e.synset_id in synsets])
+    assert "bank" in tok.get_vocab()
+    assert _token_id(tok, "bank") == tok.convert_tokens_to_ids("Ġbank")
+    assert _token_id(tok, "Ġbank") == tok.convert_tokens_to_ids("Ġbank")
+    assert _token_id(tok, f"#{tok.convert_tokens_to_ids('bank')}") == tok.convert_tokens_to_ids("bank")
+    bert = AutoTokenizer.from_pretrained(str(minilm_dir))
+    vocab = bert.get_vocab()
+    for word, piece in (("bank", "bank"), ("Bank", "bank"), ("##ing", "##ing"), ("[CLS]", "[CLS]")):
+        assert _token_id(bert, word) == vocab[piece], word
 
 
 def test_classification_split_is_disjoint_and_fixed():

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import os
-from pathlib import Path
 
 import jax
 import ml_dtypes
@@ -22,7 +21,6 @@ from sense_jax.kmeans import (batched_kmeans, bucket_size, build_sense_dictionar
 from sense_jax.sense_dict import SenseDictionary
 from sense_jax.store import open_store, write_store
 
-WORDNET = Path("/usr/share/wordnet/data.noun")
 T_, N_, D_, K_ = 4, 64, 8, 5  # one shape for the synthetic tests: one compile shared by them all
 
 
@@ -43,21 +41,18 @@ def planted(rng, T, N, D, K, *, sep=12.0, n_min=None):
 
 
 @pytest.fixture(scope="module")
-def real_tokens(minilm_dir, sentences):
+def real_tokens(minilm_dir):
     """Real last-layer MiniLM hidden states of frequent tokens: x [T, N, 384] f32, mask, ids.
 
-    Texts: 400 WordNet noun glosses spread over data.noun (the Debian wordnet-base package), or
-    the 40 test sentences if WordNet is not installed.
+    Texts: 400 WordNet noun glosses spread evenly over the synsets the package ships
+    (sense_jax/data/wordnet), the same on every machine.
     """
     import sense_jax
     from sense_jax.batching import pad_batch
+    from sense_jax.wordnet import glosses
 
-    if WORDNET.exists():
-        glosses = [line.split("|", 1)[1].strip() for line in WORDNET.open(encoding="utf-8")
-                   if not line.startswith(" ") and "|" in line]
-        texts, min_count = glosses[::len(glosses) // 400][:400], 24
-    else:
-        texts, min_count = sentences, 12
+    nouns = glosses("n")
+    texts, min_count = nouns[::len(nouns) // 400][:400], 24
     model = sense_jax.load_model(minilm_dir)
     ids = model.tokenize(texts, max_length=64)["input_ids"]
     special = set(model.tokenizer.all_special_ids)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sense_jax.errors import ConversionError
+from sense_jax.errors import ConversionError, SenseJaxError
 
 # --- Conversion rules -------------------------------------------------------------------------
 # A value transform maps a transformers tensor to ours and back. Both directions are given so one
@@ -146,6 +146,43 @@ class ModelFamily:
         for r in self.renames:
             name = r.apply(name)
         return name
+
+
+# --- Input length ------------------------------------------------------------------------------
+# A learned position table (BERT, RoBERTa, DeBERTa with position_biased_input) has rows for a fixed
+# number of positions; looking up a row past its end gives NaN in JAX (the gather's fill value),
+# which spreads through attention to every row of the batch. Inputs that long are refused here, by
+# name, at trace time (the length is a static shape), so every path (the API, extraction, training,
+# evaluation) is covered. Rotary (Llama family) and DeBERTa's relative positions are computed,
+# not looked up: no limit applies (see each family's ``max_input_length``).
+
+
+def input_length_limit(cfg: Any) -> int | None:
+    """Most tokens (special tokens included) one input row may hold for ``cfg``'s position table;
+    None when positions are computed rather than looked up (no table to overflow)."""
+    limit = getattr(cfg, "max_input_length", None)
+    return None if limit is None else int(limit)
+
+
+def describe_positions(cfg: Any) -> str:
+    """``max_position_embeddings=512`` (and RoBERTa's padding offset), for error messages."""
+    text = f"max_position_embeddings={getattr(cfg, 'max_position_embeddings', '?')}"
+    offset = int(getattr(cfg, "position_offset", 0) or 0)
+    return text + (f" minus the padding offset {offset} of {cfg.model_type}'s position ids" if offset else "")
+
+
+def check_input_length(length: int, cfg: Any, what: str = "input of", whose: str = "the model's",
+                       error: type = SenseJaxError, fix: str = "truncate to at most {limit} tokens") -> None:
+    """Refuse ``length`` tokens when they do not fit ``cfg``'s position table.
+
+    Raises:
+      ``error`` (a SenseJaxError): ``length`` > :func:`input_length_limit`; the message names
+        ``what``, the length, the limit and ``max_position_embeddings``.
+    """
+    limit = input_length_limit(cfg)
+    if limit is not None and int(length) > limit:
+        raise error(f"{what} {int(length)} tokens exceeds {whose} {limit} positions ({describe_positions(cfg)}); "
+                    + fix.format(limit=limit))
 
 
 _REGISTRY: dict[str, ModelFamily] = {}

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from sense_jax.errors import ConversionError
-from sense_jax.models import COPY, LINEAR, ModelFamily, ParamRule, dense_rules, layer_norm_rules, register
+from sense_jax.models import (COPY, LINEAR, ModelFamily, ParamRule, check_input_length, dense_rules, layer_norm_rules,
+                              register)
 
 # transformers' ACT2FN names -> jax functions. "gelu" is the exact erf form; the tanh forms are
 # "gelu_new" / "gelu_pytorch_tanh" / "gelu_fast" (transformers/activations.py).
@@ -68,6 +69,12 @@ class BertConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def max_input_length(self) -> int:
+        """Most tokens per row: the position table's rows after the first position id (RoBERTa:
+        514 - 2 = 512). Longer inputs are refused (:func:`sense_jax.models.check_input_length`)."""
+        return self.max_position_embeddings - self.position_offset
 
     def replace(self, **changes) -> "BertConfig":
         return dataclasses.replace(self, **changes)
@@ -215,6 +222,8 @@ class Embeddings(nn.Module):
             return nn.Embed(n, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32, name=name,
                             embedding_init=nn.with_logical_partitioning(init, axes))
 
+        # Past the position table a look-up is NaN, silently: refuse at trace time instead.
+        check_input_length(input_ids.shape[1], cfg)
         x = embed(cfg.vocab_size, ("vocab", "embed"), "word_embeddings")(input_ids)
         x = x + embed(cfg.max_position_embeddings, (None, "embed"), "position_embeddings")(
             position_ids(input_ids, cfg))

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sense_jax.errors import ConversionError
-from sense_jax.models import (COPY, LINEAR, ModelFamily, ParamRule, Transform, dense_rules, layer_norm_rules,
-                              register)
+from sense_jax.models import (COPY, LINEAR, ModelFamily, ParamRule, Transform, check_input_length, dense_rules,
+                              layer_norm_rules, register)
 from sense_jax.models.bert import ACTIVATIONS as _BERT_ACTIVATIONS
 
 ACTIVATIONS = {**_BERT_ACTIVATIONS, "tanh": jnp.tanh}
@@ -91,6 +91,13 @@ class DebertaV2Config:
         object.__setattr__(self, "pos_att_type", tuple(self.pos_att_type or ()))
         if not self.embedding_size:
             object.__setattr__(self, "embedding_size", self.hidden_size)
+
+    @property
+    def max_input_length(self) -> int | None:
+        """Most tokens per row: ``max_position_embeddings`` when absolute positions are added
+        (``position_biased_input``, DeBERTa-v2 style); None otherwise (v3): relative positions
+        are log-bucketed and clipped to 2k slots for any length, as in transformers."""
+        return self.max_position_embeddings if self.position_biased_input else None
 
     @property
     def att_span(self) -> int:
@@ -336,6 +343,7 @@ class Embeddings(nn.Module):
         x = embed(cfg.vocab_size, ("vocab", "embed"), "word_embeddings")(input_ids)
         if cfg.position_biased_input:
             T = input_ids.shape[1]
+            check_input_length(T, cfg)  # past the table a look-up is NaN, silently
             x = x + embed(cfg.max_position_embeddings, (None, "embed"), "position_embeddings")(
                 jnp.arange(T)[None, :])
         if cfg.type_vocab_size > 0:

@@ -48,6 +48,10 @@ class LlamaConfig:
     Attributes:
       num_key_value_heads: K kv heads (GQA); equals ``num_attention_heads`` for plain MHA.
       head_dim: H; transformers' ``head_dim`` or ``hidden_size // num_attention_heads``.
+      max_position_embeddings: the context the checkpoint was trained for. Rotary positions are
+        computed, not looked up, so a longer input gives finite states (as in transformers) and
+        is not refused (``max_input_length`` is None); quality past it is the model's own.
+        ``Model.tokenize`` truncates to it by default.
       rope_type: "default", "linear" or "llama3" (``rope_scaling`` / ``rope_parameters``).
       rope_factor, rope_low_freq_factor, rope_high_freq_factor, rope_original_max_position_embeddings:
         the scaling parameters of "linear" / "llama3" (unused for "default").
@@ -93,6 +97,11 @@ class LlamaConfig:
     add_pooler: bool = False
     model_type: str = "llama"
     dtype: str = "float32"
+
+    @property
+    def max_input_length(self) -> None:
+        """No limit: rotary positions have no table to overflow (see ``max_position_embeddings``)."""
+        return None
 
     def __post_init__(self):
         # Restored from JSON metadata the tuple arrives as a list; keep the config hashable.
