@@ -337,46 +337,56 @@ def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Calla
       batch: dict of [A, B, T] int32 (A = grad_accum micro-batches).
       frozen: ``(teacher_params, sense_dict)``, read-only.
 
-    Gradient accumulation: a ``lax.scan`` over the A micro-batches sums their gradients / A
-    (each micro-batch's loss is its own token mean), then one optimizer update.
+    Gradient accumulation: a ``lax.scan`` over the A micro-batches sums their gradients, then
+    one optimizer update. Each micro-batch divides its per-token sums by the token counts of the
+    *whole step* (tokens with an entry for SKD and accuracy, real tokens for MSE), so the step's
+    loss and gradient are those of one batch of A·B passages, however the tokens fall into
+    micro-batches (averaging each micro-batch's own token mean would weight a token of a short
+    micro-batch more).
 
-    Metrics (float32 scalars): loss, skd, mse, accuracy (sense agreement; means over the
-    micro-batches), tokens (with an entry, summed), real_tokens (mask sum), grad_norm, lr,
-    finite (1.0 if the update was applied).
+    Metrics (float32 scalars): loss, skd, mse, accuracy (sense agreement; token means over the
+    step), tokens (with an entry), real_tokens (mask sum), grad_norm, lr, finite (1.0 if the
+    update was applied).
     A non-finite loss or gradient leaves the state unchanged (``finite`` = 0) and the host stops.
     """
     from sense_jax.distill import distill_losses
+    from sense_jax.sense_dict import gather_senses
 
     tx, schedule = make_optimizer(cfg), make_schedule(cfg)
 
-    def loss_fn(params, mb, teacher_params, sense_dict, key):
+    def loss_fn(params, mb, teacher_params, sense_dict, key, counts):
         del key  # no dropout in the student; threaded for stochastic extensions
         teacher = teacher_module.apply({"params": teacher_params}, mb["input_ids"], mb["attention_mask"],
                                        mb["token_type_ids"])
         teacher = jax.lax.stop_gradient(teacher)
         student = _student_forward(student_module, params, mb)
         m = distill_losses(sense_dict, mb["input_ids"], mb["attention_mask"], student, teacher,
-                           skd_weight=cfg.skd_weight, mse_weight=cfg.mse_weight, metric=cfg.metric)
+                           skd_weight=cfg.skd_weight, mse_weight=cfg.mse_weight, metric=cfg.metric,
+                           skd_tokens=counts[0], real_tokens=counts[1])
         return m["loss"], m
 
     def step(state: TrainState, batch: dict, frozen: tuple) -> tuple[TrainState, dict]:
         step.traces += 1  # counts compilations (tests assert one)
         teacher_params, sense_dict = frozen
         key = jax.random.fold_in(state.rng, state.step)
-        A = batch["input_ids"].shape[0]
+        real = batch["attention_mask"].astype(bool)
+        _, valid = gather_senses(sense_dict, batch["input_ids"])  # the codebook gather is dead code
+        counts = (jnp.maximum((valid[..., 0] & real).sum(), 1).astype(jnp.float32),
+                  jnp.maximum(real.sum(), 1).astype(jnp.float32))
 
         def micro(carry, xs):
             g_acc, m_acc = carry
             mb, i = xs
             (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.params, mb, teacher_params, sense_dict, jax.random.fold_in(key, i))
-            g_acc = jax.tree.map(lambda a, b: a + b / A, g_acc, g)
-            m_acc = {k: m_acc[k] + (m[k] if k == "tokens" else m[k] / A) for k in m_acc}
+                state.params, mb, teacher_params, sense_dict, jax.random.fold_in(key, i), counts)
+            g_acc = jax.tree.map(jnp.add, g_acc, g)
+            m_acc = {k: m_acc[k] + m[k] for k in m_acc}
             return (g_acc, m_acc), None
 
         zeros_g = jax.tree.map(jnp.zeros_like, state.params)
         zeros_m = {k: jnp.zeros((), jnp.float32) for k in ("loss", "skd", "mse", "accuracy", "tokens")}
-        (grads, metrics), _ = jax.lax.scan(micro, (zeros_g, zeros_m), (batch, jnp.arange(A)))
+        (grads, metrics), _ = jax.lax.scan(micro, (zeros_g, zeros_m),
+                                           (batch, jnp.arange(batch["input_ids"].shape[0])))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         gnorm = optax.tree.norm(grads)

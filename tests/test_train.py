@@ -302,3 +302,23 @@ def test_length_grouping_keeps_every_passage_once_per_epoch_and_cuts_padding(min
     assert padded(grouped) < 0.8 * padded(plain)
     again = T.PassageStream(passages, tok, batch_size=4, max_length=48, seed=1, group_window=4)
     assert [again.indices(j).tolist() for j in (13, 2, 7)] == [epoch[j].tolist() for j in (13, 2, 7)]
+
+
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(assets, tmp_path):
+    # Two passages of 12 and 2 real tokens: one step of 2 micro-batches of 1 passage must equal
+    # one step of 1 batch of 2 (the token mean over the whole step), for SKD, accuracy and MSE.
+    s = T.setup(_cfg(assets, tmp_path / "run", batch_size=2, grad_accum=1, mse_weight=0.5))
+    passages = ["The bank by the river bank flooded in spring.", ""]
+    b = T.tokenize(s.teacher.tokenizer, passages, 16)
+    assert b["attention_mask"].sum(1).tolist() == [12, 2]
+    state = T.init_state(s)
+    step = jax.jit(s.raw_step)
+    one, m1 = step(state, {k: v[None] for k, v in b.items()}, s.frozen)         # [1, 2, T]
+    two, m2 = step(state, {k: v[:, None] for k, v in b.items()}, s.frozen)      # [2, 1, T]
+    m1, m2 = jax.device_get(m1), jax.device_get(m2)
+    assert float(m1["tokens"]) > 0 and float(m1["mse"]) > 0
+    for k in ("loss", "skd", "mse", "accuracy", "tokens", "grad_norm"):
+        np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=2e-5, err_msg=k)
+    a, c = _flat(one.params), _flat(two.params)
+    for k in a:
+        np.testing.assert_allclose(c[k], a[k], rtol=1e-5, atol=1e-7, err_msg=k)
