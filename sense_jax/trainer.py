@@ -525,16 +525,19 @@ def checkpoint_manager(directory: str | os.PathLike, *, save_every: int, keep: i
       ``state``: the :class:`TrainState` (params, optax state, step, rng), sharded arrays;
       ``data``:  JSON ``{"micro_batches": int, "step": int}``, the data position;
       ``meta``:  JSON: the run config, the student / teacher configs, the teacher's config.json,
-                 whether the frozen pooler is present, the teacher fingerprint.
+                 whether the frozen pooler is present, the teacher, tokenizer and dictionary
+                 fingerprints, the dictionary's shape, and the provenance (library versions,
+                 devices: :mod:`sense_jax.provenance`).
 
     Resume order (:func:`restore_latest`): (1) read ``meta`` and check it against the current
-    config (structure-changing keys must match); (2) build the mesh and the abstract state with
-    its shardings from the *current* devices (so 8 -> 1 device and back works); (3) restore
-    ``state`` onto them; (4) restore ``data`` and move the stream there; (5) continue at
-    ``step + 1``. Saves are asynchronous; :meth:`wait_until_finished` runs before exit. A step
-    directory that fails to restore (corrupt, truncated) is reported and the previous one used;
-    Orbax writes each step to a temporary directory renamed when complete, so partial saves are
-    never listed.
+    config, teacher, tokenizer and dictionary (:func:`_check_resume`; a mismatch is refused by
+    name, before any array is read, and no checkpoint is touched); (2) build the mesh and the
+    abstract state with its shardings from the *current* devices (so 8 -> 1 device and back
+    works) and compare the stored params' shapes with it; (3) restore ``state`` onto them;
+    (4) restore ``data`` and move the stream there; (5) continue at ``step + 1``. Saves are
+    asynchronous; :meth:`wait_until_finished` runs before exit. Only a step directory that cannot
+    be read by itself (corrupt, truncated) is set aside and the previous one used; Orbax writes
+    each step to a temporary directory renamed when complete, so partial saves are never listed.
     """
     import orbax.checkpoint as ocp
 
@@ -569,37 +572,81 @@ def _short(e: BaseException, limit: int = 160) -> str:
     return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
-def restore_latest(mngr, abstract_state: TrainState, *, log: Callable[[str], None] = print
+def _set_aside(mngr, step: int) -> None:
+    """Rename an unreadable step ``<step>.unreadable-<time>`` (kept for inspection; the step can
+    be saved anew)."""
+    bad = Path(str(mngr.directory)) / str(step)
+    if jax.process_index() == 0 and bad.is_dir():
+        os.replace(bad, bad.with_name(f"{step}.unreadable-{int(time.time())}"))
+    mngr.reload()
+
+
+def _check_shapes(stored: dict, abstract_params: Any, where: str) -> None:
+    """Refuse stored params whose paths or shapes differ from the current abstract params."""
+    from flax import traverse_util
+
+    have = {k: tuple(getattr(v, "shape", ())) for k, v in traverse_util.flatten_dict(stored, sep="/").items()}
+    want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract_params, sep="/").items()}
+    for k in sorted(set(have) | set(want)):
+        if have.get(k) != want.get(k):
+            old = "no such parameter" if k not in have else f"shape {list(have[k])}"
+            new = "no such parameter" if k not in want else f"shape {list(want[k])}"
+            raise ConfigError(f"{where}: the checkpoint holds parameter {k} with {old}, the current "
+                              f"configuration {new}; use another out_dir or the checkpoint's configuration")
+
+
+def restore_latest(mngr, abstract_state: TrainState, *, log: Callable[[str], None] = print,
+                   check: Callable[[dict, str], None] | None = None
                    ) -> tuple[TrainState, dict, int] | None:
     """Restore the newest complete checkpoint onto ``abstract_state``'s shardings.
 
-    A step that cannot be restored is renamed ``<step>.unreadable-<time>`` (so that later saves
-    of that step can happen) and the previous step is tried.
+    For each step, newest first: (1) read its ``meta`` and call ``check(meta, step_dir)``, which
+    raises to refuse the checkpoint (a config, teacher or dictionary mismatch:
+    :func:`_check_resume`); (2) compare the stored params' paths and shapes with
+    ``abstract_state``'s, from the checkpoint's metadata; (3) restore the arrays. A refusal in
+    (1) or (2) propagates and leaves every checkpoint as it is: it says that the current
+    configuration does not fit them, not that they are bad. Only a step that cannot be read by
+    itself (unreadable meta or metadata, corrupt or truncated array files) is renamed
+    ``<step>.unreadable-<time>`` (so that later saves of that step can happen) and the previous
+    step is tried.
 
     Returns:
       ``(state, data, step)``, or None when the directory holds no checkpoint.
 
     Raises:
-      SenseJaxError: checkpoints exist but none can be restored (names the directory and the
-        first error).
+      ConfigError: the checkpoint does not fit the current configuration (from ``check`` or the
+        shape comparison), nothing renamed.
+      SenseJaxError: checkpoints exist but none can be read (names the directory and the errors).
     """
     import orbax.checkpoint as ocp
 
     steps = sorted(mngr.all_steps(), reverse=True)
     errors = []
     for s in steps:
+        where = str(Path(str(mngr.directory)) / str(s))
         try:
-            out = mngr.restore(s, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-            return out["state"], dict(out["data"]), s
-        except Exception as e:  # corrupt or truncated step: fall back to the previous one
-            msg = _short(e)
-            errors.append(f"step {s}: {msg}")
-            bad = Path(str(mngr.directory)) / str(s)
-            log(f"checkpoint {bad} cannot be restored ({msg}); trying the previous one")
-            if jax.process_index() == 0 and bad.is_dir():  # keep it for inspection, out of the way
-                os.replace(bad, bad.with_name(f"{s}.unreadable-{int(time.time())}"))
-            mngr.reload()
+            meta = read_meta(mngr, s)
+        except Exception as e:  # unreadable by itself: fall back to the previous step
+            meta, error = None, e
+        if meta is not None:
+            if check is not None:
+                check(meta, where)
+            try:
+                stored = ocp.StandardCheckpointHandler().metadata(Path(where) / "state").tree["params"]
+            except Exception:  # unreadable metadata: the restore below tells whether the step is bad
+                stored = None
+            if stored is not None:
+                _check_shapes(stored, abstract_state.params, where)
+            try:
+                out = mngr.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                return out["state"], dict(out["data"]), s
+            except Exception as e:  # corrupt or truncated array files
+                error = e
+        msg = _short(error)
+        errors.append(f"step {s}: {msg}")
+        log(f"checkpoint {where} cannot be restored ({msg}); trying the previous one")
+        _set_aside(mngr, s)
     if steps:
         raise SenseJaxError(f"{mngr.directory}: no checkpoint could be restored ({'; '.join(errors)})")
     return None
@@ -652,18 +699,22 @@ def setup(cfg: DistillConfig, *, sense_dict=None, devices=None) -> Setup:
 
     from sense_jax import distill as D
     from sense_jax.loading import load_model
+    from sense_jax.provenance import check_provenance, provenance
     from sense_jax.sense_dict import SenseDictionary
 
     tpath = _teacher_path(cfg)
     teacher = load_model(tpath, dtype=cfg.compute_dtype)
     tcfg, family = teacher.config, teacher.family
-    fp = D.teacher_fingerprint(teacher.params, tcfg.vocab_size)
+    fp_v1 = D.teacher_fingerprint(teacher.params, tcfg.vocab_size)
+    fp = D.teacher_fingerprint(teacher.params, tcfg.vocab_size, teacher.tokenizer) \
+        if teacher.tokenizer is not None else fp_v1
     if sense_dict is None:
         if not cfg.senses:
             raise ConfigError("config: senses (the sense dictionary directory) is required")
         sense_dict = SenseDictionary.load(cfg.senses)
     D.check_sense_dict(sense_dict, tcfg, fingerprint=fp, teacher_path=tpath,
-                       source=cfg.senses or "sense dictionary")
+                       source=cfg.senses or "sense dictionary", embedding_fingerprint=fp_v1)
+    check_provenance(sense_dict.meta.get("provenance"), f"sense dictionary {cfg.senses or ''}".strip())
     tparams, pooler = D.split_pooler(jax.device_get(teacher.params))
     if cfg.student == "truncate":
         scfg, sparams = D.truncated_student(tcfg, tparams, cfg.student_layers)
@@ -703,7 +754,13 @@ def setup(cfg: DistillConfig, *, sense_dict=None, devices=None) -> Setup:
     meta = {"config": dataclasses.asdict(cfg), "teacher_path": tpath, "family": family.name,
             "student_config": dataclasses.asdict(scfg), "teacher_config": dataclasses.asdict(tcfg),
             "teacher_hf_config": teacher.hf_config, "has_pooler": pooler is not None,
-            "teacher_fingerprint": fp}
+            "teacher_fingerprint": fp, "embedding_fingerprint": fp_v1,
+            "tokenizer_fingerprint": (D.tokenizer_fingerprint(teacher.tokenizer)
+                                      if teacher.tokenizer is not None else None),
+            "dictionary_fingerprint": D.dictionary_fingerprint(sense_dict),
+            "dictionary_shape": {"vocab_size": sense_dict.vocab_size, "hidden_size": sense_dict.hidden_size,
+                                 "senses": int(sense_dict.centres.shape[0]), "k_max": sense_dict.k_max},
+            "provenance": provenance()}
     return Setup(cfg=cfg, teacher=teacher, family=family, student_cfg=scfg, student_module=student_module,
                  teacher_module=teacher_module, init_params=params, sense_dict=sense_dict, layout=layout,
                  frozen=frozen, train_step=lambda state, batch: jitted(state, batch, frozen),
@@ -758,14 +815,67 @@ class TrainResult:
     resumed_from: int | None
 
 
-def _check_resume(saved: dict, cfg: DistillConfig, where: str) -> None:
+def _check_resume(saved: dict, current: dict, where: str) -> None:
+    """Refuse to resume from a checkpoint trained against something else; reads no array.
+
+    Compared, in this order (``saved`` is the checkpoint's ``meta``, ``current`` this run's
+    :attr:`Setup.meta`): the model family; the teacher's config (sizes, vocabulary, ...); the
+    tokenizer fingerprint; the teacher fingerprint (embedding matrix and tokenizer; embedding
+    only for checkpoints that predate it); the dictionary's shape and fingerprint; the run config
+    (except :data:`RESUMABLE_CHANGES`; the ``teacher`` and ``senses`` *paths* may change when the
+    checkpoint records the fingerprints of what they hold); the student's config; the frozen
+    pooler. Then a restore under other major library versions warns once (provenance).
+
+    Raises:
+      ConfigError: one line naming the checkpoint, the first key that differs and both values.
+    """
+    from sense_jax.provenance import check_provenance
+
+    current = json.loads(json.dumps(current))  # tuples -> lists, as stored
+
+    def refuse(what: str, old: Any, new: Any, fix: str) -> None:
+        raise ConfigError(f"{where}: the checkpoint was trained with {what}={old}, now {what}={new}; "
+                          f"use another out_dir or {fix}")
+
+    if saved.get("family", current["family"]) != current["family"]:
+        refuse("a teacher of family", saved["family"], current["family"], "the checkpoint's teacher")
+    for part, fix in (("teacher_config", "the checkpoint's teacher"),):
+        old, new = saved.get(part) or {}, current[part]
+        for k in old:
+            if k != "dtype" and old[k] != new.get(k):
+                refuse(f"teacher {k}", old[k], new.get(k), fix)
+    fp_old = saved.get("teacher_fingerprint")
+    if saved.get("tokenizer_fingerprint") not in (None, current["tokenizer_fingerprint"]):
+        refuse("the teacher's tokenizer fingerprint", saved["tokenizer_fingerprint"],
+               current["tokenizer_fingerprint"], "the checkpoint's teacher (its vocabulary or token ids differ)")
+    if fp_old is not None:
+        new = current["teacher_fingerprint"] if str(fp_old).startswith("v") else current["embedding_fingerprint"]
+        if fp_old != new:
+            refuse("teacher fingerprint", fp_old, new, "the checkpoint's teacher (other weights or tokenizer)")
+    for k, v in (saved.get("dictionary_shape") or {}).items():
+        if v != current["dictionary_shape"].get(k):
+            refuse(f"sense dictionary {k}", v, current["dictionary_shape"].get(k), "the checkpoint's senses")
+    if saved.get("dictionary_fingerprint") not in (None, current["dictionary_fingerprint"]):
+        refuse("sense dictionary fingerprint", saved["dictionary_fingerprint"], current["dictionary_fingerprint"],
+               "the checkpoint's senses")
+    checked = set()
+    if saved.get("tokenizer_fingerprint") and str(fp_old).startswith("v"):
+        checked.add("teacher")
+    if saved.get("dictionary_fingerprint"):
+        checked.add("senses")
     old = saved.get("config", {})
-    for k, v in dataclasses.asdict(cfg).items():
-        if k in RESUMABLE_CHANGES or k not in old:
+    for k, v in current["config"].items():
+        if k in RESUMABLE_CHANGES or k in checked or k not in old:
             continue
         if old[k] != v:
             raise ConfigError(f"{where}: the checkpoint was trained with {k}={old[k]!r}, now {k}={v!r}; "
                               "use another out_dir or the same value")
+    for k, v in (saved.get("student_config") or {}).items():
+        if k != "dtype" and v != current["student_config"].get(k):
+            refuse(f"student {k}", v, current["student_config"].get(k), "the checkpoint's student")
+    if saved.get("has_pooler", current["has_pooler"]) != current["has_pooler"]:
+        refuse("a teacher pooler", saved["has_pooler"], current["has_pooler"], "the checkpoint's teacher")
+    check_provenance(saved.get("provenance"), f"checkpoint {where}")
 
 
 class _Metrics:
@@ -897,24 +1007,15 @@ def train(cfg: DistillConfig, *, passages: Sequence[str] | None = None,
     from sense_jax.convert import copy_tokenizer_files
     from sense_jax.io_utils import write_json_atomic
 
-    if jax.process_index() == 0:  # inputs are valid: only now does the run directory appear
-        (run_dir / "tokenizer").mkdir(parents=True, exist_ok=True)
-        copy_tokenizer_files(Path(s.meta["teacher_path"]), run_dir / "tokenizer")
-        write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
+    # Inputs are valid: only now does the run directory appear.
     mngr = checkpoint_manager(run_dir / "checkpoints", save_every=cfg.save_every, keep=cfg.keep_checkpoints)
     try:
-        restored = None
-        steps = mngr.all_steps()
-        if steps:
-            for st in sorted(steps, reverse=True):
-                try:
-                    _check_resume(read_meta(mngr, st), cfg, str(run_dir / "checkpoints" / str(st)))
-                    break
-                except ConfigError:
-                    raise
-                except Exception:
-                    continue
-            restored = restore_latest(mngr, s.layout.abstract_state, log=log)
+        restored = restore_latest(mngr, s.layout.abstract_state, log=log,
+                                  check=lambda saved, where: _check_resume(saved, s.meta, where))
+        if jax.process_index() == 0:  # after the resume check: a refused run changes nothing
+            (run_dir / "tokenizer").mkdir(parents=True, exist_ok=True)
+            copy_tokenizer_files(Path(s.meta["teacher_path"]), run_dir / "tokenizer")
+            write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
         if restored is None:
             state, micro, start = init_state(s), 0, 0
         else:
@@ -1009,6 +1110,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, step: 
 
     from sense_jax.distill import export_hf
     from sense_jax.models import get_family
+    from sense_jax.provenance import check_provenance, provenance
 
     log = log or (lambda m: print(m, file=sys.stderr))
     ckpt = Path(ckpt)
@@ -1035,6 +1137,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, step: 
         for st in steps:
             try:
                 meta = read_meta(mngr, st)
+                check_provenance(meta.get("provenance"), f"checkpoint {ck_dir / str(st)}")
                 cfg = DistillConfig(**{k: v for k, v in meta["config"].items() if k in _FIELDS})
                 cfg = dataclasses.replace(cfg, mesh_data=1, mesh_model=1, fsdp=False, batch_size=1)
                 family = get_family(meta["student_config"]["model_type"])
@@ -1060,7 +1163,8 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, step: 
     return export_hf(out, family, scfg, params["student"], meta["teacher_hf_config"],
                      tokenizer_dir=tok_dir, adaptor=params["adaptor"], pooler=params.get("pooler"),
                      extra_meta={"step": int(st), "teacher": meta["teacher_path"],
-                                 "teacher_fingerprint": meta.get("teacher_fingerprint")},
+                                 "teacher_fingerprint": meta.get("teacher_fingerprint"),
+                                 "provenance": provenance(), "trained_with": meta.get("provenance")},
                      overwrite=overwrite)
 
 

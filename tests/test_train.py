@@ -17,7 +17,7 @@ import pytest
 
 import sense_jax
 from sense_jax.errors import SenseJaxError
-from skd_helpers import make_sense_dict, make_teacher
+from skd_helpers import make_sense_dict, make_teacher, permute_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,7 +39,7 @@ def assets(tmp_path_factory, minilm_dir, sentences):
     d = tmp_path_factory.mktemp("skd")
     teacher = sense_jax.load_model(make_teacher(d / "teacher", minilm_dir))
     sd = make_sense_dict(teacher.tokenizer, sentences,
-                         meta={"teacher_fingerprint": teacher_fingerprint(teacher.params, 30522)})
+                         meta={"teacher_fingerprint": teacher_fingerprint(teacher.params, 30522, teacher.tokenizer)})
     sd.save(d / "senses")
     (d / "corpus.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
     return {"dir": d, "teacher": teacher, "teacher_dir": d / "teacher", "senses": d / "senses",
@@ -322,3 +322,71 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(assets, tmp
     a, c = _flat(one.params), _flat(two.params)
     for k in a:
         np.testing.assert_allclose(c[k], a[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def _senses_of(teacher_dir: Path, sentences, out: Path, hidden_size: int = 32, seed: int = 0) -> Path:
+    """A dictionary recording ``teacher_dir``'s fingerprint (as if built from it), saved to ``out``."""
+    from sense_jax.distill import teacher_fingerprint
+
+    t = sense_jax.load_model(teacher_dir)
+    fp = teacher_fingerprint(t.params, 30522, t.tokenizer)
+    make_sense_dict(t.tokenizer, sentences, hidden_size=hidden_size, seed=seed,
+                    meta={"teacher_fingerprint": fp}).save(out)
+    return out
+
+
+def test_a_refused_resume_keeps_every_checkpoint_and_the_next_run_resumes(assets, minilm_dir, sentences,
+                                                                          tmp_path, capsys):
+    from sense_jax.cli import main
+
+    out = tmp_path / "run"
+    kw = dict(steps=6, save_every=2, eval_every=0, grad_accum=1)
+    T.train(_cfg(assets, out, **kw), stop_after=4)  # "killed" after step 4: steps 2 and 4 saved
+    ckpts = out / "checkpoints"
+    before = {p.relative_to(ckpts): p.stat().st_mtime_ns for p in ckpts.rglob("*")}
+    config_json = (out / "config.json").read_bytes()
+
+    def refused(match: str, **changes):
+        cfg = _cfg(assets, out, **kw, **changes)
+        args = ["distill", *[x for k, v in dataclasses_asdict(cfg).items() for x in ("--set", f"{k}={v}")]]
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0] and match in err[0], err
+        # nothing set aside, renamed or rewritten: not a checkpoint, not the run's files
+        assert {p.relative_to(ckpts): p.stat().st_mtime_ns for p in ckpts.rglob("*")} == before
+        assert (out / "config.json").read_bytes() == config_json
+        return err[0]
+
+    # The user's mistake: a wider teacher (and its dictionary) where teacher A was.
+    wide = make_teacher(tmp_path / "wide", minilm_dir, hidden_size=48)
+    line = refused("the checkpoint was trained with teacher hidden_size=32, now teacher hidden_size=48",
+                   teacher=wide, senses=_senses_of(wide, sentences, tmp_path / "wide-senses", hidden_size=48))
+    assert str(ckpts / "4") in line
+    # A teacher of the same shapes swapped in, with a dictionary rebuilt from it.
+    other = make_teacher(tmp_path / "other", minilm_dir, seed=1)
+    refused("teacher fingerprint=v2-", teacher=other, senses=_senses_of(other, sentences, tmp_path / "o-senses"))
+    # The same weights behind a permuted tokenizer, with a dictionary recording it.
+    perm = permute_tokenizer(assets["teacher_dir"], tmp_path / "perm")
+    refused("the teacher's tokenizer fingerprint=", teacher=perm,
+            senses=_senses_of(perm, sentences, tmp_path / "p-senses"))
+    # The same teacher, another dictionary: other senses; the same senses, other centres.
+    refused("sense dictionary senses=", senses=_senses_of(assets["teacher_dir"], sentences,
+                                                          tmp_path / "s-senses", seed=1))
+    sd = sense_jax.SenseDictionary.load(assets["senses"])
+    sense_jax.SenseDictionary.from_arrays(np.asarray(sd.centres) + 1, sd.offsets, sd.counts, sd.meta).save(
+        tmp_path / "shifted")
+    refused("sense dictionary fingerprint=", senses=tmp_path / "shifted")
+    # The fixed command resumes from step 4; a moved teacher directory is the same teacher.
+    import shutil
+
+    moved = shutil.copytree(assets["teacher_dir"], tmp_path / "moved")
+    r = T.train(_cfg(assets, out, **kw, teacher=moved), stop_after=5)
+    assert r.resumed_from == 4 and int(r.state.step) == 5
+    assert sorted(os.listdir(ckpts)) == ["2", "4"]
+
+
+def dataclasses_asdict(cfg):
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
