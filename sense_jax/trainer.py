@@ -231,12 +231,16 @@ class PassageStream:
             self._window = ((epoch, w), batches[shuffle])
         return self._window[1][r_in]
 
-    def micro_batch(self, j: int, length: int | None = None) -> dict[str, np.ndarray]:
+    def micro_batch(self, j: int, length: int | None = None, rows: slice | None = None
+                    ) -> dict[str, np.ndarray]:
         """Micro-batch ``j``: ``input_ids``, ``attention_mask``, ``token_type_ids`` [B, T] int32.
 
-        ``T`` is ``length`` if given, else ``max_length``.
+        ``T`` is ``length`` if given, else ``max_length``. With ``rows`` only those rows of the
+        micro-batch are tokenised and returned ([rows, T]: a process's part, see
+        :func:`process_rows`).
         """
-        return tokenize(self.tok, self.texts(j), length or self.T)
+        texts = self.texts(j)
+        return tokenize(self.tok, texts if rows is None else texts[rows], length or self.T)
 
     def texts(self, j: int) -> list[str]:
         return [self.passages[i] for i in self.indices(j)]
@@ -248,24 +252,31 @@ class PassageStream:
             self._lengths = np.array([len(x) for x in ids])
         return self._lengths
 
-    def step_batches(self, j: int, n: int, buckets: bool) -> list[dict[str, np.ndarray]]:
+    def step_batches(self, j: int, n: int, buckets: bool, rows: slice | None = None
+                     ) -> list[dict[str, np.ndarray]]:
         """Micro-batches ``j .. j + n - 1`` padded to one length: the smallest bucket of
         :data:`sense_jax.batching.DEFAULT_BUCKETS` holding their longest passage (capped at
-        ``max_length``) when ``buckets``, else ``max_length``. Few shapes, one compile each."""
+        ``max_length``) when ``buckets``, else ``max_length``. Few shapes, one compile each.
+
+        With ``rows`` (multi-host: this process's rows) only those rows are tokenised; the pad
+        length is still the whole micro-batches' (from the cached :meth:`lengths`), so that every
+        process pads alike."""
         length = self.T
         if buckets:
             from sense_jax.batching import bucket_length
 
             longest = max(int(self.lengths()[self.indices(m)].max()) for m in range(j, j + n))
             length = min(bucket_length(longest), self.T)
-        return [self.micro_batch(m, length) for m in range(j, j + n)]
+        return [self.micro_batch(m, length, rows) for m in range(j, j + n)]
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int | None = None) -> dict:
     """Pad/truncate ``texts`` to [batch_size or len(texts), max_length] int32 arrays (extra rows empty)."""
+    B = batch_size or len(texts)
+    if not texts:  # a process whose rows of a short last batch are all empty
+        return {k: np.zeros((B, max_length), np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
     enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding="max_length",
                     return_tensors="np")
-    B = batch_size or len(texts)
     out = {}
     for k in ("input_ids", "attention_mask", "token_type_ids"):
         a = np.asarray(enc[k], np.int32) if k in enc else np.zeros((len(texts), max_length), np.int32)
@@ -781,18 +792,38 @@ def init_state(s: Setup) -> TrainState:
                    out_shardings=s.layout.state)(s.init_params, rng)
 
 
+def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...], axis: int) -> slice:
+    """The rows along ``axis`` of a ``global_shape`` array that this process's devices hold under
+    ``sharding`` (all rows with one process). Each process tokenises only these.
+
+    Raises:
+      ConfigError: the process's rows are not one contiguous block (a mesh whose data axis
+        interleaves processes).
+    """
+    n = global_shape[axis]
+    spans = {(i[axis].start or 0, n if i[axis].stop is None else i[axis].stop)
+             for i in sharding.addressable_devices_indices_map(tuple(global_shape)).values()}
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    if sum(b - a for a, b in spans) != hi - lo:
+        raise ConfigError(f"process {jax.process_index()}: its devices hold rows {sorted(spans)} of the "
+                          "batch, not one block; order the mesh's devices by process")
+    return slice(lo, hi)
+
+
 def put_batch(s: Setup, micro_batches: list[dict], sharding: NamedSharding | None = None) -> dict:
-    """Stack host micro-batches to [A, B, T] and place them on the mesh (each process its rows)."""
+    """Stack micro-batches to [A, b, T] and place them on the mesh as [A, B, T] (B = batch_size).
+
+    ``micro_batches`` hold this process's rows (:func:`process_rows` of ``sharding``): all B rows
+    with one process, B / P with P processes, each of which reads and tokenises only its part.
+    """
     sharding = sharding or s.layout.batch
     out = {}
     for k in ("input_ids", "attention_mask", "token_type_ids"):
         a = np.stack([mb[k] for mb in micro_batches])
         if jax.process_count() == 1:
             out[k] = jax.device_put(a, sharding)
-        else:  # every process computed the global batch; keep only this process's rows
-            rows = a.shape[1] // jax.process_count()
-            local = a[:, jax.process_index() * rows:(jax.process_index() + 1) * rows]
-            out[k] = jax.make_array_from_process_local_data(sharding, local, a.shape)
+        else:
+            out[k] = jax.make_array_from_process_local_data(sharding, a, (a.shape[0], s.cfg.batch_size, a.shape[2]))
     return out
 
 
@@ -892,9 +923,11 @@ class _Metrics:
                     continue
                 if rec.get("step", 0) <= resume_step:
                     kept.append(line)
-        with open(self.path, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in kept))
-        self.f = open(self.path, "a", encoding="utf-8")
+        self.f = None
+        if jax.process_index() == 0:  # one writer in a multi-host run
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in kept))
+            self.f = open(self.path, "a", encoding="utf-8")
         self.records = [json.loads(line) for line in kept]
         self.tb = None
         if tensorboard and jax.process_index() == 0:
@@ -916,7 +949,8 @@ class _Metrics:
                         self.tb.add_scalar(f"{rec.get('kind', 'train')}/{k}", v, rec["step"])
 
     def close(self):
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -950,10 +984,12 @@ def plot_curves(records: list[dict], out: Path) -> Path | None:
 def evaluate(s: Setup, params, eval_passages: Sequence[str]) -> dict:
     """Held-out sense accuracy and SKD loss over at most ``eval_batches`` batches."""
     B, T = s.cfg.batch_size, s.cfg.max_length
+    rows = process_rows(s.layout.eval_batch, (B, T), 0)
     tot = {"skd_sum": 0.0, "correct": 0.0, "tokens": 0.0}
     for i in range(0, min(len(eval_passages), B * s.cfg.eval_batches), B):
-        b = tokenize(s.teacher.tokenizer, eval_passages[i:i + B], T, batch_size=B)
-        dev = {k: jax.device_put(v, s.layout.eval_batch) for k, v in b.items()}
+        b = tokenize(s.teacher.tokenizer, list(eval_passages[i:i + B])[rows], T, batch_size=rows.stop - rows.start)
+        dev = {k: (jax.device_put(v, s.layout.eval_batch) if jax.process_count() == 1 else
+                   jax.make_array_from_process_local_data(s.layout.eval_batch, v, (B, T))) for k, v in b.items()}
         m = jax.device_get(s.eval_step(params, dev))
         for k in tot:
             tot[k] += float(m[k])
@@ -1035,6 +1071,7 @@ def _loop(s: Setup, state, micro, start, passages, eval_passages, mngr, run_dir,
     stream = PassageStream(passages, s.teacher.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed,
                            cfg.group_by_length)
     metrics_out = _Metrics(run_dir, resumed_from, cfg.tensorboard)
+    rows = process_rows(s.layout.batch, (cfg.grad_accum, cfg.batch_size, cfg.max_length), 1)
     last_saved = resumed_from
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
     bar = None
@@ -1063,7 +1100,7 @@ def _loop(s: Setup, state, micro, start, passages, eval_passages, mngr, run_dir,
         pending = None  # (step, metrics) of the step whose metrics are not yet read: one step lag
         for step in range(start + 1, end + 1):
             t0 = time.perf_counter()
-            batch = put_batch(s, stream.step_batches(micro, cfg.grad_accum, cfg.pad_to_buckets))
+            batch = put_batch(s, stream.step_batches(micro, cfg.grad_accum, cfg.pad_to_buckets, rows))
             state, m_dev = s.train_step(state, batch)
             micro += cfg.grad_accum
             if pending is not None:

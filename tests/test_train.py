@@ -390,3 +390,85 @@ def dataclasses_asdict(cfg):
     import dataclasses
 
     return dataclasses.asdict(cfg)
+
+
+def test_checkpoints_and_exports_record_their_provenance(full_run, tmp_path):
+    import shutil
+
+    from sense_jax.provenance import provenance
+
+    run = shutil.copytree(full_run.run_dir, tmp_path / "run")
+    meta_file = run / "checkpoints" / "6" / "meta" / "metadata"  # Orbax JsonSave's file
+    meta = json.loads(meta_file.read_text())
+    assert meta["provenance"] == provenance() and meta["tokenizer_fingerprint"] and meta["dictionary_fingerprint"]
+    # Written under another major jax version: restoring it warns, naming both versions.
+    meta["provenance"]["versions"]["jax"] = "0.1.0"
+    meta_file.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=f"was written with jax 0.1.0, this process has jax {jax.__version__}"):
+        T.export_checkpoint(run, tmp_path / "hf", log=lambda m: None)
+    exported = json.loads((tmp_path / "hf" / "adaptor.json").read_text())
+    assert exported["provenance"] == provenance() and exported["trained_with"]["versions"]["jax"] == "0.1.0"
+
+
+_SPY = textwrap.dedent("""
+    import json, sys
+    sys.path[:0] = [sys.argv[1]]
+    from sense_jax import trainer as T
+    log, real = open(sys.argv[2], "w"), T.tokenize
+
+    def spy(tok, texts, max_length, batch_size=None):  # what this process tokenises
+        log.write(json.dumps(list(texts)) + "\\n"); log.flush()
+        return real(tok, texts, max_length, batch_size)
+
+    T.tokenize = spy
+    from sense_jax.cli import main
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
+def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets, tmp_path):
+    import dataclasses
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    kw = dict(steps=2, batch_size=4, grad_accum=2, save_every=2, eval_every=0, eval_fraction=0.0,
+              plot=False)
+
+    def spawn(out: str, devices: int, *flags: str, log: str = "unused") -> subprocess.Popen:
+        cfg = _cfg(assets, tmp_path / out, **kw)
+        sets = [x for k, v in dataclasses.asdict(cfg).items() for x in ("--set", f"{k}={v}")]
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                   JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        return subprocess.Popen([sys.executable, "-c", _SPY, str(ROOT), str(tmp_path / log), "distill",
+                                 *flags, *sets], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    # Two processes of one device each, and the same global batches on one process of two devices.
+    procs = [spawn("two", 1, "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                   "--process-id", str(i), log=f"texts{i}.jsonl") for i in range(2)]
+    procs.append(spawn("one", 2))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-2000:] for o in outs)
+    assert "trained to step 2" in outs[0] and "trained to step 2" in outs[2]
+    # Each process tokenised only its half of every micro-batch.
+    stream = T.PassageStream(T.read_passages(str(assets["corpus"])), assets["teacher"].tokenizer, 4, 16, 0)
+    for i in range(2):
+        seen = [json.loads(x) for x in (tmp_path / f"texts{i}.jsonl").read_text().splitlines()]
+        assert seen == [stream.texts(j)[2 * i:2 * i + 2] for j in range(4)]
+    # Both checkpoints restore here, on one device, to the same params.
+    s = T.setup(_cfg(assets, tmp_path / "x", **kw))
+    restored = {}
+    for out in ("two", "one"):
+        mngr = T.checkpoint_manager(tmp_path / out / "checkpoints", save_every=2, keep=3)
+        try:
+            state, data, step = T.restore_latest(mngr, s.layout.abstract_state)
+        finally:
+            mngr.close()
+        assert step == 2 and data["micro_batches"] == 4
+        restored[out] = _flat(state.params)
+    _assert_same(restored["two"], restored["one"])
+    # The checkpoint of 2 processes resumes on 1.
+    r = T.train(_cfg(assets, tmp_path / "two", **dict(kw, steps=3)))
+    assert r.resumed_from == 2 and int(r.state.step) == 3
