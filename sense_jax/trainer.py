@@ -90,7 +90,7 @@ class DistillConfig:
     b1: float = 0.9                  # Adam beta1
     b2: float = 0.999                # Adam beta2
     clip_norm: float = 1.0           # global gradient-norm clip (0 = off)
-    compute_dtype: str = "float32"   # float32 or bfloat16 activations (params stay float32)
+    compute_dtype: str = "float32"   # float32 or bfloat16 activations (params stay float32; no float16)
     # Parallelism.
     mesh_data: int = -1              # size of the "data" mesh axis (-1 = devices / mesh_model)
     mesh_model: int = 1              # size of the "model" mesh axis
@@ -137,7 +137,8 @@ def _validate(cfg: DistillConfig) -> DistillConfig:
     need(cfg.skd_weight + cfg.mse_weight > 0, "skd_weight", "skd_weight + mse_weight must be > 0")
     need(0.0 <= cfg.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
     need(cfg.metric in ("dot", "cos", "l2"), "metric", "choose dot, cos or l2")
-    need(cfg.compute_dtype in ("float32", "bfloat16"), "compute_dtype", "choose float32 or bfloat16")
+    need(cfg.compute_dtype in ("float32", "bfloat16"), "compute_dtype",
+         "choose float32 or bfloat16 (float16 training would need loss scaling)")
     need(cfg.mesh_data == -1 or cfg.mesh_data >= 1, "mesh_data", "must be -1 or >= 1")
     need(cfg.student in ("truncate", "fresh") or Path(cfg.student).is_dir(), "student",
          "choose 'truncate', 'fresh' or an existing model directory")
