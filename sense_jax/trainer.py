@@ -824,7 +824,8 @@ def put_batch(s: Setup, micro_batches: list[dict], sharding: NamedSharding | Non
         if jax.process_count() == 1:
             out[k] = jax.device_put(a, sharding)
         else:
-            out[k] = jax.make_array_from_process_local_data(sharding, a, (a.shape[0], s.cfg.batch_size, a.shape[2]))
+            shape = (a.shape[0], s.cfg.batch_size, a.shape[2])
+            out[k] = jax.make_array_from_process_local_data(sharding, a, shape)
     return out
 
 
@@ -871,11 +872,9 @@ def _check_resume(saved: dict, current: dict, where: str) -> None:
 
     if saved.get("family", current["family"]) != current["family"]:
         refuse("a teacher of family", saved["family"], current["family"], "the checkpoint's teacher")
-    for part, fix in (("teacher_config", "the checkpoint's teacher"),):
-        old, new = saved.get(part) or {}, current[part]
-        for k in old:
-            if k != "dtype" and old[k] != new.get(k):
-                refuse(f"teacher {k}", old[k], new.get(k), fix)
+    for k, v in (saved.get("teacher_config") or {}).items():
+        if k != "dtype" and v != current["teacher_config"].get(k):  # dtype: compute_dtype's business
+            refuse(f"teacher {k}", v, current["teacher_config"].get(k), "the checkpoint's teacher")
     fp_old = saved.get("teacher_fingerprint")
     if saved.get("tokenizer_fingerprint") not in (None, current["tokenizer_fingerprint"]):
         refuse("the teacher's tokenizer fingerprint", saved["tokenizer_fingerprint"],

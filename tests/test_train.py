@@ -433,7 +433,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    kw = dict(steps=2, batch_size=4, grad_accum=2, save_every=2, eval_every=0, eval_fraction=0.0,
+    kw = dict(steps=2, batch_size=4, grad_accum=2, save_every=2, eval_every=0, eval_fraction=0.1,
               plot=False)
 
     def spawn(out: str, devices: int, *flags: str, log: str = "unused") -> subprocess.Popen:
@@ -448,15 +448,18 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets
     # Two processes of one device each, and the same global batches on one process of two devices.
     procs = [spawn("two", 1, "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                    "--process-id", str(i), log=f"texts{i}.jsonl") for i in range(2)]
-    procs.append(spawn("one", 2))
+    procs.append(spawn("one", 2, log="texts-one.jsonl"))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-2000:] for o in outs)
     assert "trained to step 2" in outs[0] and "trained to step 2" in outs[2]
-    # Each process tokenised only its half of every micro-batch.
-    stream = T.PassageStream(T.read_passages(str(assets["corpus"])), assets["teacher"].tokenizer, 4, 16, 0)
-    for i in range(2):
-        seen = [json.loads(x) for x in (tmp_path / f"texts{i}.jsonl").read_text().splitlines()]
-        assert seen == [stream.texts(j)[2 * i:2 * i + 2] for j in range(4)]
+    # Each process tokenised only its half of every batch (4 training micro-batches, 1 held-out).
+    seen = [[json.loads(x) for x in (tmp_path / f"texts{i}.jsonl").read_text().splitlines()]
+            for i in ("0", "1", "-one")]
+    assert len(seen[2]) == 5 and all(len(b) == 4 for b in seen[2])
+    assert [a + b for a, b in zip(seen[0], seen[1])] == seen[2] and all(len(b) == 2 for b in seen[0])
+    held_out = [[r for r in map(json.loads, (tmp_path / out / "metrics.jsonl").read_text().splitlines())
+                 if r["kind"] == "eval"] for out in ("two", "one")]
+    assert held_out[0] == held_out[1] and len(held_out[0]) == 1
     # Both checkpoints restore here, on one device, to the same params.
     s = T.setup(_cfg(assets, tmp_path / "x", **kw))
     restored = {}
@@ -472,3 +475,23 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets
     # The checkpoint of 2 processes resumes on 1.
     r = T.train(_cfg(assets, tmp_path / "two", **dict(kw, steps=3)))
     assert r.resumed_from == 2 and int(r.state.step) == 3
+
+
+def test_checkpoints_from_before_the_fingerprints_still_resume(full_run, tmp_path):
+    # A checkpoint meta as written before the tokenizer / dictionary fingerprints: a version-1
+    # (embedding-only) teacher fingerprint, no provenance.
+    current = full_run.setup.meta
+    old = {k: v for k, v in json.loads(json.dumps(current)).items()
+           if k not in ("tokenizer_fingerprint", "dictionary_fingerprint", "dictionary_shape", "provenance",
+                        "embedding_fingerprint")}
+    old["teacher_fingerprint"] = current["embedding_fingerprint"]
+    T._check_resume(old, current, "ckpt")
+    # Without fingerprints of the dictionary and tokenizer, their paths still have to match.
+    moved = json.loads(json.dumps(current))
+    moved["config"]["senses"] = "elsewhere"
+    with pytest.raises(sense_jax.ConfigError, match="ckpt: the checkpoint was trained with senses="):
+        T._check_resume(old, moved, "ckpt")
+    T._check_resume(current, moved, "ckpt")  # with them, a moved dictionary is the same dictionary
+    with pytest.raises(sense_jax.ConfigError, match="teacher fingerprint=0123456789abcdef, now teacher "
+                                                    "fingerprint=" + current["embedding_fingerprint"]):
+        T._check_resume(dict(old, teacher_fingerprint="0123456789abcdef"), current, "ckpt")
