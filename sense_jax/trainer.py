@@ -19,6 +19,8 @@ Design (STYLE §8-10):
   decay; gradient accumulation by a ``lax.scan`` over ``grad_accum`` micro-batches inside the step;
 * data parallel over the ("data", "model") mesh; params replicated (``fsdp=false``) or sharded
   over ``data`` on their ``embed`` axis (``fsdp=true``, :data:`sense_jax.sharding.FSDP_RULES`);
+  multi-host (``sense-jax distill --distributed``): each process tokenises only its rows of every
+  batch (:func:`process_rows`) and feeds them with ``make_array_from_process_local_data``;
 * per-step randomness: ``fold_in(rng, step)`` (the BERT student has no dropout, so nothing
   consumes it yet; it is threaded so stochastic extensions stay resumable);
 * the only documented non-determinism: none on CPU (resume is bit-exact); on GPU/TPU XLA's
