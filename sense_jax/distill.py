@@ -43,7 +43,8 @@ from sense_jax.sense_dict import SenseDictionary, gather_senses, sense_scores
 
 
 def skd_loss(codebook: jax.Array, valid: jax.Array, student: jax.Array, teacher: jax.Array,
-             token_mask: jax.Array, metric: str = "dot") -> dict[str, jax.Array]:
+             token_mask: jax.Array, metric: str = "dot", denominator: jax.Array | None = None
+             ) -> dict[str, jax.Array]:
     """SKD cross-entropy over each token's senses (METHOD §3), vectorised and masked.
 
     Args:
@@ -53,6 +54,9 @@ def skd_loss(codebook: jax.Array, valid: jax.Array, student: jax.Array, teacher:
       teacher: [B, T, D] teacher hidden states (gradients are stopped).
       token_mask: [B, T] int/bool, 1 for real tokens (the attention mask).
       metric: sense score, "dot" (the paper's), "cos" or "l2" (see :func:`sense_scores`).
+      denominator: float32 scalar, the token count the sums are divided by; default this batch's
+        counted tokens (at least 1). Gradient accumulation passes the whole step's count, so that
+        the micro-batches' terms add up to the step's token mean.
 
     Returns:
       dict of float32 scalars: ``skd`` (mean cross-entropy over counted tokens, 0 when none),
@@ -70,18 +74,21 @@ def skd_loss(codebook: jax.Array, valid: jax.Array, student: jax.Array, teacher:
     nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]       # [B, T]
     w = has_entry.astype(jnp.float32)
     n = w.sum()
-    denom = jnp.maximum(n, 1.0)
+    denom = jnp.maximum(n, 1.0) if denominator is None else denominator
     loss = jnp.sum(jnp.where(has_entry, nll, 0.0)) / denom
     agree = (jnp.argmax(z, axis=-1) == y).astype(jnp.float32)
     return {"skd": loss, "accuracy": jnp.sum(agree * w) / denom, "tokens": n}
 
 
-def hidden_mse_loss(student: jax.Array, teacher: jax.Array, token_mask: jax.Array) -> jax.Array:
+def hidden_mse_loss(student: jax.Array, teacher: jax.Array, token_mask: jax.Array,
+                    denominator: jax.Array | None = None) -> jax.Array:
     """Plain hidden-state distillation baseline: mean over real tokens of mean_D (A(h_s) - h_t)^2.
 
     Args:
       student: [B, T, D] adapted student states; teacher: [B, T, D] (gradients stopped);
       token_mask: [B, T] 1 for real tokens.
+      denominator: the real-token count to divide by (default this batch's, at least 1); see
+        :func:`skd_loss`.
 
     Returns:
       float32 scalar (0 when no token is real).
@@ -89,25 +96,29 @@ def hidden_mse_loss(student: jax.Array, teacher: jax.Array, token_mask: jax.Arra
     d = student.astype(jnp.float32) - jax.lax.stop_gradient(teacher).astype(jnp.float32)
     per_token = jnp.mean(d * d, axis=-1)
     w = token_mask.astype(jnp.float32)
-    return jnp.sum(per_token * w) / jnp.maximum(w.sum(), 1.0)
+    return jnp.sum(per_token * w) / (jnp.maximum(w.sum(), 1.0) if denominator is None else denominator)
 
 
 def distill_losses(sense_dict: SenseDictionary, input_ids: jax.Array, attention_mask: jax.Array,
                    student: jax.Array, teacher: jax.Array, *, skd_weight: float = 1.0,
-                   mse_weight: float = 0.0, metric: str = "dot") -> dict[str, jax.Array]:
+                   mse_weight: float = 0.0, metric: str = "dot", skd_tokens: jax.Array | None = None,
+                   real_tokens: jax.Array | None = None) -> dict[str, jax.Array]:
     """The training objective: ``skd_weight * SKD + mse_weight * MSE``, with its parts.
 
     Args:
       sense_dict: the teacher's dictionary (V and D must match the teacher).
       input_ids, attention_mask: [B, T] int.
       student: [B, T, D] adapted student states; teacher: [B, T, D] teacher states.
+      skd_tokens, real_tokens: float32 scalars, the counts of tokens with an entry and of real
+        tokens that SKD (and accuracy) and MSE are averaged over; default this batch's. A step
+        of several micro-batches passes the whole step's counts (see :func:`skd_loss`).
 
     Returns:
       dict of float32 scalars: ``loss``, ``skd``, ``mse``, ``accuracy``, ``tokens``.
     """
     codebook, valid = gather_senses(sense_dict, input_ids)
-    out = skd_loss(codebook, valid, student, teacher, attention_mask, metric)
-    out["mse"] = hidden_mse_loss(student, teacher, attention_mask)
+    out = skd_loss(codebook, valid, student, teacher, attention_mask, metric, skd_tokens)
+    out["mse"] = hidden_mse_loss(student, teacher, attention_mask, real_tokens)
     out["loss"] = skd_weight * out["skd"] + mse_weight * out["mse"]
     return out
 
@@ -247,14 +258,38 @@ def check_same_vocab(teacher: Any, student: Any, *, teacher_name: str = "teacher
                               f"difference: token {diff[0]!r} id {diff[1]}): SKD needs the same tokenizer")
 
 
-def teacher_fingerprint(params: dict, vocab_size: int | None = None) -> str:
-    """A content id of a teacher: sha256 (16 hex digits) of its float32 token-embedding matrix.
+FINGERPRINT_VERSION = 2  # "v2-<hex>": embedding matrix and tokenizer; older artefacts hold v1 (bare hex)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A content id of a tokenizer: sha256 (16 hex digits) of its vocabulary (token -> id, added
+    tokens included) and its special tokens (map and ids).
+
+    Two tokenizers with the same tokens under other ids (a permuted vocabulary) differ.
+    """
+    payload = json.dumps({"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0])),
+                          "special": tokenizer.special_tokens_map,
+                          "special_ids": sorted(int(i) for i in tokenizer.all_special_ids)},
+                         sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def teacher_fingerprint(params: dict, vocab_size: int | None = None, tokenizer: Any = None) -> str:
+    """A content id of a teacher: its token-embedding matrix and, given ``tokenizer``, its tokenizer.
+
+    With ``tokenizer`` (version 2, what artefacts record): ``"v2-"`` + sha256 (16 hex digits) of
+    the embedding id below and :func:`tokenizer_fingerprint`, so that the same weights with a
+    permuted vocabulary (ids shuffled) get another id. Without it (version 1, what artefacts
+    recorded before; kept to check them): sha256 (16 hex digits) of the float32 embedding matrix.
 
     The embedding matrix is the first 2-D parameter (in sorted path order) whose first dimension
     is ``vocab_size`` (any family); without ``vocab_size``, BERT's
-    ``embeddings/word_embeddings/embedding``. The same weights give the same id whether loaded
-    from a transformers directory or a converted one, so a dictionary can record which teacher
-    built it (``meta["teacher_fingerprint"]``).
+    ``embeddings/word_embeddings/embedding``. The same weights and tokenizer files give the same
+    id whether loaded from a transformers directory or a converted one, so a store or dictionary
+    records which teacher built it (``meta["teacher_fingerprint"]``, see :func:`check_sense_dict`).
+
+    Raises:
+      SenseJaxError: no [vocab_size, D] parameter.
     """
     from flax import traverse_util
 
@@ -269,17 +304,53 @@ def teacher_fingerprint(params: dict, vocab_size: int | None = None) -> str:
     emb = np.asarray(jax.device_get(flat[key]), np.float32)
     h = hashlib.sha256(str(emb.shape).encode())
     h.update(np.ascontiguousarray(emb).tobytes())
+    v1 = h.hexdigest()[:16]
+    if tokenizer is None:
+        return v1
+    both = hashlib.sha256(f"{v1}:{tokenizer_fingerprint(tokenizer)}".encode()).hexdigest()[:16]
+    return f"v{FINGERPRINT_VERSION}-{both}"
+
+
+def dictionary_fingerprint(sense_dict: SenseDictionary) -> str:
+    """A content id of a sense dictionary: sha256 (16 hex digits) of its offsets and centres
+    (shape, dtype and bytes); counts and metadata are left out (they do not change training)."""
+    h = hashlib.sha256()
+    for a in (sense_dict.offsets, sense_dict.centres):
+        a = np.asarray(jax.device_get(a))
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    import warnings
+
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
 def check_sense_dict(sense_dict: SenseDictionary, teacher_cfg: Any, *, fingerprint: str | None = None,
-                     teacher_path: str | None = None, source: str = "sense dictionary") -> None:
+                     teacher_path: str | None = None, source: str = "sense dictionary",
+                     embedding_fingerprint: str | None = None) -> None:
     """Refuse a dictionary that was not built from this teacher.
 
     Checks the width (``hidden_size``) and the vocabulary size, and, where the dictionary's meta
     records them: the hidden-state ``layer`` (SKD uses the teacher's last layer), the
     ``teacher_fingerprint`` (see :func:`teacher_fingerprint`), and otherwise the ``teacher`` path
     (by resolved path, when both exist on this machine).
+
+    A version-2 fingerprint (``v2-...``: embedding matrix and tokenizer) is compared with
+    ``fingerprint``; a version-1 one (older dictionaries: embedding matrix only) with
+    ``embedding_fingerprint`` when given, and accepted with a warning (once) that its tokenizer
+    could not be checked. Fingerprints of different versions are never compared with each other.
+
+    Args:
+      fingerprint: this teacher's :func:`teacher_fingerprint` with its tokenizer (v2), or v1.
+      embedding_fingerprint: this teacher's v1 fingerprint (without tokenizer), for old dictionaries.
 
     Raises:
       SenseJaxError: naming ``source`` and the field that differs.
@@ -297,9 +368,18 @@ def check_sense_dict(sense_dict: SenseDictionary, teacher_cfg: Any, *, fingerpri
         raise SenseJaxError(f"{source}: built from layer {layer} hidden states, but SKD compares the "
                             f"teacher's last layer ({teacher_cfg.num_hidden_layers}); rebuild it from the last layer")
     fp = meta.get("teacher_fingerprint")
-    if fp is not None and fingerprint is not None and fp != fingerprint:
-        raise SenseJaxError(f"{source}: built from teacher {meta.get('teacher', '?')!r} (fingerprint "
-                            f"{fp}) but this teacher's fingerprint is {fingerprint}")
+    if fp is not None:
+        versioned = str(fp).startswith("v")
+        ours = [f for f in (fingerprint, embedding_fingerprint) if f is not None
+                and str(f).startswith("v") == versioned]
+        if ours and ours[0] != fp:
+            what = "embedding matrix and tokenizer" if versioned else "embedding matrix"
+            raise SenseJaxError(f"{source}: built from teacher {meta.get('teacher', '?')!r} (fingerprint "
+                                f"{fp}, of its {what}) but this teacher's fingerprint is {ours[0]}: "
+                                "another teacher or tokenizer; rebuild the dictionary from this teacher")
+        if ours and not versioned:
+            _warn_once(f"{source}: records a version-1 teacher fingerprint (embedding matrix only), which "
+                       "matches; its tokenizer cannot be checked (rebuild it to record one)")
     if fp is None and teacher_path is not None and isinstance(meta.get("teacher"), str):
         a, b = meta["teacher"], str(teacher_path)
         if a != b and Path(a).exists() and os.path.realpath(a) != os.path.realpath(b):

@@ -62,6 +62,7 @@ import numpy as np
 from sense_jax.batching import DEFAULT_BUCKETS, length_bucketed_batches
 from sense_jax.corpus import CorpusStats, PassageHasher, corpus_files, iter_passages, quick_fingerprint
 from sense_jax.distill import teacher_fingerprint
+from sense_jax.provenance import provenance
 from sense_jax.errors import SenseJaxError
 from sense_jax.io_utils import read_json, replace_directory, write_json_atomic
 from sense_jax.store import COMPLETE_MARKER, STORE_DTYPES
@@ -676,7 +677,8 @@ def extract(model_or_path: Any, corpus_path: str | os.PathLike, out: str | os.Pa
                 corpus_fingerprint=counted.stats["fingerprint"], num_layers=n_layers,
                 hidden_size=int(model.config.hidden_size), vocab_size=V,
                 special_ids=special_ids, summary=summary,
-                teacher_fingerprint=teacher_fingerprint(model.params, V))
+                teacher_fingerprint=teacher_fingerprint(model.params, V, model.tokenizer),
+                provenance=provenance())
     if proc == 0:
         _finish(job, store_dir, meta, overwrite)
     _barrier("sense_jax.extract.done")

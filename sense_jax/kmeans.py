@@ -97,6 +97,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from sense_jax.errors import SenseJaxError
+from sense_jax.provenance import provenance
 
 ADAPTIVE_RULES = ("bic",)
 _HI = jax.lax.Precision.HIGHEST
@@ -855,7 +856,7 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
                    "max_iter": max_iter, "tol": tol, "init": "greedy k-means++"},
         "seed": seed,
         "store": str(store.path),
-        "store_fingerprint": store_fingerprint(store),
+        "store_fingerprint": store_fingerprint(store), "provenance": provenance(),
         "stats": {"tokens": int(tokens.size), "tokens_clustered": int(big.size),
                   "senses": int(centres.shape[0]),
                   "mean_inertia": float(np.mean(list(inertia.values()))) if inertia else 0.0},

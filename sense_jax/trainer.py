@@ -19,6 +19,8 @@ Design (STYLE §8-10):
   decay; gradient accumulation by a ``lax.scan`` over ``grad_accum`` micro-batches inside the step;
 * data parallel over the ("data", "model") mesh; params replicated (``fsdp=false``) or sharded
   over ``data`` on their ``embed`` axis (``fsdp=true``, :data:`sense_jax.sharding.FSDP_RULES`);
+  multi-host (``sense-jax distill --distributed``): each process tokenises only its rows of every
+  batch (:func:`process_rows`) and feeds them with ``make_array_from_process_local_data``;
 * per-step randomness: ``fold_in(rng, step)`` (the BERT student has no dropout, so nothing
   consumes it yet; it is threaded so stochastic extensions stay resumable);
 * the only documented non-determinism: none on CPU (resume is bit-exact); on GPU/TPU XLA's
@@ -90,7 +92,7 @@ class DistillConfig:
     b1: float = 0.9                  # Adam beta1
     b2: float = 0.999                # Adam beta2
     clip_norm: float = 1.0           # global gradient-norm clip (0 = off)
-    compute_dtype: str = "float32"   # float32 or bfloat16 activations (params stay float32)
+    compute_dtype: str = "float32"   # float32 or bfloat16 activations (params stay float32; no float16)
     # Parallelism.
     mesh_data: int = -1              # size of the "data" mesh axis (-1 = devices / mesh_model)
     mesh_model: int = 1              # size of the "model" mesh axis
@@ -137,7 +139,8 @@ def _validate(cfg: DistillConfig) -> DistillConfig:
     need(cfg.skd_weight + cfg.mse_weight > 0, "skd_weight", "skd_weight + mse_weight must be > 0")
     need(0.0 <= cfg.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
     need(cfg.metric in ("dot", "cos", "l2"), "metric", "choose dot, cos or l2")
-    need(cfg.compute_dtype in ("float32", "bfloat16"), "compute_dtype", "choose float32 or bfloat16")
+    need(cfg.compute_dtype in ("float32", "bfloat16"), "compute_dtype",
+         "choose float32 or bfloat16 (float16 training would need loss scaling)")
     need(cfg.mesh_data == -1 or cfg.mesh_data >= 1, "mesh_data", "must be -1 or >= 1")
     need(cfg.student in ("truncate", "fresh") or Path(cfg.student).is_dir(), "student",
          "choose 'truncate', 'fresh' or an existing model directory")
@@ -228,12 +231,16 @@ class PassageStream:
             self._window = ((epoch, w), batches[shuffle])
         return self._window[1][r_in]
 
-    def micro_batch(self, j: int, length: int | None = None) -> dict[str, np.ndarray]:
+    def micro_batch(self, j: int, length: int | None = None, rows: slice | None = None
+                    ) -> dict[str, np.ndarray]:
         """Micro-batch ``j``: ``input_ids``, ``attention_mask``, ``token_type_ids`` [B, T] int32.
 
-        ``T`` is ``length`` if given, else ``max_length``.
+        ``T`` is ``length`` if given, else ``max_length``. With ``rows`` only those rows of the
+        micro-batch are tokenised and returned ([rows, T]: a process's part, see
+        :func:`process_rows`).
         """
-        return tokenize(self.tok, self.texts(j), length or self.T)
+        texts = self.texts(j)
+        return tokenize(self.tok, texts if rows is None else texts[rows], length or self.T)
 
     def texts(self, j: int) -> list[str]:
         return [self.passages[i] for i in self.indices(j)]
@@ -245,24 +252,31 @@ class PassageStream:
             self._lengths = np.array([len(x) for x in ids])
         return self._lengths
 
-    def step_batches(self, j: int, n: int, buckets: bool) -> list[dict[str, np.ndarray]]:
+    def step_batches(self, j: int, n: int, buckets: bool, rows: slice | None = None
+                     ) -> list[dict[str, np.ndarray]]:
         """Micro-batches ``j .. j + n - 1`` padded to one length: the smallest bucket of
         :data:`sense_jax.batching.DEFAULT_BUCKETS` holding their longest passage (capped at
-        ``max_length``) when ``buckets``, else ``max_length``. Few shapes, one compile each."""
+        ``max_length``) when ``buckets``, else ``max_length``. Few shapes, one compile each.
+
+        With ``rows`` (multi-host: this process's rows) only those rows are tokenised; the pad
+        length is still the whole micro-batches' (from the cached :meth:`lengths`), so that every
+        process pads alike."""
         length = self.T
         if buckets:
             from sense_jax.batching import bucket_length
 
             longest = max(int(self.lengths()[self.indices(m)].max()) for m in range(j, j + n))
             length = min(bucket_length(longest), self.T)
-        return [self.micro_batch(m, length) for m in range(j, j + n)]
+        return [self.micro_batch(m, length, rows) for m in range(j, j + n)]
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int | None = None) -> dict:
     """Pad/truncate ``texts`` to [batch_size or len(texts), max_length] int32 arrays (extra rows empty)."""
+    B = batch_size or len(texts)
+    if not texts:  # a process whose rows of a short last batch are all empty
+        return {k: np.zeros((B, max_length), np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
     enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding="max_length",
                     return_tensors="np")
-    B = batch_size or len(texts)
     out = {}
     for k in ("input_ids", "attention_mask", "token_type_ids"):
         a = np.asarray(enc[k], np.int32) if k in enc else np.zeros((len(texts), max_length), np.int32)
@@ -334,46 +348,56 @@ def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Calla
       batch: dict of [A, B, T] int32 (A = grad_accum micro-batches).
       frozen: ``(teacher_params, sense_dict)``, read-only.
 
-    Gradient accumulation: a ``lax.scan`` over the A micro-batches sums their gradients / A
-    (each micro-batch's loss is its own token mean), then one optimizer update.
+    Gradient accumulation: a ``lax.scan`` over the A micro-batches sums their gradients, then
+    one optimizer update. Each micro-batch divides its per-token sums by the token counts of the
+    *whole step* (tokens with an entry for SKD and accuracy, real tokens for MSE), so the step's
+    loss and gradient are those of one batch of A·B passages, however the tokens fall into
+    micro-batches (averaging each micro-batch's own token mean would weight a token of a short
+    micro-batch more).
 
-    Metrics (float32 scalars): loss, skd, mse, accuracy (sense agreement; means over the
-    micro-batches), tokens (with an entry, summed), real_tokens (mask sum), grad_norm, lr,
-    finite (1.0 if the update was applied).
+    Metrics (float32 scalars): loss, skd, mse, accuracy (sense agreement; token means over the
+    step), tokens (with an entry), real_tokens (mask sum), grad_norm, lr, finite (1.0 if the
+    update was applied).
     A non-finite loss or gradient leaves the state unchanged (``finite`` = 0) and the host stops.
     """
     from sense_jax.distill import distill_losses
+    from sense_jax.sense_dict import gather_senses
 
     tx, schedule = make_optimizer(cfg), make_schedule(cfg)
 
-    def loss_fn(params, mb, teacher_params, sense_dict, key):
+    def loss_fn(params, mb, teacher_params, sense_dict, key, counts):
         del key  # no dropout in the student; threaded for stochastic extensions
         teacher = teacher_module.apply({"params": teacher_params}, mb["input_ids"], mb["attention_mask"],
                                        mb["token_type_ids"])
         teacher = jax.lax.stop_gradient(teacher)
         student = _student_forward(student_module, params, mb)
         m = distill_losses(sense_dict, mb["input_ids"], mb["attention_mask"], student, teacher,
-                           skd_weight=cfg.skd_weight, mse_weight=cfg.mse_weight, metric=cfg.metric)
+                           skd_weight=cfg.skd_weight, mse_weight=cfg.mse_weight, metric=cfg.metric,
+                           skd_tokens=counts[0], real_tokens=counts[1])
         return m["loss"], m
 
     def step(state: TrainState, batch: dict, frozen: tuple) -> tuple[TrainState, dict]:
         step.traces += 1  # counts compilations (tests assert one)
         teacher_params, sense_dict = frozen
         key = jax.random.fold_in(state.rng, state.step)
-        A = batch["input_ids"].shape[0]
+        real = batch["attention_mask"].astype(bool)
+        _, valid = gather_senses(sense_dict, batch["input_ids"])  # the codebook gather is dead code
+        counts = (jnp.maximum((valid[..., 0] & real).sum(), 1).astype(jnp.float32),
+                  jnp.maximum(real.sum(), 1).astype(jnp.float32))
 
         def micro(carry, xs):
             g_acc, m_acc = carry
             mb, i = xs
             (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.params, mb, teacher_params, sense_dict, jax.random.fold_in(key, i))
-            g_acc = jax.tree.map(lambda a, b: a + b / A, g_acc, g)
-            m_acc = {k: m_acc[k] + (m[k] if k == "tokens" else m[k] / A) for k in m_acc}
+                state.params, mb, teacher_params, sense_dict, jax.random.fold_in(key, i), counts)
+            g_acc = jax.tree.map(jnp.add, g_acc, g)
+            m_acc = {k: m_acc[k] + m[k] for k in m_acc}
             return (g_acc, m_acc), None
 
         zeros_g = jax.tree.map(jnp.zeros_like, state.params)
         zeros_m = {k: jnp.zeros((), jnp.float32) for k in ("loss", "skd", "mse", "accuracy", "tokens")}
-        (grads, metrics), _ = jax.lax.scan(micro, (zeros_g, zeros_m), (batch, jnp.arange(A)))
+        (grads, metrics), _ = jax.lax.scan(micro, (zeros_g, zeros_m),
+                                           (batch, jnp.arange(batch["input_ids"].shape[0])))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         gnorm = optax.tree.norm(grads)
@@ -512,16 +536,19 @@ def checkpoint_manager(directory: str | os.PathLike, *, save_every: int, keep: i
       ``state``: the :class:`TrainState` (params, optax state, step, rng), sharded arrays;
       ``data``:  JSON ``{"micro_batches": int, "step": int}``, the data position;
       ``meta``:  JSON: the run config, the student / teacher configs, the teacher's config.json,
-                 whether the frozen pooler is present, the teacher fingerprint.
+                 whether the frozen pooler is present, the teacher, tokenizer and dictionary
+                 fingerprints, the dictionary's shape, and the provenance (library versions,
+                 devices: :mod:`sense_jax.provenance`).
 
     Resume order (:func:`restore_latest`): (1) read ``meta`` and check it against the current
-    config (structure-changing keys must match); (2) build the mesh and the abstract state with
-    its shardings from the *current* devices (so 8 -> 1 device and back works); (3) restore
-    ``state`` onto them; (4) restore ``data`` and move the stream there; (5) continue at
-    ``step + 1``. Saves are asynchronous; :meth:`wait_until_finished` runs before exit. A step
-    directory that fails to restore (corrupt, truncated) is reported and the previous one used;
-    Orbax writes each step to a temporary directory renamed when complete, so partial saves are
-    never listed.
+    config, teacher, tokenizer and dictionary (:func:`_check_resume`; a mismatch is refused by
+    name, before any array is read, and no checkpoint is touched); (2) build the mesh and the
+    abstract state with its shardings from the *current* devices (so 8 -> 1 device and back
+    works) and compare the stored params' shapes with it; (3) restore ``state`` onto them;
+    (4) restore ``data`` and move the stream there; (5) continue at ``step + 1``. Saves are
+    asynchronous; :meth:`wait_until_finished` runs before exit. Only a step directory that cannot
+    be read by itself (corrupt, truncated) is set aside and the previous one used; Orbax writes
+    each step to a temporary directory renamed when complete, so partial saves are never listed.
     """
     import orbax.checkpoint as ocp
 
@@ -556,37 +583,81 @@ def _short(e: BaseException, limit: int = 160) -> str:
     return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
-def restore_latest(mngr, abstract_state: TrainState, *, log: Callable[[str], None] = print
+def _set_aside(mngr, step: int) -> None:
+    """Rename an unreadable step ``<step>.unreadable-<time>`` (kept for inspection; the step can
+    be saved anew)."""
+    bad = Path(str(mngr.directory)) / str(step)
+    if jax.process_index() == 0 and bad.is_dir():
+        os.replace(bad, bad.with_name(f"{step}.unreadable-{int(time.time())}"))
+    mngr.reload()
+
+
+def _check_shapes(stored: dict, abstract_params: Any, where: str) -> None:
+    """Refuse stored params whose paths or shapes differ from the current abstract params."""
+    from flax import traverse_util
+
+    have = {k: tuple(getattr(v, "shape", ())) for k, v in traverse_util.flatten_dict(stored, sep="/").items()}
+    want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract_params, sep="/").items()}
+    for k in sorted(set(have) | set(want)):
+        if have.get(k) != want.get(k):
+            old = "no such parameter" if k not in have else f"shape {list(have[k])}"
+            new = "no such parameter" if k not in want else f"shape {list(want[k])}"
+            raise ConfigError(f"{where}: the checkpoint holds parameter {k} with {old}, the current "
+                              f"configuration {new}; use another out_dir or the checkpoint's configuration")
+
+
+def restore_latest(mngr, abstract_state: TrainState, *, log: Callable[[str], None] = print,
+                   check: Callable[[dict, str], None] | None = None
                    ) -> tuple[TrainState, dict, int] | None:
     """Restore the newest complete checkpoint onto ``abstract_state``'s shardings.
 
-    A step that cannot be restored is renamed ``<step>.unreadable-<time>`` (so that later saves
-    of that step can happen) and the previous step is tried.
+    For each step, newest first: (1) read its ``meta`` and call ``check(meta, step_dir)``, which
+    raises to refuse the checkpoint (a config, teacher or dictionary mismatch:
+    :func:`_check_resume`); (2) compare the stored params' paths and shapes with
+    ``abstract_state``'s, from the checkpoint's metadata; (3) restore the arrays. A refusal in
+    (1) or (2) propagates and leaves every checkpoint as it is: it says that the current
+    configuration does not fit them, not that they are bad. Only a step that cannot be read by
+    itself (unreadable meta or metadata, corrupt or truncated array files) is renamed
+    ``<step>.unreadable-<time>`` (so that later saves of that step can happen) and the previous
+    step is tried.
 
     Returns:
       ``(state, data, step)``, or None when the directory holds no checkpoint.
 
     Raises:
-      SenseJaxError: checkpoints exist but none can be restored (names the directory and the
-        first error).
+      ConfigError: the checkpoint does not fit the current configuration (from ``check`` or the
+        shape comparison), nothing renamed.
+      SenseJaxError: checkpoints exist but none can be read (names the directory and the errors).
     """
     import orbax.checkpoint as ocp
 
     steps = sorted(mngr.all_steps(), reverse=True)
     errors = []
     for s in steps:
+        where = str(Path(str(mngr.directory)) / str(s))
         try:
-            out = mngr.restore(s, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-            return out["state"], dict(out["data"]), s
-        except Exception as e:  # corrupt or truncated step: fall back to the previous one
-            msg = _short(e)
-            errors.append(f"step {s}: {msg}")
-            bad = Path(str(mngr.directory)) / str(s)
-            log(f"checkpoint {bad} cannot be restored ({msg}); trying the previous one")
-            if jax.process_index() == 0 and bad.is_dir():  # keep it for inspection, out of the way
-                os.replace(bad, bad.with_name(f"{s}.unreadable-{int(time.time())}"))
-            mngr.reload()
+            meta = read_meta(mngr, s)
+        except Exception as e:  # unreadable by itself: fall back to the previous step
+            meta, error = None, e
+        if meta is not None:
+            if check is not None:
+                check(meta, where)
+            try:
+                stored = ocp.StandardCheckpointHandler().metadata(Path(where) / "state").tree["params"]
+            except Exception:  # unreadable metadata: the restore below tells whether the step is bad
+                stored = None
+            if stored is not None:
+                _check_shapes(stored, abstract_state.params, where)
+            try:
+                out = mngr.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                return out["state"], dict(out["data"]), s
+            except Exception as e:  # corrupt or truncated array files
+                error = e
+        msg = _short(error)
+        errors.append(f"step {s}: {msg}")
+        log(f"checkpoint {where} cannot be restored ({msg}); trying the previous one")
+        _set_aside(mngr, s)
     if steps:
         raise SenseJaxError(f"{mngr.directory}: no checkpoint could be restored ({'; '.join(errors)})")
     return None
@@ -640,6 +711,7 @@ def setup(cfg: DistillConfig, *, sense_dict=None, devices=None) -> Setup:
     from sense_jax import distill as D
     from sense_jax.loading import load_model
     from sense_jax.models import check_input_length
+    from sense_jax.provenance import check_provenance, provenance
     from sense_jax.sense_dict import SenseDictionary
 
     tpath = _teacher_path(cfg)
@@ -647,13 +719,16 @@ def setup(cfg: DistillConfig, *, sense_dict=None, devices=None) -> Setup:
     tcfg, family = teacher.config, teacher.family
     check_input_length(cfg.max_length, tcfg, "config: max_length", f"teacher {tpath}'s", ConfigError,
                        "set max_length <= {limit}")
-    fp = D.teacher_fingerprint(teacher.params, tcfg.vocab_size)
+    fp_v1 = D.teacher_fingerprint(teacher.params, tcfg.vocab_size)
+    fp = D.teacher_fingerprint(teacher.params, tcfg.vocab_size, teacher.tokenizer) \
+        if teacher.tokenizer is not None else fp_v1
     if sense_dict is None:
         if not cfg.senses:
             raise ConfigError("config: senses (the sense dictionary directory) is required")
         sense_dict = SenseDictionary.load(cfg.senses)
     D.check_sense_dict(sense_dict, tcfg, fingerprint=fp, teacher_path=tpath,
-                       source=cfg.senses or "sense dictionary")
+                       source=cfg.senses or "sense dictionary", embedding_fingerprint=fp_v1)
+    check_provenance(sense_dict.meta.get("provenance"), f"sense dictionary {cfg.senses or ''}".strip())
     tparams, pooler = D.split_pooler(jax.device_get(teacher.params))
     if cfg.student == "truncate":
         scfg, sparams = D.truncated_student(tcfg, tparams, cfg.student_layers)
@@ -695,7 +770,13 @@ def setup(cfg: DistillConfig, *, sense_dict=None, devices=None) -> Setup:
     meta = {"config": dataclasses.asdict(cfg), "teacher_path": tpath, "family": family.name,
             "student_config": dataclasses.asdict(scfg), "teacher_config": dataclasses.asdict(tcfg),
             "teacher_hf_config": teacher.hf_config, "has_pooler": pooler is not None,
-            "teacher_fingerprint": fp}
+            "teacher_fingerprint": fp, "embedding_fingerprint": fp_v1,
+            "tokenizer_fingerprint": (D.tokenizer_fingerprint(teacher.tokenizer)
+                                      if teacher.tokenizer is not None else None),
+            "dictionary_fingerprint": D.dictionary_fingerprint(sense_dict),
+            "dictionary_shape": {"vocab_size": sense_dict.vocab_size, "hidden_size": sense_dict.hidden_size,
+                                 "senses": int(sense_dict.centres.shape[0]), "k_max": sense_dict.k_max},
+            "provenance": provenance()}
     return Setup(cfg=cfg, teacher=teacher, family=family, student_cfg=scfg, student_module=student_module,
                  teacher_module=teacher_module, init_params=params, sense_dict=sense_dict, layout=layout,
                  frozen=frozen, train_step=lambda state, batch: jitted(state, batch, frozen),
@@ -716,18 +797,39 @@ def init_state(s: Setup) -> TrainState:
                    out_shardings=s.layout.state)(s.init_params, rng)
 
 
+def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...], axis: int) -> slice:
+    """The rows along ``axis`` of a ``global_shape`` array that this process's devices hold under
+    ``sharding`` (all rows with one process). Each process tokenises only these.
+
+    Raises:
+      ConfigError: the process's rows are not one contiguous block (a mesh whose data axis
+        interleaves processes).
+    """
+    n = global_shape[axis]
+    spans = {(i[axis].start or 0, n if i[axis].stop is None else i[axis].stop)
+             for i in sharding.addressable_devices_indices_map(tuple(global_shape)).values()}
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    if sum(b - a for a, b in spans) != hi - lo:
+        raise ConfigError(f"process {jax.process_index()}: its devices hold rows {sorted(spans)} of the "
+                          "batch, not one block; order the mesh's devices by process")
+    return slice(lo, hi)
+
+
 def put_batch(s: Setup, micro_batches: list[dict], sharding: NamedSharding | None = None) -> dict:
-    """Stack host micro-batches to [A, B, T] and place them on the mesh (each process its rows)."""
+    """Stack micro-batches to [A, b, T] and place them on the mesh as [A, B, T] (B = batch_size).
+
+    ``micro_batches`` hold this process's rows (:func:`process_rows` of ``sharding``): all B rows
+    with one process, B / P with P processes, each of which reads and tokenises only its part.
+    """
     sharding = sharding or s.layout.batch
     out = {}
     for k in ("input_ids", "attention_mask", "token_type_ids"):
         a = np.stack([mb[k] for mb in micro_batches])
         if jax.process_count() == 1:
             out[k] = jax.device_put(a, sharding)
-        else:  # every process computed the global batch; keep only this process's rows
-            rows = a.shape[1] // jax.process_count()
-            local = a[:, jax.process_index() * rows:(jax.process_index() + 1) * rows]
-            out[k] = jax.make_array_from_process_local_data(sharding, local, a.shape)
+        else:
+            shape = (a.shape[0], s.cfg.batch_size, a.shape[2])
+            out[k] = jax.make_array_from_process_local_data(sharding, a, shape)
     return out
 
 
@@ -750,14 +852,65 @@ class TrainResult:
     resumed_from: int | None
 
 
-def _check_resume(saved: dict, cfg: DistillConfig, where: str) -> None:
+def _check_resume(saved: dict, current: dict, where: str) -> None:
+    """Refuse to resume from a checkpoint trained against something else; reads no array.
+
+    Compared, in this order (``saved`` is the checkpoint's ``meta``, ``current`` this run's
+    :attr:`Setup.meta`): the model family; the teacher's config (sizes, vocabulary, ...); the
+    tokenizer fingerprint; the teacher fingerprint (embedding matrix and tokenizer; embedding
+    only for checkpoints that predate it); the dictionary's shape and fingerprint; the run config
+    (except :data:`RESUMABLE_CHANGES`; the ``teacher`` and ``senses`` *paths* may change when the
+    checkpoint records the fingerprints of what they hold); the student's config; the frozen
+    pooler. Then a restore under other major library versions warns once (provenance).
+
+    Raises:
+      ConfigError: one line naming the checkpoint, the first key that differs and both values.
+    """
+    from sense_jax.provenance import check_provenance
+
+    current = json.loads(json.dumps(current))  # tuples -> lists, as stored
+
+    def refuse(what: str, old: Any, new: Any, fix: str) -> None:
+        raise ConfigError(f"{where}: the checkpoint was trained with {what}={old}, now {what}={new}; "
+                          f"use another out_dir or {fix}")
+
+    if saved.get("family", current["family"]) != current["family"]:
+        refuse("a teacher of family", saved["family"], current["family"], "the checkpoint's teacher")
+    for k, v in (saved.get("teacher_config") or {}).items():
+        if k != "dtype" and v != current["teacher_config"].get(k):  # dtype: compute_dtype's business
+            refuse(f"teacher {k}", v, current["teacher_config"].get(k), "the checkpoint's teacher")
+    fp_old = saved.get("teacher_fingerprint")
+    if saved.get("tokenizer_fingerprint") not in (None, current["tokenizer_fingerprint"]):
+        refuse("the teacher's tokenizer fingerprint", saved["tokenizer_fingerprint"],
+               current["tokenizer_fingerprint"], "the checkpoint's teacher (its vocabulary or token ids differ)")
+    if fp_old is not None:
+        new = current["teacher_fingerprint"] if str(fp_old).startswith("v") else current["embedding_fingerprint"]
+        if fp_old != new:
+            refuse("teacher fingerprint", fp_old, new, "the checkpoint's teacher (other weights or tokenizer)")
+    for k, v in (saved.get("dictionary_shape") or {}).items():
+        if v != current["dictionary_shape"].get(k):
+            refuse(f"sense dictionary {k}", v, current["dictionary_shape"].get(k), "the checkpoint's senses")
+    if saved.get("dictionary_fingerprint") not in (None, current["dictionary_fingerprint"]):
+        refuse("sense dictionary fingerprint", saved["dictionary_fingerprint"], current["dictionary_fingerprint"],
+               "the checkpoint's senses")
+    checked = set()
+    if saved.get("tokenizer_fingerprint") and str(fp_old).startswith("v"):
+        checked.add("teacher")
+    if saved.get("dictionary_fingerprint"):
+        checked.add("senses")
     old = saved.get("config", {})
-    for k, v in dataclasses.asdict(cfg).items():
-        if k in RESUMABLE_CHANGES or k not in old:
+    for k, v in current["config"].items():
+        if k in RESUMABLE_CHANGES or k in checked or k not in old:
             continue
         if old[k] != v:
             raise ConfigError(f"{where}: the checkpoint was trained with {k}={old[k]!r}, now {k}={v!r}; "
                               "use another out_dir or the same value")
+    for k, v in (saved.get("student_config") or {}).items():
+        if k != "dtype" and v != current["student_config"].get(k):
+            refuse(f"student {k}", v, current["student_config"].get(k), "the checkpoint's student")
+    if saved.get("has_pooler", current["has_pooler"]) != current["has_pooler"]:
+        refuse("a teacher pooler", saved["has_pooler"], current["has_pooler"], "the checkpoint's teacher")
+    check_provenance(saved.get("provenance"), f"checkpoint {where}")
 
 
 class _Metrics:
@@ -774,9 +927,11 @@ class _Metrics:
                     continue
                 if rec.get("step", 0) <= resume_step:
                     kept.append(line)
-        with open(self.path, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in kept))
-        self.f = open(self.path, "a", encoding="utf-8")
+        self.f = None
+        if jax.process_index() == 0:  # one writer in a multi-host run
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in kept))
+            self.f = open(self.path, "a", encoding="utf-8")
         self.records = [json.loads(line) for line in kept]
         self.tb = None
         if tensorboard and jax.process_index() == 0:
@@ -798,7 +953,8 @@ class _Metrics:
                         self.tb.add_scalar(f"{rec.get('kind', 'train')}/{k}", v, rec["step"])
 
     def close(self):
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -832,10 +988,12 @@ def plot_curves(records: list[dict], out: Path) -> Path | None:
 def evaluate(s: Setup, params, eval_passages: Sequence[str]) -> dict:
     """Held-out sense accuracy and SKD loss over at most ``eval_batches`` batches."""
     B, T = s.cfg.batch_size, s.cfg.max_length
+    rows = process_rows(s.layout.eval_batch, (B, T), 0)
     tot = {"skd_sum": 0.0, "correct": 0.0, "tokens": 0.0}
     for i in range(0, min(len(eval_passages), B * s.cfg.eval_batches), B):
-        b = tokenize(s.teacher.tokenizer, eval_passages[i:i + B], T, batch_size=B)
-        dev = {k: jax.device_put(v, s.layout.eval_batch) for k, v in b.items()}
+        b = tokenize(s.teacher.tokenizer, list(eval_passages[i:i + B])[rows], T, batch_size=rows.stop - rows.start)
+        dev = {k: (jax.device_put(v, s.layout.eval_batch) if jax.process_count() == 1 else
+                   jax.make_array_from_process_local_data(s.layout.eval_batch, v, (B, T))) for k, v in b.items()}
         m = jax.device_get(s.eval_step(params, dev))
         for k in tot:
             tot[k] += float(m[k])
@@ -889,24 +1047,15 @@ def train(cfg: DistillConfig, *, passages: Sequence[str] | None = None,
     from sense_jax.convert import copy_tokenizer_files
     from sense_jax.io_utils import write_json_atomic
 
-    if jax.process_index() == 0:  # inputs are valid: only now does the run directory appear
-        (run_dir / "tokenizer").mkdir(parents=True, exist_ok=True)
-        copy_tokenizer_files(Path(s.meta["teacher_path"]), run_dir / "tokenizer")
-        write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
+    # Inputs are valid: only now does the run directory appear.
     mngr = checkpoint_manager(run_dir / "checkpoints", save_every=cfg.save_every, keep=cfg.keep_checkpoints)
     try:
-        restored = None
-        steps = mngr.all_steps()
-        if steps:
-            for st in sorted(steps, reverse=True):
-                try:
-                    _check_resume(read_meta(mngr, st), cfg, str(run_dir / "checkpoints" / str(st)))
-                    break
-                except ConfigError:
-                    raise
-                except Exception:
-                    continue
-            restored = restore_latest(mngr, s.layout.abstract_state, log=log)
+        restored = restore_latest(mngr, s.layout.abstract_state, log=log,
+                                  check=lambda saved, where: _check_resume(saved, s.meta, where))
+        if jax.process_index() == 0:  # after the resume check: a refused run changes nothing
+            (run_dir / "tokenizer").mkdir(parents=True, exist_ok=True)
+            copy_tokenizer_files(Path(s.meta["teacher_path"]), run_dir / "tokenizer")
+            write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
         if restored is None:
             state, micro, start = init_state(s), 0, 0
         else:
@@ -926,6 +1075,7 @@ def _loop(s: Setup, state, micro, start, passages, eval_passages, mngr, run_dir,
     stream = PassageStream(passages, s.teacher.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed,
                            cfg.group_by_length)
     metrics_out = _Metrics(run_dir, resumed_from, cfg.tensorboard)
+    rows = process_rows(s.layout.batch, (cfg.grad_accum, cfg.batch_size, cfg.max_length), 1)
     last_saved = resumed_from
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
     bar = None
@@ -954,7 +1104,7 @@ def _loop(s: Setup, state, micro, start, passages, eval_passages, mngr, run_dir,
         pending = None  # (step, metrics) of the step whose metrics are not yet read: one step lag
         for step in range(start + 1, end + 1):
             t0 = time.perf_counter()
-            batch = put_batch(s, stream.step_batches(micro, cfg.grad_accum, cfg.pad_to_buckets))
+            batch = put_batch(s, stream.step_batches(micro, cfg.grad_accum, cfg.pad_to_buckets, rows))
             state, m_dev = s.train_step(state, batch)
             micro += cfg.grad_accum
             if pending is not None:
@@ -1001,6 +1151,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, step: 
 
     from sense_jax.distill import export_hf
     from sense_jax.models import get_family
+    from sense_jax.provenance import check_provenance, provenance
 
     log = log or (lambda m: print(m, file=sys.stderr))
     ckpt = Path(ckpt)
@@ -1027,6 +1178,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, step: 
         for st in steps:
             try:
                 meta = read_meta(mngr, st)
+                check_provenance(meta.get("provenance"), f"checkpoint {ck_dir / str(st)}")
                 cfg = DistillConfig(**{k: v for k, v in meta["config"].items() if k in _FIELDS})
                 cfg = dataclasses.replace(cfg, mesh_data=1, mesh_model=1, fsdp=False, batch_size=1)
                 family = get_family(meta["student_config"]["model_type"])
@@ -1052,7 +1204,8 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, step: 
     return export_hf(out, family, scfg, params["student"], meta["teacher_hf_config"],
                      tokenizer_dir=tok_dir, adaptor=params["adaptor"], pooler=params.get("pooler"),
                      extra_meta={"step": int(st), "teacher": meta["teacher_path"],
-                                 "teacher_fingerprint": meta.get("teacher_fingerprint")},
+                                 "teacher_fingerprint": meta.get("teacher_fingerprint"),
+                                 "provenance": provenance(), "trained_with": meta.get("provenance")},
                      overwrite=overwrite)
 
 

@@ -50,3 +50,20 @@ def make_sense_dict(tokenizer, sentences, hidden_size: int = 32, seed: int = 0, 
     off = np.concatenate([[0], np.cumsum(n)])
     centres = rng.normal(size=(int(off[-1]), hidden_size)).astype(np.float32)
     return SenseDictionary.from_arrays(centres, off, meta=meta)
+
+
+def permute_tokenizer(teacher_dir: Path, out: Path, first: int = 1000) -> Path:
+    """A copy of ``teacher_dir`` (same weights) whose tokenizer gives the tokens with ids
+    ``first..V-1`` the reversed ids (``tokenizer.json`` and ``vocab.txt`` rewritten alike)."""
+    import json
+    import shutil
+
+    shutil.copytree(teacher_dir, out)
+    tj = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = tj["model"]["vocab"]
+    last = max(vocab.values())
+    tj["model"]["vocab"] = {t: (first + last - i if i >= first else i) for t, i in vocab.items()}
+    (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    by_id = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
+    (out / "vocab.txt").write_text("".join(t + "\n" for t, _ in by_id), encoding="utf-8")
+    return out

@@ -246,3 +246,35 @@ def test_minilm_round_trip_hf_flax_hf_is_bit_exact(tmp_path, minilm_dir):
         np.testing.assert_array_equal(v, orig[k], err_msg=k)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 6 and cfg["hidden_size"] == 384
+
+
+def test_teacher_fingerprint_covers_the_tokenizer(teacher, tmp_path, sentences):
+    from skd_helpers import permute_tokenizer
+
+    perm = sense_jax.load_model(permute_tokenizer(teacher.path, tmp_path / "perm"))
+    ids = lambda m: m.tokenizer("The bank by the river.")["input_ids"]
+    assert ids(perm) != ids(teacher)  # same weights, same tokens, other ids
+    fp, fp_perm = (D.teacher_fingerprint(m.params, 30522, m.tokenizer) for m in (teacher, perm))
+    assert fp.startswith("v2-") and fp_perm.startswith("v2-") and fp != fp_perm
+    assert D.teacher_fingerprint(teacher.params, 30522) == D.teacher_fingerprint(perm.params, 30522)
+    assert D.tokenizer_fingerprint(teacher.tokenizer) != D.tokenizer_fingerprint(perm.tokenizer)
+    # A dictionary built from the teacher is refused for the permuted one (it used to train
+    # with loss 0.0: every token looked up another token's senses).
+    good = make_sense_dict(teacher.tokenizer, sentences, meta={"teacher_fingerprint": fp})
+    D.check_sense_dict(good, teacher.config, fingerprint=fp)
+    with pytest.raises(SenseJaxError, match=r"senses: built from teacher .*fingerprint v2-.*embedding matrix "
+                                            r"and tokenizer.*another teacher or tokenizer"):
+        D.check_sense_dict(good, perm.config, fingerprint=fp_perm, source="senses")
+    good.save(tmp_path / "senses")
+    cfg = T.load_config(None, [f"teacher={perm.path}", f"senses={tmp_path / 'senses'}", "batch_size=2"])
+    with pytest.raises(SenseJaxError, match="another teacher or tokenizer"):
+        T.setup(cfg)
+    # Dictionaries that predate it (version 1: the embedding matrix only) stay usable, with a
+    # warning that their tokenizer cannot be checked; another embedding matrix is still refused.
+    old = make_sense_dict(teacher.tokenizer, sentences,
+                          meta={"teacher_fingerprint": D.teacher_fingerprint(teacher.params, 30522)})
+    with pytest.warns(UserWarning, match="version-1 teacher fingerprint.*tokenizer cannot be checked"):
+        D.check_sense_dict(old, perm.config, fingerprint=fp_perm, source="old-senses",
+                           embedding_fingerprint=D.teacher_fingerprint(perm.params, 30522))
+    with pytest.raises(SenseJaxError, match="of its embedding matrix\\) but"):
+        D.check_sense_dict(old, perm.config, fingerprint=fp_perm, embedding_fingerprint="0123456789abcdef")

@@ -35,7 +35,17 @@ RUN = dict(n_per_token=3, seed=0, batch_size=4, window_passages=16, chunk_passag
 
 
 def _digest(store: Path) -> dict[str, str]:
-    return {f: hashlib.sha256((store / f).read_bytes()).hexdigest() for f in ARRAYS}
+    """sha256 of every file; meta.json without its ``provenance`` (which names the devices)."""
+    import jax
+
+    def content(f: str) -> bytes:
+        if f != "meta.json":
+            return (store / f).read_bytes()
+        meta = json.loads((store / f).read_text())
+        assert meta.pop("provenance")["versions"]["jax"] == jax.__version__
+        return json.dumps(meta, sort_keys=True).encode()
+
+    return {f: hashlib.sha256(content(f)).hexdigest() for f in ARRAYS}
 
 
 def _worker(*args, env_extra=None, **popen):

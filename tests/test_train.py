@@ -17,7 +17,7 @@ import pytest
 
 import sense_jax
 from sense_jax.errors import SenseJaxError
-from skd_helpers import make_sense_dict, make_teacher
+from skd_helpers import make_sense_dict, make_teacher, permute_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,7 +39,7 @@ def assets(tmp_path_factory, minilm_dir, sentences):
     d = tmp_path_factory.mktemp("skd")
     teacher = sense_jax.load_model(make_teacher(d / "teacher", minilm_dir))
     sd = make_sense_dict(teacher.tokenizer, sentences,
-                         meta={"teacher_fingerprint": teacher_fingerprint(teacher.params, 30522)})
+                         meta={"teacher_fingerprint": teacher_fingerprint(teacher.params, 30522, teacher.tokenizer)})
     sd.save(d / "senses")
     (d / "corpus.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
     return {"dir": d, "teacher": teacher, "teacher_dir": d / "teacher", "senses": d / "senses",
@@ -302,3 +302,196 @@ def test_length_grouping_keeps_every_passage_once_per_epoch_and_cuts_padding(min
     assert padded(grouped) < 0.8 * padded(plain)
     again = T.PassageStream(passages, tok, batch_size=4, max_length=48, seed=1, group_window=4)
     assert [again.indices(j).tolist() for j in (13, 2, 7)] == [epoch[j].tolist() for j in (13, 2, 7)]
+
+
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(assets, tmp_path):
+    # Two passages of 12 and 2 real tokens: one step of 2 micro-batches of 1 passage must equal
+    # one step of 1 batch of 2 (the token mean over the whole step), for SKD, accuracy and MSE.
+    s = T.setup(_cfg(assets, tmp_path / "run", batch_size=2, grad_accum=1, mse_weight=0.5))
+    passages = ["The bank by the river bank flooded in spring.", ""]
+    b = T.tokenize(s.teacher.tokenizer, passages, 16)
+    assert b["attention_mask"].sum(1).tolist() == [12, 2]
+    state = T.init_state(s)
+    step = jax.jit(s.raw_step)
+    one, m1 = step(state, {k: v[None] for k, v in b.items()}, s.frozen)         # [1, 2, T]
+    two, m2 = step(state, {k: v[:, None] for k, v in b.items()}, s.frozen)      # [2, 1, T]
+    m1, m2 = jax.device_get(m1), jax.device_get(m2)
+    assert float(m1["tokens"]) > 0 and float(m1["mse"]) > 0
+    for k in ("loss", "skd", "mse", "accuracy", "tokens", "grad_norm"):
+        np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=2e-5, err_msg=k)
+    a, c = _flat(one.params), _flat(two.params)
+    for k in a:
+        np.testing.assert_allclose(c[k], a[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def _senses_of(teacher_dir: Path, sentences, out: Path, hidden_size: int = 32, seed: int = 0) -> Path:
+    """A dictionary recording ``teacher_dir``'s fingerprint (as if built from it), saved to ``out``."""
+    from sense_jax.distill import teacher_fingerprint
+
+    t = sense_jax.load_model(teacher_dir)
+    fp = teacher_fingerprint(t.params, 30522, t.tokenizer)
+    make_sense_dict(t.tokenizer, sentences, hidden_size=hidden_size, seed=seed,
+                    meta={"teacher_fingerprint": fp}).save(out)
+    return out
+
+
+def test_a_refused_resume_keeps_every_checkpoint_and_the_next_run_resumes(assets, minilm_dir, sentences,
+                                                                          tmp_path, capsys):
+    from sense_jax.cli import main
+
+    out = tmp_path / "run"
+    kw = dict(steps=6, save_every=2, eval_every=0, grad_accum=1)
+    T.train(_cfg(assets, out, **kw), stop_after=4)  # "killed" after step 4: steps 2 and 4 saved
+    ckpts = out / "checkpoints"
+    before = {p.relative_to(ckpts): p.stat().st_mtime_ns for p in ckpts.rglob("*")}
+    config_json = (out / "config.json").read_bytes()
+
+    def refused(match: str, **changes):
+        cfg = _cfg(assets, out, **kw, **changes)
+        args = ["distill", *[x for k, v in dataclasses_asdict(cfg).items() for x in ("--set", f"{k}={v}")]]
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0] and match in err[0], err
+        # nothing set aside, renamed or rewritten: not a checkpoint, not the run's files
+        assert {p.relative_to(ckpts): p.stat().st_mtime_ns for p in ckpts.rglob("*")} == before
+        assert (out / "config.json").read_bytes() == config_json
+        return err[0]
+
+    # The user's mistake: a wider teacher (and its dictionary) where teacher A was.
+    wide = make_teacher(tmp_path / "wide", minilm_dir, hidden_size=48)
+    line = refused("the checkpoint was trained with teacher hidden_size=32, now teacher hidden_size=48",
+                   teacher=wide, senses=_senses_of(wide, sentences, tmp_path / "wide-senses", hidden_size=48))
+    assert str(ckpts / "4") in line
+    # A teacher of the same shapes swapped in, with a dictionary rebuilt from it.
+    other = make_teacher(tmp_path / "other", minilm_dir, seed=1)
+    refused("teacher fingerprint=v2-", teacher=other, senses=_senses_of(other, sentences, tmp_path / "o-senses"))
+    # The same weights behind a permuted tokenizer, with a dictionary recording it.
+    perm = permute_tokenizer(assets["teacher_dir"], tmp_path / "perm")
+    refused("the teacher's tokenizer fingerprint=", teacher=perm,
+            senses=_senses_of(perm, sentences, tmp_path / "p-senses"))
+    # The same teacher, another dictionary: other senses; the same senses, other centres.
+    refused("sense dictionary senses=", senses=_senses_of(assets["teacher_dir"], sentences,
+                                                          tmp_path / "s-senses", seed=1))
+    sd = sense_jax.SenseDictionary.load(assets["senses"])
+    sense_jax.SenseDictionary.from_arrays(np.asarray(sd.centres) + 1, sd.offsets, sd.counts, sd.meta).save(
+        tmp_path / "shifted")
+    refused("sense dictionary fingerprint=", senses=tmp_path / "shifted")
+    # The fixed command resumes from step 4; a moved teacher directory is the same teacher.
+    import shutil
+
+    moved = shutil.copytree(assets["teacher_dir"], tmp_path / "moved")
+    r = T.train(_cfg(assets, out, **kw, teacher=moved), stop_after=5)
+    assert r.resumed_from == 4 and int(r.state.step) == 5
+    assert sorted(os.listdir(ckpts)) == ["2", "4"]
+
+
+def dataclasses_asdict(cfg):
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def test_checkpoints_and_exports_record_their_provenance(full_run, tmp_path):
+    import shutil
+
+    from sense_jax.provenance import provenance
+
+    run = shutil.copytree(full_run.run_dir, tmp_path / "run")
+    meta_file = run / "checkpoints" / "6" / "meta" / "metadata"  # Orbax JsonSave's file
+    meta = json.loads(meta_file.read_text())
+    assert meta["provenance"] == provenance() and meta["tokenizer_fingerprint"] and meta["dictionary_fingerprint"]
+    # Written under another major jax version: restoring it warns, naming both versions.
+    meta["provenance"]["versions"]["jax"] = "0.1.0"
+    meta_file.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=f"was written with jax 0.1.0, this process has jax {jax.__version__}"):
+        T.export_checkpoint(run, tmp_path / "hf", log=lambda m: None)
+    exported = json.loads((tmp_path / "hf" / "adaptor.json").read_text())
+    assert exported["provenance"] == provenance() and exported["trained_with"]["versions"]["jax"] == "0.1.0"
+
+
+_SPY = textwrap.dedent("""
+    import json, sys
+    sys.path[:0] = [sys.argv[1]]
+    from sense_jax import trainer as T
+    log, real = open(sys.argv[2], "w"), T.tokenize
+
+    def spy(tok, texts, max_length, batch_size=None):  # what this process tokenises
+        log.write(json.dumps(list(texts)) + "\\n"); log.flush()
+        return real(tok, texts, max_length, batch_size)
+
+    T.tokenize = spy
+    from sense_jax.cli import main
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
+def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets, tmp_path):
+    import dataclasses
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    kw = dict(steps=2, batch_size=4, grad_accum=2, save_every=2, eval_every=0, eval_fraction=0.1,
+              plot=False)
+
+    def spawn(out: str, devices: int, *flags: str, log: str = "unused") -> subprocess.Popen:
+        cfg = _cfg(assets, tmp_path / out, **kw)
+        sets = [x for k, v in dataclasses.asdict(cfg).items() for x in ("--set", f"{k}={v}")]
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                   JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        return subprocess.Popen([sys.executable, "-c", _SPY, str(ROOT), str(tmp_path / log), "distill",
+                                 *flags, *sets], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    # Two processes of one device each, and the same global batches on one process of two devices.
+    procs = [spawn("two", 1, "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                   "--process-id", str(i), log=f"texts{i}.jsonl") for i in range(2)]
+    procs.append(spawn("one", 2, log="texts-one.jsonl"))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-2000:] for o in outs)
+    assert "trained to step 2" in outs[0] and "trained to step 2" in outs[2]
+    # Each process tokenised only its half of every batch (4 training micro-batches, 1 held-out).
+    seen = [[json.loads(x) for x in (tmp_path / f"texts{i}.jsonl").read_text().splitlines()]
+            for i in ("0", "1", "-one")]
+    assert len(seen[2]) == 5 and all(len(b) == 4 for b in seen[2])
+    assert [a + b for a, b in zip(seen[0], seen[1])] == seen[2] and all(len(b) == 2 for b in seen[0])
+    held_out = [[r for r in map(json.loads, (tmp_path / out / "metrics.jsonl").read_text().splitlines())
+                 if r["kind"] == "eval"] for out in ("two", "one")]
+    assert held_out[0] == held_out[1] and len(held_out[0]) == 1
+    # Both checkpoints restore here, on one device, to the same params.
+    s = T.setup(_cfg(assets, tmp_path / "x", **kw))
+    restored = {}
+    for out in ("two", "one"):
+        mngr = T.checkpoint_manager(tmp_path / out / "checkpoints", save_every=2, keep=3)
+        try:
+            state, data, step = T.restore_latest(mngr, s.layout.abstract_state)
+        finally:
+            mngr.close()
+        assert step == 2 and data["micro_batches"] == 4
+        restored[out] = _flat(state.params)
+    _assert_same(restored["two"], restored["one"])
+    # The checkpoint of 2 processes resumes on 1.
+    r = T.train(_cfg(assets, tmp_path / "two", **dict(kw, steps=3)))
+    assert r.resumed_from == 2 and int(r.state.step) == 3
+
+
+def test_checkpoints_from_before_the_fingerprints_still_resume(full_run, tmp_path):
+    # A checkpoint meta as written before the tokenizer / dictionary fingerprints: a version-1
+    # (embedding-only) teacher fingerprint, no provenance.
+    current = full_run.setup.meta
+    old = {k: v for k, v in json.loads(json.dumps(current)).items()
+           if k not in ("tokenizer_fingerprint", "dictionary_fingerprint", "dictionary_shape", "provenance",
+                        "embedding_fingerprint")}
+    old["teacher_fingerprint"] = current["embedding_fingerprint"]
+    T._check_resume(old, current, "ckpt")
+    # Without fingerprints of the dictionary and tokenizer, their paths still have to match.
+    moved = json.loads(json.dumps(current))
+    moved["config"]["senses"] = "elsewhere"
+    with pytest.raises(sense_jax.ConfigError, match="ckpt: the checkpoint was trained with senses="):
+        T._check_resume(old, moved, "ckpt")
+    T._check_resume(current, moved, "ckpt")  # with them, a moved dictionary is the same dictionary
+    with pytest.raises(sense_jax.ConfigError, match="teacher fingerprint=0123456789abcdef, now teacher "
+                                                    "fingerprint=" + current["embedding_fingerprint"]):
+        T._check_resume(dict(old, teacher_fingerprint="0123456789abcdef"), current, "ckpt")

@@ -1,11 +1,14 @@
 """``sense-jax distill``: train a student by sense knowledge distillation (METHOD §3).
 
 The trainer lives in ``sense_jax/trainer.py`` (see its docstring for the design and outputs).
+Multi-host: the same command on every host with ``--distributed`` (see ``_distributed``).
 """
 
 from __future__ import annotations
 
 import argparse
+
+from sense_jax.commands import _distributed
 
 HELP = "train a smaller student to pick the teacher's senses (sense knowledge distillation)"
 
@@ -16,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (repeatable); unknown keys are refused")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _distributed.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +32,12 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
         return 0
+    _distributed.initialize(args)
     result = trainer.train(cfg)
+    import jax
+
+    if jax.process_index() != 0:
+        return 0
     evals = [r for r in result.history if r.get("kind") == "eval"]
     last = [r for r in result.history if r.get("kind") == "train"]
     msg = f"trained to step {int(result.state.step)} in {result.run_dir}"

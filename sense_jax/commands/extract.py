@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from sense_jax.commands import _distributed
+
 HELP = "sample teacher hidden states per token id over a corpus into an extraction store"
 
 
@@ -32,22 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a complete store at OUT made with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g = p.add_argument_group("multi-host (one command per process)")
-    g.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() (auto-detected cluster, or the flags below)")
-    g.add_argument("--coordinator", default=None, help="coordinator address HOST:PORT")
-    g.add_argument("--num-processes", type=int, default=None)
-    g.add_argument("--process-id", type=int, default=None)
+    _distributed.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     import jax
 
-    if args.distributed or args.coordinator:
-        kw = {k: v for k, v in (("coordinator_address", args.coordinator),
-                                ("num_processes", args.num_processes),
-                                ("process_id", args.process_id)) if v is not None}
-        jax.distributed.initialize(**kw)
+    _distributed.initialize(args)
 
     from sense_jax.extract import extract, summary_lines
     from sense_jax.io_utils import read_json
