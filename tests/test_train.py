@@ -495,3 +495,32 @@ def test_checkpoints_from_before_the_fingerprints_still_resume(full_run, tmp_pat
     with pytest.raises(sense_jax.ConfigError, match="teacher fingerprint=0123456789abcdef, now teacher "
                                                     "fingerprint=" + current["embedding_fingerprint"]):
         T._check_resume(dict(old, teacher_fingerprint="0123456789abcdef"), current, "ckpt")
+
+
+def test_freeze_embeddings_keeps_them_and_drops_their_optimizer_state(assets, full_run, tmp_path):
+    """``freeze_embeddings=true``: the truncated student's input embeddings stay the teacher's
+    bit for bit, everything else trains, and AdamW keeps no moments for them (issue 18)."""
+    import optax
+
+    r = T.train(_cfg(assets, tmp_path / "frozen", steps=2, freeze_embeddings=True, eval_every=0,
+                     plot=False))
+    p = jax.device_get(r.state.params)
+    tp = jax.device_get(assets["teacher"].params)
+    for name, table in _flat(tp["embeddings"]).items():
+        np.testing.assert_array_equal(_flat(p["student"]["embeddings"])[name], table, err_msg=name)
+    assert not np.array_equal(p["student"]["layer_0"]["intermediate"]["kernel"],
+                              tp["layer_0"]["intermediate"]["kernel"])
+
+    def moment_sizes(state):
+        mus = [s.mu for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+               if isinstance(s, optax.ScaleByAdamState)]
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(mus))
+
+    vocab_table = int(np.prod(tp["embeddings"]["word_embeddings"]["embedding"].shape))
+    assert moment_sizes(full_run.state) - moment_sizes(r.state) >= vocab_table
+    # The default run trains its embeddings.
+    assert not np.array_equal(jax.device_get(full_run.state.params)["student"]["embeddings"]
+                              ["word_embeddings"]["embedding"], tp["embeddings"]["word_embeddings"]["embedding"])
+    # Switching the option on a resume would change the optimizer state: refused by name.
+    with pytest.raises(SenseJaxError, match="freeze_embeddings=True, now freeze_embeddings=False"):
+        T.train(_cfg(assets, tmp_path / "frozen", steps=4, eval_every=0, plot=False))
