@@ -360,3 +360,63 @@ def test_shared_readers_count_the_published_sizes():
     dirs = coarsewsd20.word_dirs(EVALDATA / "coarsewsd20")
     assert len(dirs) == 20
     assert sum(len(coarsewsd20.read_split(d, "test")[1]) for d in dirs) == 10196
+
+
+# --- WSD (Raganato et al. 2017) ------------------------------------------------------------------
+
+WSD_XML = """<?xml version="1.0" encoding="UTF-8" ?>
+<corpus lang="en" source="tiny">
+<text id="d000">
+<sentence id="d000.s000">
+<wf lemma="we" pos="PRON">We</wf>
+<instance id="d000.s000.t000" lemma="sit" pos="VERB">sat</instance>
+<wf lemma="on" pos="ADP">on</wf>
+<wf lemma="the" pos="DET">the</wf>
+<instance id="d000.s000.t001" lemma="bank" pos="NOUN">bank</instance>
+<wf lemma="of" pos="ADP">of</wf>
+<wf lemma="the" pos="DET">the</wf>
+<instance id="d000.s000.t002" lemma="river" pos="NOUN">river</instance>
+</sentence>
+</text>
+</corpus>
+"""
+
+
+def test_sense_keys_and_candidates_follow_wordnet():
+    from sense_jax.benchmarks import wsd
+    from sense_jax.wordnet import load_sense_keys
+
+    keys = load_sense_keys()
+    assert len(keys) == 206_949  # WordNet 3.0's index.sense
+    assert keys["bank%1:17:01::"] == ("09213565-n", 1)  # sloping land: bank's first noun sense
+    assert keys["emergent%5:00:00:nascent:00"] == ("00003553-s", 2)  # a satellite names its head
+    assert wsd.candidates("bank", "NOUN")[:2] == ["09213565-n", "08420278-n"]
+    assert len(wsd.candidates("bank", "NOUN")) == 10 and wsd.candidates("bank", "ADV") == []
+
+
+def test_wsd_f1_by_hand():
+    from sense_jax.benchmarks import wsd
+
+    r = wsd.f1(3, 4, 5)  # P 3/4, R 3/5
+    assert r["f1"] == pytest.approx(100 * 2 * 0.75 * 0.6 / 1.35) and r["precision"] == 75.0
+
+
+def test_wsd_reader_bad_keys_and_first_sense(tiny, tmp_path):
+    from sense_jax.benchmarks import wsd
+
+    d = tmp_path / "tiny"
+    write(d / "tiny.data.xml", WSD_XML)
+    write(d / "tiny.gold.key.txt", "d000.s000.t000 sit%2:35:00::\nd000.s000.t001 bank%1:17:01::\n"
+                                   "d000.s000.t002 river%1:17:00::\n")
+    inst = wsd.read_xml(d / "tiny.data.xml")
+    assert [i.target.words[i.target.start] for i in inst] == ["sat", "bank", "river"]
+    res = wsd.evaluate(tiny, d)
+    # first senses: sit%2:35:00:: is sit's first verb sense, bank%1:17:01:: and river%1:17:00:: too
+    assert res["variants"]["first_sense"]["f1"] == pytest.approx(100.0)
+    assert res["coverage"]["instances"] == 3 and set(res["variants"]) == {"contextual", "first_sense"}
+    write(d / "tiny.gold.key.txt", "d000.s000.t000 sit%2:35:00::\nd000.s000.t001 bank%9:99:99::\n")
+    with pytest.raises(SenseJaxError, match=r"tiny\.gold\.key\.txt:2: sense key 'bank%9:99:99::' is not in"):
+        wsd.read_gold(d / "tiny.gold.key.txt", inst)
+    write(d / "bad.data.xml", "<corpus><text>\n<sentence>\n</corpus>")
+    with pytest.raises(SenseJaxError, match=r"bad\.data\.xml:3: not well-formed XML"):
+        wsd.read_xml(d / "bad.data.xml")
