@@ -109,6 +109,9 @@ class BenchModel:
             return h if w is None else h @ w[0].T + w[1]
 
         self._states = states
+        # Target-word states by the targets' content: a second benchmark run of the same data
+        # on the same model (another dictionary, another variant) skips the forward passes.
+        self._cache: dict[str, WordStates] = {}
 
     @property
     def num_layers(self) -> int:
@@ -259,14 +262,20 @@ def encode_targets(bm: BenchModel, targets: Sequence[Target], batch_size: int = 
                    max_length: int | None = None) -> WordStates:
     """Run the model over each target's sentence and keep the target word's tokens.
 
-    Identical sentences are run once. Batches are length-bucketed and padded to ``batch_size``
+    Identical sentences are run once, and a repeated call with the same targets returns the
+    states it computed before (kept on ``bm``). Batches are length-bucketed and padded to ``batch_size``
     rows, so the forward compiles once per bucket length.
 
     Returns:
       :class:`WordStates` (one entry per target, in order).
     """
+    import hashlib
+
     from sense_jax.batching import length_bucketed_batches, pad_batch
 
+    key = hashlib.sha256(repr([(tuple(t.words), t.start, t.end) for t in targets] + [max_length]).encode()).hexdigest()
+    if key in bm._cache:
+        return bm._cache[key]
     tok = bm.tokenizer
     spans = [char_span(t.words, t.start, t.end) for t in targets]
     texts = list(dict.fromkeys(s[0] for s in spans))
@@ -296,7 +305,8 @@ def encode_targets(bm: BenchModel, targets: Sequence[Target], batch_size: int = 
                 states_out[j] = h[r, pos]
     D = D or int(bm.model.config.hidden_size)
     states = [s if s is not None else np.zeros((0, D), np.float32) for s in states_out]
-    return WordStates(ids_out, states, np.array([bool(p) for p in positions], bool))
+    bm._cache[key] = WordStates(ids_out, states, np.array([bool(p) for p in positions], bool))
+    return bm._cache[key]
 
 
 # --- variants ------------------------------------------------------------------------------------
