@@ -51,6 +51,7 @@ class PipelineConfig:
     n_heldout: int = 1000             # other definitions for the students' held-out sense accuracy
     n_per_token: int = 1000           # N: samples kept per token (METHOD §1)
     k: int = 10                       # K: senses per token (METHOD §1)
+    spherical: bool = False           # spherical (cosine) k-means for the K-sense dictionary
     seed: int = 0                     # every random choice (sampling, k-means, training, splits)
     store_dtype: str = "float32"      # extraction store dtype: float32, bfloat16, float16
     extract_batch_size: int = 64      # passages per device per extraction step
@@ -157,7 +158,9 @@ class Pipeline:
         now = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("progress", "out")}
         if f.exists():
             before = json.loads(f.read_text())
-            diff = sorted(k for k in now if before.get(k) != now[k])
+            # A key added to the config after that run compares as its default.
+            defaults = {fld.name: fld.default for fld in dataclasses.fields(PipelineConfig)}
+            diff = sorted(k for k in now if before.get(k, defaults.get(k)) != now[k])
             if diff:
                 changes = ", ".join(f"{k}: {before.get(k)!r} then, {now[k]!r} now" for k in diff)
                 raise ConfigError(f"{self.out} was made with other settings ({changes}); choose another --out")
@@ -226,7 +229,7 @@ class Pipeline:
                 self.log(f"[cluster] done already: {out}")
                 continue
             sd = build_sense_dictionary(open_store(self.store_dir), k, seed=self.cfg.seed,
-                                        progress=self.cfg.progress)
+                                        progress=self.cfg.progress, spherical=self.cfg.spherical and k > 1)
             sd.save(out, overwrite=True)  # only reached when out is absent or incomplete
             self.log(f"[cluster] K={k}: {int(sd.centres.shape[0])} senses -> {out}")
 
