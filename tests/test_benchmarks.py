@@ -169,7 +169,7 @@ def test_wic_accuracy_follows_the_tuned_threshold(tiny, tmp_path):
     sd = common.load_senses(tiny_dict(tiny, tmp_path / "senses"), tiny)
     res = wic.evaluate(tiny, root, sd, "senses")
     assert set(res["variants"]) == {"contextual", "senses_dot", "senses_cos", "senses_l2",
-                                    "same_sense_dot", "same_sense_cos", "same_sense_l2"}
+                                    "same_sense_dot", "same_sense_cos", "same_sense_l2", "avg_sim_c", "max_sim_c"}
     dev = wic.read_wic(*wic.split_files(root, "dev"))
     sim = wic.similarities(tiny, sd, dev)
     for name, m in res["variants"].items():

@@ -92,6 +92,29 @@ def multi_prototype(c1, s1, c2, s2, temperature: float) -> dict[str, float]:
             "max_sim_c": float(cos[np.argmax(p1), np.argmax(p2)])}
 
 
+def pair_prototypes(ws: C.WordStates, ctx: np.ndarray, sense_dict, n: int,
+                    temperature: float) -> tuple[dict[str, np.ndarray], int]:
+    """AvgSim, AvgSimC, MaxSimC [n] of targets i and n + i of ``ws`` (NaN where one is not
+    covered), and how many targets had no senses (their contextual vector stands in)."""
+    rows = {k: np.full(n, np.nan) for k in ("avg_sim", "avg_sim_c", "max_sim_c")}
+    no_senses = 0
+
+    def senses_of(i):
+        nonlocal no_senses
+        s = sense_dict.token_senses(int(ws.ids[i][0])).astype(np.float32)
+        if not len(s):
+            no_senses += 1
+            return ctx[i][None]
+        return s
+
+    for i in range(n):
+        if ws.covered[i] and ws.covered[n + i]:
+            r = multi_prototype(ctx[i], senses_of(i), ctx[n + i], senses_of(n + i), temperature)
+            for k, v in r.items():
+                rows[k][i] = v
+    return rows, no_senses
+
+
 def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, temperature: float = TEMPERATURE,
              batch_size: int = 32) -> dict:
     """Spearman x 100 of every similarity (see the module doc) against the mean rating."""
@@ -109,21 +132,7 @@ def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, temperat
         table, has = C.one_sense_table(sense_dict)
         g = C.table_vectors(ws, table, has)
         sims["global_sim"] = C.cosine(g[:n], g[n:])
-        rows = {k: np.full(n, np.nan) for k in ("avg_sim", "avg_sim_c", "max_sim_c")}
-
-        def senses_of(i):
-            nonlocal no_senses
-            s = sense_dict.token_senses(int(ws.ids[i][0])).astype(np.float32)
-            if not len(s):
-                no_senses += 1
-                return ctx[i][None]
-            return s
-
-        for i in range(n):
-            if ws.covered[i] and ws.covered[n + i]:
-                r = multi_prototype(ctx[i], senses_of(i), ctx[n + i], senses_of(n + i), temperature)
-                for k, v in r.items():
-                    rows[k][i] = v
+        rows, no_senses = pair_prototypes(ws, ctx, sense_dict, n, temperature)
         sims.update(rows)
     sims["contextual"] = C.cosine(ctx[:n], ctx[n:])
     if sense_dict is not None:

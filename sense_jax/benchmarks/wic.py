@@ -8,7 +8,8 @@ Unsupervised protocol: a similarity of the two occurrences is thresholded at the
 maximises accuracy on ``tune_split`` (default train); accuracy is reported on ``split`` (default
 dev). Similarities: ``contextual`` (cosine of the hidden states), ``senses_<m>`` (cosine of the
 nearest-sense vectors by metric m), ``same_sense_<m>`` (1 if every token of both occurrences
-picks the same sense of the same token, else 0).
+picks the same sense of the same token, else 0), ``avg_sim_c`` / ``max_sim_c`` (SCWS's
+context-weighted sense similarities of the head token, :mod:`sense_jax.benchmarks.scws`).
 """
 
 from __future__ import annotations
@@ -93,9 +94,14 @@ def best_threshold(sim: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(thr[i]), float(acc[i])
 
 
-def similarities(bm: C.BenchModel, sense_dict, pairs: list[WicPair], batch_size: int = 32) -> dict:
+def similarities(bm: C.BenchModel, sense_dict, pairs: list[WicPair], batch_size: int = 32,
+                 temperature: float | None = None) -> dict:
     """Per similarity name, [n] float64 similarities of each pair's two occurrences (NaN where an
-    occurrence is not covered)."""
+    occurrence is not covered). ``avg_sim_c`` / ``max_sim_c``: SCWS's context-weighted sense
+    similarities (:func:`sense_jax.benchmarks.scws.multi_prototype`) at ``temperature``
+    (default :data:`sense_jax.benchmarks.scws.TEMPERATURE`)."""
+    from sense_jax.benchmarks import scws
+
     ws = C.encode_targets(bm, [p.a for p in pairs] + [p.b for p in pairs], batch_size)
     n = len(pairs)
     h = C.contextual_vectors(ws)
@@ -107,6 +113,8 @@ def similarities(bm: C.BenchModel, sense_dict, pairs: list[WicPair], batch_size:
             same = [float(len(ws.ids[i]) > 0 and np.array_equal(ws.ids[i], ws.ids[n + i])
                           and np.array_equal(k[i], k[n + i]) and (k[i] >= 0).all()) for i in range(n)]
             out[f"same_sense_{m}"] = np.where(ws.covered[:n] & ws.covered[n:], same, np.nan)
+        rows, _ = scws.pair_prototypes(ws, h, sense_dict, n, temperature or scws.TEMPERATURE)
+        out["avg_sim_c"], out["max_sim_c"] = rows["avg_sim_c"], rows["max_sim_c"]
     return out
 
 
