@@ -8,7 +8,9 @@ Knowledge-based, from WordNet alone (the package's WordNet 3.0 files): every can
 an instance's lemma and part of speech gets a vector, the mean over its texts of the lemma's
 vector in that text, where the texts are ``"<lemma> : <definition>"`` and the synset's usage
 examples that contain the lemma as a word; the instance gets the nearest candidate by cosine
-(``contextual`` states, or ``senses_<m>`` nearest-sense vectors on both sides). ``first_sense``
+(``contextual`` states, or ``senses_<m>`` nearest-sense vectors on both sides); ``sentence``
+compares the mean over the whole sentence with the mean over the whole sense text (mean
+pooling, the sentence encoder's own use), ``contextual+sentence`` adds the two cosines. ``first_sense``
 answers each instance with its lemma's first WordNet sense (the most frequent). Metric: F1 of
 precision (correct / answered) and recall (correct / instances), x 100; instances whose lemma has
 no synset of that part of speech get no answer (``coverage``).
@@ -197,6 +199,10 @@ def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, batch_si
     ws_sense = C.encode_targets(bm, texts, batch_size)
     owner = np.array(owner)
     spaces = {"contextual": (C.contextual_vectors(ws_inst), C.contextual_vectors(ws_sense))}
+    # Whole texts: the mean over every word of the sentence / the sense's text (mean pooling).
+    whole = lambda ts: [C.Target(t.words, 0, len(t.words)) for t in ts]
+    spaces["sentence"] = (C.contextual_vectors(C.encode_targets(bm, whole([i.target for i in inst]), batch_size)),
+                          C.contextual_vectors(C.encode_targets(bm, whole(texts), batch_size)))
     if sense_dict is not None:
         for m in C.METRICS:
             spaces[f"senses_{m}"] = (C.sense_vectors(ws_inst, sense_dict, m)[0],
@@ -205,6 +211,7 @@ def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, batch_si
     total = len(inst)
     answered = sum(bool(c) for c in cands)
     variants = {}
+    scores: dict[str, list[np.ndarray]] = {}
     for name, (q, s) in spaces.items():
         vec = np.full((len(lemma_sid), q.shape[1]), np.nan)
         for j in range(len(lemma_sid)):
@@ -212,16 +219,18 @@ def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, batch_si
             rows = rows[~np.isnan(rows).any(1)]
             if len(rows):
                 vec[j] = rows.mean(0)
-        correct = n_ans = 0
+        scores[name] = []
         for c, i in enumerate(inst):
-            cand = cands[c]
-            if not cand or np.isnan(q[c]).any():
-                continue
-            v = vec[[pos_of[(i.lemma, sid)] for sid in cand]]
-            sims = C.unit(np.nan_to_num(v)) @ C.unit(q[c])
-            n_ans += 1
-            correct += cand[int(np.argmax(sims))] in gold[i.id]
-        variants[name] = f1(correct, n_ans, total)
+            v = vec[[pos_of[(i.lemma, sid)] for sid in cands[c]]]
+            scores[name].append(C.unit(np.nan_to_num(v)) @ C.unit(np.nan_to_num(q[c]))
+                                if cands[c] and not np.isnan(q[c]).any() else None)
+    # The word's and the whole text's cosines added: both views of the same candidates.
+    scores["contextual+sentence"] = [None if a is None or b is None else a + b
+                                     for a, b in zip(scores["contextual"], scores["sentence"])]
+    for name, sc in scores.items():
+        answered_here = [(i, x) for i, x in zip(range(total), sc) if x is not None]
+        correct = sum(cands[c][int(np.argmax(x))] in gold[inst[c].id] for c, x in answered_here)
+        variants[name] = f1(correct, len(answered_here), total)
     variants["first_sense"] = f1(sum(c[0] in gold[i.id] for i, c in zip(inst, cands) if c), answered, total)
     cov = {"instances": total, "with_candidates": answered, "covered": int(ws_inst.covered.sum()),
            "candidate_synsets": len(lemma_sid), "sense_texts": len(texts)}
