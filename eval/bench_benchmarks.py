@@ -15,7 +15,6 @@ the evaldata folder every task is skipped with a message.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
