@@ -194,6 +194,8 @@ def test_coarsewsd20_pieces_by_hand():
     train = np.array([[1.0, 0], [0.9, 0.1], [0, 1.0]])
     pred = coarsewsd20.nearest_centroid(train, np.array([0, 0, 1]), np.array([[0.2, 1.0], [1.0, 0.3]]))
     assert pred.tolist() == [1, 0]
+    same = np.ones((4, 2)) + np.array([[0], [1e-9], [0], [-1e-9]])  # one vector, rounding apart
+    assert coarsewsd20.nearest_centroid(same, np.array([0, 1, 1, 2]), np.ones((1, 2))).tolist() == [1]
     got = coarsewsd20.sense_map_predict(np.array([0, 0, 1, 2, 2]), np.array([1, 1, 0, 2, 0]),
                                         np.array([0, 1, 2, 3]), mfs=0)
     assert got.tolist() == [1, 0, 0, 0]  # sense 2 ties 2-0 -> smaller class; unseen sense 3 -> mfs

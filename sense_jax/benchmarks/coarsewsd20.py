@@ -83,13 +83,19 @@ def read_split(word_dir: Path, split: str) -> tuple[list[C.Target], list[int]]:
     return targets, labels
 
 
-def nearest_centroid(train: np.ndarray, y_train: np.ndarray, test: np.ndarray) -> np.ndarray:
-    """Class of the centroid (mean of each class's train vectors) with the highest cosine, [n_test]."""
+def nearest_centroid(train: np.ndarray, y_train: np.ndarray, test: np.ndarray, tie: float = 1e-6) -> np.ndarray:
+    """Class of the centroid (mean of each class's train vectors) with the highest cosine, [n_test].
+
+    Cosines within ``tie`` of the best are ties, won by the class with the most train examples
+    (then the smaller id): with one vector per word (K = 1) every centroid is the same vector up
+    to rounding, and rounding must not pick the class.
+    """
     ok = ~np.isnan(train).any(1)
-    classes = np.unique(y_train[ok])
+    classes, freq = np.unique(y_train[ok], return_counts=True)
     cent = np.stack([train[ok & (y_train == c)].mean(0) for c in classes])
     sims = C.unit(np.nan_to_num(test)) @ C.unit(cent).T
-    return classes[np.argmax(sims, 1)]
+    near = sims >= sims.max(1, keepdims=True) - tie
+    return classes[np.argmax(np.where(near, freq[None, :], -1), 1)]
 
 
 def sense_map_predict(k_train: np.ndarray, y_train: np.ndarray, k_test: np.ndarray, mfs: int) -> np.ndarray:
