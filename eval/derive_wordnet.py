@@ -6,6 +6,9 @@ to ``sense_jax/data/wordnet/``:
 
     synsets.tsv.gz   synset_id  pos  lexname  lemmas (|-joined)  definition
     examples.tsv.gz  synset_id  example      (the usage examples quoted in each gloss)
+    sensekeys.tsv.gz sense_key  synset_id  sense_number   (every sense of WordNet 3.0, as in
+                     senseidx(5WN); the Debian package has no index.sense, so the keys are
+                     rebuilt from data.* and the sense order from index.*; the WSD benchmark reads it)
     LICENSE          WordNet 3.0's licence, which must accompany every copy
 
 The output is deterministic (sorted rows, gzip mtime 0), so re-running it on the same package
@@ -55,6 +58,56 @@ def split_gloss(gloss: str) -> tuple[str, list[str]]:
     return definition, examples
 
 
+SS_TYPE_NUMBER = {"n": 1, "v": 2, "a": 3, "r": 4, "s": 5}
+
+
+def sense_key_rows(wordnet: Path) -> list[str]:
+    """``sense_key<TAB>synset_id<TAB>sense_number`` rows for every sense (senseidx(5WN)).
+
+    A key is ``lemma%ss_type:lex_filenum:lex_id:head_word:head_id``: lemma lower-cased, lex_id the
+    word's hex digit in data.* as two decimal digits; for adjective satellites head_word/head_id
+    are the first word (and its lex_id) of the head synset that the ``&`` pointer names. The
+    sense number is the synset's rank in the lemma's line of index.<pos> (WordNet's frequency order).
+    """
+    synsets = {}  # (pos_file, offset) -> (ss_type, lex_filenum, [(lemma, lex_id)], head offset)
+    for pos_file in POS_FILES:
+        with open(wordnet / f"data.{pos_file}", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("  "):
+                    continue
+                fields = line.partition(" | ")[0].split()
+                offset, lexnum, ss_type, w_cnt = fields[0], int(fields[1]), fields[2], int(fields[3], 16)
+                words = [(re.sub(r"\((a|p|ip)\)$", "", fields[4 + 2 * i]).lower(), int(fields[5 + 2 * i], 16))
+                         for i in range(w_cnt)]
+                p = 4 + 2 * w_cnt
+                head = None
+                for j in range(int(fields[p])):
+                    sym, off, pos = fields[p + 1 + 4 * j:p + 4 + 4 * j]
+                    if sym == "&" and ss_type == "s" and pos == "a" and head is None:
+                        head = off
+                synsets[(pos_file, offset)] = (ss_type, lexnum, words, head)
+    rank = {}
+    for pos_file in POS_FILES:
+        with open(wordnet / f"index.{pos_file}", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("  "):
+                    continue
+                x = line.split()
+                lemma, synset_cnt, p_cnt = x[0], int(x[2]), int(x[3])
+                for n, off in enumerate(x[4 + p_cnt + 2:4 + p_cnt + 2 + synset_cnt], 1):
+                    rank[(pos_file, lemma, off)] = n
+    rows = []
+    for (pos_file, offset), (ss_type, lexnum, words, head) in synsets.items():
+        head_word = head_id = ""
+        if ss_type == "s":
+            h_word, h_id = synsets[("adj", head)][2][0]
+            head_word, head_id = h_word, f"{h_id:02d}"
+        for lemma, lex_id in words:
+            key = f"{lemma}%{SS_TYPE_NUMBER[ss_type]}:{lexnum:02d}:{lex_id:02d}:{head_word}:{head_id}"
+            rows.append(f"{key}\t{offset}-{ss_type}\t{rank[(pos_file, lemma, offset)]}\n")
+    return sorted(set(rows))
+
+
 def _write_gz(path: Path, rows: list[str]) -> None:
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") as gz:
@@ -91,9 +144,11 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     _write_gz(args.out / "synsets.tsv.gz", sorted(synsets))
     _write_gz(args.out / "examples.tsv.gz", sorted(examples))
+    keys = sense_key_rows(args.wordnet)
+    _write_gz(args.out / "sensekeys.tsv.gz", keys)
     (args.out / "LICENSE").write_text(COPYRIGHT.read_text(encoding="utf-8"), encoding="utf-8")
     size = sum(p.stat().st_size for p in args.out.iterdir())
-    print(f"{len(synsets)} synsets, {len(examples)} usage examples -> {args.out} ({size / 2**20:.1f} MiB)")
+    print(f"{len(synsets)} synsets, {len(examples)} usage examples, {len(keys)} sense keys -> {args.out} ({size / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":

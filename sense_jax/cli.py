@@ -21,6 +21,7 @@ COMMANDS = {
     "cluster": "sense_jax.commands.cluster",
     "pipeline": "sense_jax.commands.pipeline",
     "inspect": "sense_jax.commands.inspect",
+    "evaluate": "sense_jax.commands.evaluate",
 }
 
 

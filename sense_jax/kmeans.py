@@ -188,13 +188,17 @@ def _assign(p: _Points, centres, active):
     return jnp.argmin(d, axis=0).astype(jnp.int32), jnp.min(d, axis=0)
 
 
-def _lloyd_step(p: _Points, centres, active):
-    """One Lloyd iteration for one token: assign, average, re-seed empty clusters. [k, D]."""
+def _lloyd_step(p: _Points, centres, active, spherical: bool = False):
+    """One Lloyd iteration for one token: assign, average, re-seed empty clusters. [k, D].
+    ``spherical``: the points are unit vectors and each mean is scaled back to unit length (its
+    direction), so that nearest centre = highest cosine (Dhillon & Modha 2001)."""
     k = centres.shape[0]
     a, dmin = _assign(p, centres, active)
     onehot = ((a[None, :] == jnp.arange(k)[:, None]) & p.mask[None, :]).astype(jnp.float32)  # [k, N]
     counts = jnp.sum(onehot, axis=1)
     new = jnp.dot(onehot, p.x, precision=_HI) / jnp.maximum(counts, 1.0)[:, None]
+    if spherical:
+        new = new / jnp.maximum(jnp.linalg.norm(new, axis=-1, keepdims=True), 1e-12)
     new = jnp.where(active[:, None], new, centres)
     # Empty clusters (rare) take the farthest points, the farthest to the first empty cluster.
     # A while loop rather than a top_k: under vmap it runs as many rounds as the most empty
@@ -247,7 +251,7 @@ def _keep_samples(x, mask, *, k: int):
     )
 
 
-def _cluster(p: _Points, u, k_active, init, max_iter, tol, *, k: int, has_init: bool):
+def _cluster(p: _Points, u, k_active, init, max_iter, tol, *, k: int, has_init: bool, spherical: bool = False):
     """k-means++ (or ``init``), Lloyd to tolerance, final assignment and compaction (n > k)."""
     x, mask = p.x, p.mask
     D = x.shape[-1]
@@ -263,7 +267,7 @@ def _cluster(p: _Points, u, k_active, init, max_iter, tol, *, k: int, has_init: 
 
     def body(s):
         c, it, _ = s
-        new = _lloyd_step(p, c, active)
+        new = _lloyd_step(p, c, active, spherical)
         return new, it + 1, jnp.sum((new - c) ** 2)
 
     centres, n_iter, _ = jax.lax.while_loop(cond, body, (centres, jnp.int32(0), jnp.float32(jnp.inf)))
@@ -292,7 +296,7 @@ def _cluster(p: _Points, u, k_active, init, max_iter, tol, *, k: int, has_init: 
     )
 
 
-def _kmeans_one(x, mask, u, k_active, init, max_iter, tol, *, k: int, has_init: bool):
+def _kmeans_one(x, mask, u, k_active, init, max_iter, tol, *, k: int, has_init: bool, spherical: bool = False):
     """k-means of one token with ``k_active <= k`` clusters. x [N, D] f32 (zeroed at padding).
 
     A token with ``n <= k`` real points keeps them as senses whatever ``k_active`` is. The
@@ -305,7 +309,7 @@ def _kmeans_one(x, mask, u, k_active, init, max_iter, tol, *, k: int, has_init: 
     return jax.lax.cond(
         jnp.sum(mask) <= k,
         lambda: _keep_samples(x, mask, k=k),
-        lambda: _cluster(p, u, k_active, init, max_iter, tol, k=k, has_init=has_init))
+        lambda: _cluster(p, u, k_active, init, max_iter, tol, k=k, has_init=has_init, spherical=spherical))
 
 
 def _bic(res, n, D):
@@ -345,20 +349,22 @@ def _uniforms_by_id(root, token_ids, *, k, adaptive, k_min):
 
 
 def _token_program(x, mask, u, init, max_iter, tol, *, k: int, adaptive: str | None,
-                   k_min: int, has_init: bool):
+                   k_min: int, has_init: bool, spherical: bool = False):
     x = jnp.where(mask[:, None], x.astype(jnp.float32), 0.0)
     # Checked by the driver, not a host pass. A squared norm that is not finite in f32 catches
     # NaN/inf and also finite vectors whose squares overflow (|x| > ~1.8e19): their distances
     # would be inf, silently losing the point (inertia inf).
     finite = jnp.all(jnp.isfinite(jnp.sum(x * x, axis=-1)))
+    if spherical:  # unit vectors: the clustering sees directions only
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     if adaptive is None:
-        return dict(_kmeans_one(x, mask, u[0], k, init, max_iter, tol, k=k, has_init=has_init),
-                    finite=finite)
+        return dict(_kmeans_one(x, mask, u[0], k, init, max_iter, tol, k=k, has_init=has_init,
+                                    spherical=spherical), finite=finite)
     n = jnp.sum(mask)
     D = x.shape[-1]
 
     def one(kc, uc):
-        r = _kmeans_one(x, mask, uc, kc, init, max_iter, tol, k=k, has_init=has_init)
+        r = _kmeans_one(x, mask, uc, kc, init, max_iter, tol, k=k, has_init=has_init, spherical=spherical)
         return r, _bic(r, n, D)
 
     best, best_bic = one(jnp.int32(k_min), u[0])
@@ -375,9 +381,9 @@ def _token_program(x, mask, u, init, max_iter, tol, *, k: int, adaptive: str | N
     return dict(best, finite=finite)
 
 
-@jax.jit(static_argnames=("k", "adaptive", "k_min", "has_init", "loop", "map_batch"))
+@jax.jit(static_argnames=("k", "adaptive", "k_min", "has_init", "loop", "map_batch", "spherical"))
 def _batched(x, mask, u, init, max_iter, tol, *, k, adaptive, k_min, has_init, loop="vmap",
-             map_batch=1):
+             map_batch=1, spherical=False):
     """The batched program: x [T, N, D], mask [T, N], u [T, C, k, L] uniforms, init [T, k, D].
 
     ``loop="vmap"`` runs the T tokens in lockstep (every while loop runs as long as the slowest
@@ -387,7 +393,8 @@ def _batched(x, mask, u, init, max_iter, tol, *, k, adaptive, k_min, has_init, l
     (:func:`map_batch_size`).
     """
     fn = lambda xt, mt, ut, it: _token_program(xt, mt, ut, it, max_iter, tol, k=k,
-                                               adaptive=adaptive, k_min=k_min, has_init=has_init)
+                                               adaptive=adaptive, k_min=k_min, has_init=has_init,
+                                               spherical=spherical)
     if loop == "map":
         return jax.lax.map(lambda args: fn(*args), (x, mask, u, init),
                            batch_size=min(map_batch, x.shape[0]) if map_batch > 1 else None)
@@ -442,7 +449,8 @@ def validate_k(k: Any, *, adaptive: str | None = None, k_min: int = 1) -> int:
 
 def kmeans_detailed(x, mask, k: int, *, key, max_iter: int = 100, tol: float = 1e-4,
                     adaptive: str | None = None, k_min: int = 1, init=None,
-                    check_finite: bool = True, loop: str | None = None) -> dict[str, jax.Array]:
+                    check_finite: bool = True, loop: str | None = None,
+                    spherical: bool = False) -> dict[str, jax.Array]:
     """:func:`batched_kmeans` as a dict, plus ``counts`` [T, K] int32 (points per sense),
     ``n_iter`` [T] int32 (Lloyd iterations) and ``finite`` [T] bool (no NaN/inf among the real
     samples; the driver's check when ``check_finite=False``)."""
@@ -477,12 +485,12 @@ def kmeans_detailed(x, mask, k: int, *, key, max_iter: int = 100, tol: float = 1
     statics = dict(k=k, adaptive=adaptive, k_min=int(k_min))
     u = _uniforms(_as_token_keys(key, T), **statics)
     return _batched(x, mask, u, init, jnp.int32(max_iter), jnp.float32(tol), **statics, has_init=has_init,
-                    loop=loop, map_batch=map_batch_size(N, D))
+                    loop=loop, map_batch=map_batch_size(N, D), spherical=bool(spherical))
 
 
 def batched_kmeans(x, mask, k: int, *, key, max_iter: int = 100, tol: float = 1e-4,
                    adaptive: str | None = None, k_min: int = 1, init=None,
-                   check_finite: bool = True, loop: str | None = None) -> KMeansResult:
+                   check_finite: bool = True, loop: str | None = None, spherical: bool = False) -> KMeansResult:
     """k-means of many tokens' samples at once (one jitted program over the token axis).
 
     Args:
@@ -502,6 +510,10 @@ def batched_kmeans(x, mask, k: int, *, key, max_iter: int = 100, tol: float = 1e
         accelerators) or ``"map"`` (one token after another, ``lax.map``; for CPUs). Default
         (None): ``"map"`` on the CPU backend, else ``"vmap"``. Both give the same clustering
         (the same arithmetic per token; last bits may differ between the two).
+      spherical: spherical (cosine) k-means (Dhillon & Modha 2001): the samples are scaled to
+        unit length and each centre is its cluster's mean direction (the mean scaled to unit
+        length), so that it agrees with a cosine look-up; k-means++ and the tolerance work on
+        the unit vectors. Default False: Euclidean k-means (the paper's).
 
     Returns:
       :class:`KMeansResult` (centres [T, K, D] f32, n_senses [T] int32, assignments [T, N]
@@ -512,7 +524,7 @@ def batched_kmeans(x, mask, k: int, *, key, max_iter: int = 100, tol: float = 1e
         squared norm overflows float32 (naming the row).
     """
     r = kmeans_detailed(x, mask, k, key=key, max_iter=max_iter, tol=tol, adaptive=adaptive,
-                        k_min=k_min, init=init, check_finite=check_finite, loop=loop)
+                        k_min=k_min, init=init, check_finite=check_finite, loop=loop, spherical=spherical)
     return KMeansResult(r["centres"], r["n_senses"], r["assignments"], r["inertia"])
 
 
@@ -569,12 +581,13 @@ def default_chunk_tokens(n_pad: int, hidden_size: int, k: int, memory_budget: in
 _COMPILED: dict[tuple, Any] = {}  # (T, N, D, dtype, k, adaptive, k_min, devices) -> executable
 
 
-def _sharded_program(mesh, *, k: int, adaptive: str | None, k_min: int, loop: str, map_batch: int = 1):
+def _sharded_program(mesh, *, k: int, adaptive: str | None, k_min: int, loop: str, map_batch: int = 1,
+                     spherical: bool = False):
     """The batched program with its token axis sharded over ``mesh`` axis ``"tokens"``: each
     device runs :func:`_batched` on its own tokens (``jax.shard_map``, no collectives)."""
     def local(x, mask, u, init, max_iter, tol):
         return _batched(x, mask, u, init, max_iter, tol, k=k, adaptive=adaptive, k_min=k_min,
-                        has_init=False, loop=loop, map_batch=map_batch)
+                        has_init=False, loop=loop, map_batch=map_batch, spherical=spherical)
 
     tokens = P("tokens")
     # check_vma=False: the per-token while loops start from unvarying constants.
@@ -614,7 +627,8 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
                            k_min: int = 1, max_iter: int = 100, tol: float = 1e-4,
                            chunk_tokens: int | None = None, memory_budget: int = 1 << 30,
                            dtype: str = "float32", metric: str = "dot", base=None,
-                           devices=None, loop: str | None = None, progress: bool = True):
+                           devices=None, loop: str | None = None, progress: bool = True,
+                           spherical: bool = False):
     """Cluster every token of an extraction store into senses (METHOD §1).
 
     Tokens with ``n_t <= k`` samples keep their samples as senses (no clustering). The others
@@ -653,6 +667,8 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
       devices: devices to shard tokens over (default: ``jax.local_devices()``).
       loop: ``"map"`` | ``"vmap"`` | None, as in :func:`batched_kmeans` (default: map on CPU).
       progress: show a tqdm progress bar.
+      spherical: spherical (cosine) k-means, see :func:`batched_kmeans`; tokens with ``n <= k``
+        samples keep them scaled to unit length. Recorded as ``meta["k_rule"]["spherical"]``.
 
     Returns:
       :class:`sense_jax.sense_dict.SenseDictionary` over the store's vocabulary, its metadata
@@ -709,7 +725,10 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
         starts = np.concatenate([[0], np.cumsum(n[small])[:-1]])
         _check_finite_rows(vec, small, starts, n[small], str(store.path))
         for t, s0 in zip(small, starts):
-            senses[int(t)] = (vec[s0:s0 + n[t]].astype(np.float32), np.ones(n[t], np.int64))
+            v = vec[s0:s0 + n[t]].astype(np.float32)
+            if spherical:
+                v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+            senses[int(t)] = (v, np.ones(n[t], np.int64))
 
     root = jax.random.key(seed)
     devices = list(devices) if devices is not None else jax.local_devices()
@@ -740,7 +759,7 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
     scalars = jax.device_put(scalars, jax.sharding.NamedSharding(mesh, P()))
 
     def compile_shape(T, N):
-        cache_key = (T, N, D, str(store.vectors.dtype), k, adaptive, int(k_min), loop,
+        cache_key = (T, N, D, str(store.vectors.dtype), k, adaptive, int(k_min), loop, bool(spherical),
                      tuple((d.platform, d.id) for d in devices))
         if cache_key not in _COMPILED:  # AOT compiles bypass jit's cache: keep our own
             C = 1 if adaptive is None else k - k_min + 1
@@ -749,7 +768,8 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
                     jax.ShapeDtypeStruct((n_dev * T, N), bool, sharding=sharded),
                     jax.ShapeDtypeStruct((n_dev * T, C, k, n_local_trials(k)), jnp.float32, sharding=sharded),
                     jax.ShapeDtypeStruct((n_dev * T, 1, 1), jnp.float32, sharding=sharded))
-            program = _sharded_program(mesh, **statics, loop=loop, map_batch=map_batch_size(N, D))
+            program = _sharded_program(mesh, **statics, loop=loop, map_batch=map_batch_size(N, D),
+                                       spherical=bool(spherical))
             _COMPILED[cache_key] = program.lower(*spec, *scalars).compile()
         return _COMPILED[cache_key]
 
@@ -858,7 +878,8 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
         "hidden_size": D,
         "metric": metric,
         "k_rule": {"k": k, "adaptive": adaptive, "k_min": k_min if adaptive else None,
-                   "max_iter": max_iter, "tol": tol, "init": "greedy k-means++"},
+                   "max_iter": max_iter, "tol": tol, "init": "greedy k-means++",
+                   "spherical": bool(spherical)},
         "seed": seed,
         "store": str(store.path),
         "store_fingerprint": store_fingerprint(store), "provenance": provenance(),

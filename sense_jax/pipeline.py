@@ -12,6 +12,8 @@ METHOD §1-3 and the WordNet evaluation suite (METHOD §5) into one directory::
       skd/, mse/            training runs (checkpoints, metrics.jsonl, curves.png)
       skd_student/, mse_student/   exported students (transformers dirs + adaptor)
       report/               report.json, report.md, PNG plots
+      benchmarks/           public sense benchmarks (only with --stages ...,benchmarks and
+                            --set evaldata=DIR or SENSE_JAX_EVALDATA; see sense_jax.benchmarks)
 
 A stage whose output exists and is complete is skipped, so re-running the same command resumes
 (extraction and training also resume inside the stage from their own progress and checkpoints).
@@ -51,6 +53,7 @@ class PipelineConfig:
     n_heldout: int = 1000             # other definitions for the students' held-out sense accuracy
     n_per_token: int = 1000           # N: samples kept per token (METHOD §1)
     k: int = 10                       # K: senses per token (METHOD §1)
+    spherical: bool = False           # spherical (cosine) k-means for the K-sense dictionary
     seed: int = 0                     # every random choice (sampling, k-means, training, splits)
     store_dtype: str = "float32"      # extraction store dtype: float32, bfloat16, float16
     extract_batch_size: int = 64      # passages per device per extraction step
@@ -65,9 +68,13 @@ class PipelineConfig:
     eval_test: int = 2000             # held-out definitions for the probe
     speed_sentences: int = 512        # passages for the tokens/s comparison
     progress: bool = True             # progress bars
+    evaldata: str = ""                # public benchmarks folder laid out like shared/evaldata ("" = env
+                                      # SENSE_JAX_EVALDATA; neither: the benchmarks stage is skipped)
+    benchmark_layers: str = ""        # extra teacher layers for the benchmarks (contextual), e.g. "3"
 
 
-STAGES = ("convert", "corpus", "extract", "cluster", "distill", "evaluate")
+STAGES = ("convert", "corpus", "extract", "cluster", "distill", "evaluate", "benchmarks")
+DEFAULT_STAGES = STAGES[:-1]  # the benchmarks stage runs when asked for (--stages ...,benchmarks)
 
 
 def load_pipeline_config(path=None, overrides=(), out: str | None = None) -> PipelineConfig:
@@ -139,7 +146,7 @@ class Pipeline:
                                       f"or incomplete ({', '.join(missing)}); run --stages {needed} first "
                                       f"(or run every stage)")
 
-    def run(self, stages=STAGES) -> Path:
+    def run(self, stages=DEFAULT_STAGES) -> Path:
         stages = tuple(stages)
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_config_unchanged()
@@ -154,10 +161,13 @@ class Pipeline:
     def _check_config_unchanged(self) -> None:
         """A re-run into the same OUT must use the same settings (else outputs would mix)."""
         f = self.out / "pipeline_config.json"
-        now = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("progress", "out")}
+        now = {k: v for k, v in dataclasses.asdict(self.cfg).items()
+               if k not in ("progress", "out", "evaldata", "benchmark_layers")}
         if f.exists():
             before = json.loads(f.read_text())
-            diff = sorted(k for k in now if before.get(k) != now[k])
+            # A key added to the config after that run compares as its default.
+            defaults = {fld.name: fld.default for fld in dataclasses.fields(PipelineConfig)}
+            diff = sorted(k for k in now if before.get(k, defaults.get(k)) != now[k])
             if diff:
                 changes = ", ".join(f"{k}: {before.get(k)!r} then, {now[k]!r} now" for k in diff)
                 raise ConfigError(f"{self.out} was made with other settings ({changes}); choose another --out")
@@ -239,7 +249,7 @@ class Pipeline:
                 self.log(f"[cluster] done already: {out}")
                 continue
             sd = build_sense_dictionary(open_store(self.store_dir), k, seed=self.cfg.seed,
-                                        progress=self.cfg.progress)
+                                        progress=self.cfg.progress, spherical=self.cfg.spherical and k > 1)
             sd.save(out, overwrite=True)  # only reached when out is absent or incomplete
             self.log(f"[cluster] K={k}: {int(sd.centres.shape[0])} senses -> {out}")
 
@@ -284,3 +294,51 @@ class Pipeline:
             return
         evaluation.write_report(self, self.report_dir)
         self.log(f"[evaluate] report: {self.report_dir / 'report.md'}")
+
+    def evaldata_dir(self) -> Path | None:
+        """The public benchmarks folder: ``evaldata`` or env ``SENSE_JAX_EVALDATA`` (None if neither)."""
+        import os
+
+        d = self.cfg.evaldata or os.environ.get("SENSE_JAX_EVALDATA", "")
+        return Path(d) if d else None
+
+    def stage_benchmarks(self) -> None:
+        """Every public benchmark whose data is in the evaldata folder, for the teacher with the
+        K-sense dictionary (variants contextual, senses_*, one_sense, static), the K = 1 dictionary,
+        the exported students with the teacher's dictionary, and the teacher's contextual states at
+        each of ``benchmark_layers``. Writes OUT/benchmarks/benchmarks.{json,md}; skipped (with
+        the reason) when no evaldata folder is given or it does not exist."""
+        from sense_jax import benchmarks as B
+        from sense_jax.benchmarks.common import load_bench_model, render_markdown
+        from sense_jax.io_utils import atomic_directory
+
+        out = self.out / "benchmarks"
+        d = self.evaldata_dir()
+        if d is None or not d.is_dir():
+            why = "no --set evaldata=DIR and no SENSE_JAX_EVALDATA" if d is None else f"{d} does not exist"
+            self.log(f"[benchmarks] skipped: {why}")
+            return
+        if (out / "benchmarks.json").exists():
+            self.log(f"[benchmarks] done already: {out / 'benchmarks.md'}")
+            return
+        paths = {"scws": d / "scws" / "ratings.txt", "wic": d / "wic", "coarsewsd20": d / "coarsewsd20",
+                 "wordsim": d / "wordsim", "wsd": d / "wsd_raganato" / "semeval2007"}
+        paths = {t: p for t, p in paths.items() if p.exists()}
+        teacher = load_bench_model(self.teacher_dir)
+        runs = [("teacher_senses", teacher, self.senses_dir), ("teacher_k1", teacher, self.senses_k1_dir)]
+        for name in ("skd_student", "mse_student"):
+            if (self.out / name / "adaptor.json").exists():
+                runs.append((name, load_bench_model(self.out / name), self.senses_dir))
+        for layer in (int(x) for x in self.cfg.benchmark_layers.split(",") if x.strip()):
+            runs.append((f"teacher_layer{layer}", load_bench_model(self.teacher_dir, layer), None))
+        results, md = {}, []
+        for task, path in paths.items():
+            for name, bm, senses in runs:
+                self.log(f"[benchmarks] {task}: {name}")
+                res = B.evaluate(task, path, bm, senses)
+                results.setdefault(task, {})[name] = res
+                md.append(render_markdown(res))
+        with atomic_directory(out, overwrite=True) as tmp:
+            write_json_atomic(tmp / "benchmarks.json", results)
+            (tmp / "benchmarks.md").write_text("\n".join(md), encoding="utf-8")
+        self.log(f"[benchmarks] {len(paths)} benchmark(s) x {len(runs)} run(s): {out / 'benchmarks.md'}")

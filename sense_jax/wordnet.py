@@ -3,7 +3,8 @@
 ``sense_jax/data/wordnet/`` holds compact files derived from the Debian package wordnet-base by
 ``eval/derive_wordnet.py`` (WordNet 3.0 Copyright 2006 by Princeton University; licence in the
 same folder): 117,659 synsets with their lexicographer file, lemmas and definition, and 48,339
-usage examples. They serve as the default corpus (definitions, "glosses") and as evaluation data
+usage examples, and the 206,949 sense keys (``bank%1:17:01::``) with their
+synset and sense number. They serve as the default corpus (definitions, "glosses") and as evaluation data
 (METHOD §5: usage examples with synset labels, lexicographer files as classes).
 """
 
@@ -110,3 +111,13 @@ def write_gloss_corpus(out: str | Path, max_glosses: int | None = None,
         tmp.write_text("".join(s.definition + "\n" for s in sorted(chosen, key=lambda s: s.id)), encoding="utf-8")
         tmp.replace(path)
     return Path(out)
+
+
+@lru_cache(maxsize=2)
+def load_sense_keys(data_dir: Path | None = None) -> dict[str, tuple[str, int]]:
+    """WordNet 3.0 sense key -> (synset id, sense number), for all 206,949 senses.
+
+    Keys as in senseidx(5WN) (``bank%1:17:01::``); the sense number is the synset's rank among the
+    lemma's synsets of that part of speech (1 = first, WordNet's most frequent sense).
+    """
+    return {k: (s, int(n)) for k, s, n in _rows("sensekeys.tsv.gz", data_dir)}

@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="storage dtype of the centres (int8: per-sense scales, 1/4 of float32)")
     p.add_argument("--metric", choices=("dot", "cos", "l2"), default="dot",
                    help="look-up metric recorded for nearest_sense (paper: dot)")
+    p.add_argument("--spherical", action="store_true",
+                   help="spherical (cosine) k-means: unit-length samples, centres = mean directions "
+                        "(agrees with a cos look-up; default: Euclidean k-means, the paper's)")
     p.add_argument("--chunk-tokens", type=int, default=None,
                    help="tokens per device per k-means chunk (default: sized to --memory-gb)")
     p.add_argument("--cpu-devices", type=int, default=None,
@@ -92,12 +95,13 @@ def run(args: argparse.Namespace) -> int:
         store, args.k, seed=args.seed, adaptive=args.adaptive, k_min=args.k_min,
         max_iter=args.max_iter, tol=args.tol, chunk_tokens=args.chunk_tokens,
         memory_budget=int(args.memory_gb * (1 << 30)), dtype=args.dtype, metric=args.metric,
-        base=base, progress=not args.no_progress)
+        base=base, progress=not args.no_progress, spherical=args.spherical)
     sd.save(out, dtype=args.dtype, overwrite=args.overwrite)
     st = sd.meta["stats"]
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"clustered {st['tokens_clustered']:,} of {st['tokens']:,} tokens (K={args.k}"
-          f"{', adaptive ' + args.adaptive if args.adaptive else ''}) -> {out}: "
+          f"{', adaptive ' + args.adaptive if args.adaptive else ''}"
+          f"{', spherical' if args.spherical else ''}) -> {out}: "
           f"{int(sd.centres.shape[0]):,} senses in all"
           f"{' (after adding to ' + args.add_to + ')' if base is not None else ''}, "
           f"mean inertia {st['mean_inertia']:.4g}, {sd.dtype}, {size:,} bytes; "

@@ -13,7 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override one config key (repeatable); unknown keys are refused")
     p.add_argument("--out", help="output directory (default runs/pipeline)")
     p.add_argument("--stages", default=",".join(("convert", "corpus", "extract", "cluster", "distill", "evaluate")),
-                   help="comma-separated subset of stages to run (each needs its predecessors' outputs)")
+                   help="comma-separated subset of stages to run (each needs its predecessors' outputs); "
+                        "add 'benchmarks' for the public benchmarks (--set evaldata=DIR)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 

@@ -1,0 +1,443 @@
+"""What every benchmark shares: the model under test, words in context, variants, output.
+
+The one rule that turns "word ``w`` at word position ``i`` of a whitespace-tokenised sentence"
+into vectors, applied the same way by every benchmark:
+
+* The sentence is re-joined with single spaces and tokenised once with the model's fast
+  tokenizer; the word's tokens are those whose character span (``offset_mapping``) overlaps the
+  word's span (special tokens have empty spans and never match). A word that loses all its
+  tokens (truncated away at the model's maximum length, or normalised to nothing) is skipped and
+  counted in ``coverage``.
+* ``contextual``: the mean of the model's hidden states over the word's tokens.
+* ``senses_dot`` / ``senses_cos`` / ``senses_l2``: every token of the word is replaced by the
+  nearest sense of that token under the metric (METHOD §2; tokens without a dictionary entry keep
+  their hidden state), then averaged over the word's tokens: the same "replace, then pool" that
+  the students are trained against.
+* ``one_sense``: each token's single vector, the count-weighted mean of its senses. k-means
+  centres are means of their clusters, so this equals the K = 1 dictionary's centre (the mean of
+  every sample of the token) without a second dictionary; averaged over the word's tokens.
+* ``static``: the mean of the input-embedding rows of the word's tokens.
+* Per-word sense inventories (AvgSim, AvgSimC, MaxSimC in SCWS, the sense-to-class map in
+  CoarseWSD-20): the senses of the word's *head token*, its first token. A word whose head token
+  has no entry has one "sense": its vector in that context (counted as ``no_senses``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from sense_jax.errors import SenseJaxError
+
+METRICS = ("dot", "cos", "l2")
+
+
+class BenchmarkDataError(SenseJaxError):
+    """A benchmark file is missing, of the wrong format, or a line of it is malformed."""
+
+
+def data_error(path, line_no: int | None, why: str) -> BenchmarkDataError:
+    """The one-line error for bad benchmark data: ``file:line: why``."""
+    where = f"{path}:{line_no}" if line_no is not None else str(path)
+    return BenchmarkDataError(f"{where}: {why}")
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """A text file's lines without line endings (LF or CRLF), UTF-8.
+
+    Raises:
+      BenchmarkDataError: the file is missing or not UTF-8 text.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise data_error(p, None, "file not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise data_error(p, text_line_of(p.read_bytes(), e.start), "not UTF-8 text") from None
+    return text.splitlines()
+
+
+def text_line_of(data: bytes, byte_offset: int) -> int:
+    return data[:byte_offset].count(b"\n") + 1
+
+
+# --- the model under test ------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class BenchModel:
+    """A model read for benchmarks: hidden states of one layer, in the teacher's width.
+
+    Attributes:
+      model: the loaded :class:`sense_jax.loading.Model`.
+      layer: hidden-state index as in transformers' ``hidden_states`` (0 = embeddings output,
+        ``num_hidden_layers`` = last layer, the paper's choice).
+      adaptor: exported students' linear adaptor (torch layout ``weight`` [D, S], ``bias`` [D]),
+        applied to the last layer's states so that they live in the teacher's space; else None.
+      fingerprint: the teacher fingerprint its states belong to (the model's own, or for an
+        exported student the teacher's recorded in ``adaptor.json``).
+    """
+
+    model: Any
+    layer: int
+    adaptor: dict | None
+    fingerprint: str | None
+    path: str
+
+    def __post_init__(self):
+        import functools
+
+        import jax
+        import jax.numpy as jnp
+
+        module, n_layers, layer = self.model.module, self.num_layers, self.layer
+        w = None if self.adaptor is None else (jnp.asarray(self.adaptor["weight"], jnp.float32),
+                                               jnp.asarray(self.adaptor["bias"], jnp.float32))
+
+        @functools.partial(jax.jit)
+        def states(params, ids, mask):
+            if layer == n_layers:
+                h = module.apply({"params": params}, ids, mask)
+            else:
+                h = module.apply({"params": params}, ids, mask, None, output_all_hidden_states=True)[1][layer]
+            h = h.astype(jnp.float32)
+            return h if w is None else h @ w[0].T + w[1]
+
+        self._states = states
+        # Target-word states by the targets' content: a second benchmark run of the same data
+        # on the same model (another dictionary, another variant) skips the forward passes.
+        self._cache: dict[str, WordStates] = {}
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    def states(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Hidden states [B, T, D] float32 of int32 [B, T] inputs (jitted, one compile per shape)."""
+        return np.asarray(self._states(self.model.params, input_ids, attention_mask))
+
+    def embedding_matrix(self) -> np.ndarray:
+        """The input-embedding matrix [V, D_model] float32 (the ``static`` variant's rows)."""
+        import jax
+        from flax import traverse_util
+
+        V = int(self.model.config.vocab_size)
+        flat = traverse_util.flatten_dict(self.model.params, sep="/")
+        key = next((k for k in sorted(flat) if np.ndim(flat[k]) == 2 and np.shape(flat[k])[0] == V), None)
+        if key is None:
+            raise SenseJaxError(f"{self.path}: no [{V}, D] input-embedding parameter")
+        return np.asarray(jax.device_get(flat[key]), np.float32)
+
+    def max_tokens(self) -> int:
+        cfg = self.model.config
+        return int(getattr(cfg, "max_position_embeddings", 512) - getattr(cfg, "position_offset", 0))
+
+
+def load_bench_model(path: str | os.PathLike, layer: int | None = None) -> BenchModel:
+    """Load MODEL (a converted sense_jax directory, a transformers directory or an exported student).
+
+    Args:
+      layer: hidden-state index (0 = embeddings output .. L = last layer; negative counts from the
+        end, -1 = last); None = last layer.
+
+    Raises:
+      SenseJaxError: unreadable model, no tokenizer, layer out of range, or ``layer`` other than the
+        last for a student with an adaptor (the adaptor maps last-layer states only).
+    """
+    from sense_jax.distill import load_adaptor, teacher_fingerprint
+    from sense_jax.io_utils import read_json
+    from sense_jax.loading import load_model
+
+    model = load_model(path)
+    if model.tokenizer is None or not getattr(model.tokenizer, "is_fast", False):
+        raise SenseJaxError(f"{path}: a fast tokenizer (offset mapping) is needed for benchmarks")
+    n = int(model.config.num_hidden_layers)
+    if layer is None:
+        layer = n
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -n - 1 <= layer <= n:
+        raise SenseJaxError(f"--layer {layer} out of range for a {n}-layer model (0..{n}, or -1..-{n + 1})")
+    layer = int(layer) + n + 1 if layer < 0 else int(layer)
+    adaptor, fp = None, None
+    p = Path(path)
+    if (p / "adaptor.safetensors").is_file():
+        adaptor = load_adaptor(p)
+        if layer != n:
+            raise SenseJaxError(f"{path}: --layer {layer}: the student's adaptor maps last-layer states only")
+        if (p / "adaptor.json").is_file():
+            fp = read_json(p / "adaptor.json", "adaptor metadata").get("teacher_fingerprint")
+    else:
+        fp = teacher_fingerprint(model.params, int(model.config.vocab_size))
+    return BenchModel(model=model, layer=layer, adaptor=adaptor, fingerprint=fp, path=str(path))
+
+
+def load_senses(path: str | os.PathLike, bm: BenchModel):
+    """Load a sense dictionary and refuse one that was not built from ``bm``'s teacher and layer.
+
+    Raises:
+      SenseJaxError: naming the dictionary and the field that differs (width, vocabulary size,
+        teacher fingerprint, layer).
+    """
+    from sense_jax.sense_dict import SenseDictionary
+
+    sd = SenseDictionary.load(path)
+    meta = sd.meta
+    D = int(bm.adaptor["bias"].shape[0]) if bm.adaptor is not None else int(bm.model.config.hidden_size)
+    V = int(bm.model.config.vocab_size)
+    if sd.hidden_size != D:
+        raise SenseJaxError(f"{path}: senses have width {sd.hidden_size} but {bm.path} gives states of "
+                            f"width {D}; the dictionary was built from another teacher")
+    if sd.vocab_size != V:
+        raise SenseJaxError(f"{path}: covers {sd.vocab_size} tokens but {bm.path} has a vocabulary of {V}; "
+                            "the dictionary was built from another teacher")
+    fp = meta.get("teacher_fingerprint")
+    if fp and bm.fingerprint and fp != bm.fingerprint:
+        raise SenseJaxError(f"{path}: built from teacher {meta.get('teacher', '?')!r} (fingerprint {fp}) but "
+                            f"{bm.path} has teacher fingerprint {bm.fingerprint}; use that teacher's dictionary")
+    if meta.get("layer") is not None and int(meta["layer"]) != bm.layer:
+        raise SenseJaxError(f"{path}: built from layer {meta['layer']} hidden states but --layer is "
+                            f"{bm.layer}; build a dictionary from that layer (sense-jax extract --layer)")
+    return sd
+
+
+# --- words in context ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Target:
+    """One word in context: ``words[start:end]`` of a whitespace-tokenised sentence."""
+
+    words: Sequence[str]
+    start: int
+    end: int | None = None
+
+    def __post_init__(self):
+        if self.end is None:
+            self.end = self.start + 1
+
+
+@dataclasses.dataclass
+class WordStates:
+    """The tokens of each target word and their hidden states (ragged, one entry per target).
+
+    Attributes:
+      ids: per target, [n_i] int32 token ids of the word (empty where not covered).
+      states: per target, [n_i, D] float32 hidden states of those tokens.
+      covered: [N] bool, the word kept at least one token.
+    """
+
+    ids: list[np.ndarray]
+    states: list[np.ndarray]
+    covered: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index) -> "WordStates":
+        index = list(index)
+        return WordStates([self.ids[i] for i in index], [self.states[i] for i in index], self.covered[index])
+
+
+def char_span(words: Sequence[str], start: int, end: int) -> tuple[str, int, int]:
+    """``(" ".join(words), first char of words[start], end char of words[end - 1])``."""
+    text = " ".join(words)
+    a = sum(len(w) + 1 for w in words[:start])
+    b = a + sum(len(w) + 1 for w in words[start:end]) - 1
+    return text, a, b
+
+
+def token_positions(offsets: Sequence[tuple[int, int]], a: int, b: int) -> list[int]:
+    """Indices of the tokens whose character span overlaps [a, b) (empty spans never match)."""
+    return [i for i, (s, e) in enumerate(offsets) if e > s and s < b and e > a]
+
+
+def encode_targets(bm: BenchModel, targets: Sequence[Target], batch_size: int = 32,
+                   max_length: int | None = None) -> WordStates:
+    """Run the model over each target's sentence and keep the target word's tokens.
+
+    Identical sentences are run once, and a repeated call with the same targets returns the
+    states it computed before (kept on ``bm``). Batches are length-bucketed and padded to ``batch_size``
+    rows, so the forward compiles once per bucket length.
+
+    Returns:
+      :class:`WordStates` (one entry per target, in order).
+    """
+    import hashlib
+
+    from sense_jax.batching import length_bucketed_batches, pad_batch
+
+    key = hashlib.sha256(repr([(tuple(t.words), t.start, t.end) for t in targets] + [max_length]).encode()).hexdigest()
+    if key in bm._cache:
+        return bm._cache[key]
+    tok = bm.tokenizer
+    spans = [char_span(t.words, t.start, t.end) for t in targets]
+    texts = list(dict.fromkeys(s[0] for s in spans))
+    index = {t: i for i, t in enumerate(texts)}
+    limit = min(max_length or bm.max_tokens(), bm.max_tokens())
+    enc = tok(texts, truncation=True, max_length=limit, padding=False, return_offsets_mapping=True)
+    want: dict[int, list[tuple[int, list[int]]]] = {}
+    positions = []
+    for j, (text, a, b) in enumerate(spans):
+        pos = token_positions(enc["offset_mapping"][index[text]], a, b)
+        positions.append(pos)
+        if pos:
+            want.setdefault(index[text], []).append((j, pos))
+    ids_out = [np.zeros(0, np.int32) for _ in targets]
+    D = None
+    states_out: list[np.ndarray | None] = [None] * len(targets)
+    run = sorted(want)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for idx, L in length_bucketed_batches([len(enc["input_ids"][i]) for i in run], batch_size):
+        rows = [run[i] for i in idx]
+        ids, mask = pad_batch([enc["input_ids"][r] for r in rows], L, pad, batch_size)
+        h = bm.states(ids, mask)
+        D = h.shape[-1]
+        for r, text_i in enumerate(rows):
+            for j, pos in want[text_i]:
+                ids_out[j] = np.asarray(ids[r, pos], np.int32)
+                states_out[j] = h[r, pos]
+    D = D or int(bm.model.config.hidden_size)
+    states = [s if s is not None else np.zeros((0, D), np.float32) for s in states_out]
+    bm._cache[key] = WordStates(ids_out, states, np.array([bool(p) for p in positions], bool))
+    return bm._cache[key]
+
+
+# --- variants ------------------------------------------------------------------------------------
+
+def lookup(sense_dict, ids: np.ndarray, hidden: np.ndarray, metric: str,
+           chunk: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest sense of each (token id, state) pair, in fixed-size chunks (one compile).
+
+    Args:
+      ids: [M] int token ids; hidden: [M, D] float32 states.
+
+    Returns:
+      sense index [M] int32 (-1 without entry), replaced [M, D] float32, has_entry [M] bool.
+    """
+    from sense_jax.sense_dict import nearest_sense
+
+    M = len(ids)
+    D = hidden.shape[-1] if hidden.ndim == 2 else sense_dict.hidden_size
+    k, rep, has = np.full(M, -1, np.int32), np.zeros((M, D), np.float32), np.zeros(M, bool)
+    for a in range(0, M, chunk):
+        n = min(chunk, M - a)
+        pid = np.full((1, chunk), -1, np.int32)
+        ph = np.zeros((1, chunk, D), np.float32)
+        pid[0, :n], ph[0, :n] = ids[a:a + n], hidden[a:a + n]
+        kk, rr, hh = nearest_sense(sense_dict, pid, ph, metric=metric)
+        k[a:a + n], rep[a:a + n], has[a:a + n] = (np.asarray(kk[0, :n]), np.asarray(rr[0, :n], np.float32),
+                                                 np.asarray(hh[0, :n]))
+    return k, rep, has
+
+
+def one_sense_table(sense_dict) -> tuple[np.ndarray, np.ndarray]:
+    """Each token's count-weighted mean of its senses, [V, D] float32, and has_entry [V] bool.
+
+    Equal to the K = 1 dictionary's centre when the centres are k-means means (their counts
+    weight them back to the mean of all samples); uniform weights where counts are all zero.
+    """
+    c = np.asarray(sense_dict.centres, np.float32)
+    o = np.asarray(sense_dict.offsets, np.int64)
+    w = np.asarray(sense_dict.counts, np.float64)
+    n = np.diff(o)
+    has = n > 0
+    out = np.zeros((sense_dict.vocab_size, c.shape[1]), np.float32)
+    if c.shape[0]:
+        starts = o[:-1][has]
+        sums = np.add.reduceat(c * w[:, None], starts, axis=0)
+        tot = np.add.reduceat(w, starts)
+        plain = np.add.reduceat(c.astype(np.float64), starts, axis=0) / n[has][:, None]
+        out[has] = np.where(tot[:, None] > 0, sums / np.maximum(tot, 1e-30)[:, None], plain)
+    return out, has
+
+
+def mean_rows(rows: list[np.ndarray], D: int) -> np.ndarray:
+    """[N, D]: the mean of each ragged [n_i, D] block (NaN rows where n_i = 0)."""
+    out = np.full((len(rows), D), np.nan, np.float32)
+    for i, r in enumerate(rows):
+        if len(r):
+            out[i] = r.mean(0)
+    return out
+
+
+def contextual_vectors(ws: WordStates) -> np.ndarray:
+    """[N, D] float32: mean hidden state over each word's tokens (NaN where not covered)."""
+    D = next((s.shape[1] for s in ws.states if s.ndim == 2), 0)
+    return mean_rows(ws.states, D)
+
+
+def sense_vectors(ws: WordStates, sense_dict, metric: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``senses_<metric>``: [N, D] mean of each word's tokens' nearest senses, and per word the
+    [n_i] local sense indices (-1 for tokens without an entry)."""
+    if not len(ws):
+        return np.zeros((0, sense_dict.hidden_size), np.float32), []
+    ids = np.concatenate(ws.ids) if len(ws) else np.zeros(0, np.int32)
+    h = np.concatenate(ws.states) if len(ws) else np.zeros((0, sense_dict.hidden_size), np.float32)
+    k, rep, _ = lookup(sense_dict, ids, h, metric)
+    cut = np.cumsum([len(x) for x in ws.ids])[:-1]
+    return mean_rows(np.split(rep, cut), sense_dict.hidden_size), np.split(k, cut)
+
+
+def table_vectors(ws: WordStates, table: np.ndarray, has: np.ndarray | None = None,
+                  fallback: bool = True) -> np.ndarray:
+    """[N, D]: mean over each word's tokens of ``table[token]``; tokens with ``has`` False keep
+    their hidden state when ``fallback``, else the word is not covered (NaN row)."""
+    rows = []
+    for ids, h in zip(ws.ids, ws.states):
+        if has is None:
+            rows.append(table[ids])
+        elif fallback:
+            rows.append(np.where(has[ids][:, None], table[ids], h))
+        else:
+            rows.append(table[ids] if has[ids].all() else np.zeros((0, table.shape[1]), np.float32))
+    return mean_rows(rows, table.shape[1])
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of [N, D] arrays, [N] float64 (NaN where a row is NaN)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    num = (a * b).sum(-1)
+    return num / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+# --- output --------------------------------------------------------------------------------------
+
+def result(task: str, data, bm: BenchModel, senses, coverage: dict, variants: dict,
+           reference: dict, **extra) -> dict:
+    """The benchmark result in the issue's JSON layout (plus task-specific ``extra`` keys)."""
+    return {"task": task, "data": str(data), "model": bm.path, "senses": str(senses) if senses else None,
+            "layer": bm.layer, "coverage": coverage, "variants": variants, "reference": reference, **extra}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}" if abs(v) >= 1.5 else f"{v:.4f}"
+    return "" if v is None else str(v)
+
+
+def render_markdown(res: dict) -> str:
+    """One markdown table of ``res["variants"]`` (rows) by metric (columns), then coverage and the
+    published reference figures."""
+    variants = res["variants"]
+    cols = list(dict.fromkeys(c for m in variants.values() for c in m))
+    lines = [f"### {res['task']}: {res['model']}" + (f" + {res['senses']}" if res.get("senses") else "")
+             + f" (layer {res['layer']})", "",
+             "| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, m in variants.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
+    lines += ["", "coverage: " + json.dumps(res["coverage"], sort_keys=True)]
+    if res.get("reference"):
+        lines += ["", "published: " + "; ".join(f"{k} {v}" for k, v in res["reference"].items())]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,48 @@
+"""``sense-jax evaluate TASK --data PATH --model MODEL``: one public sense benchmark."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "score a model (and a sense dictionary) on a public benchmark: scws, wic, coarsewsd20, wordsim, wsd"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from sense_jax.benchmarks import TASKS
+
+    p.add_argument("task", choices=TASKS, help="benchmark")
+    p.add_argument("--data", required=True, help="the benchmark's file or folder (layout: see the README)")
+    p.add_argument("--model", required=True,
+                   help="converted sense_jax dir, transformers dir, or exported student (with adaptor)")
+    p.add_argument("--senses", default=None, help="sense dictionary built from that teacher (and layer)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="hidden-state index: 0 = embeddings .. L = last (default; -1 also means last)")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="write the result as JSON")
+    p.add_argument("--split", default="dev", help="wic: split to report (default dev)")
+    p.add_argument("--tune-split", default="train", help="wic: split the threshold is chosen on (default train)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="scws: softmax temperature of p(sense | context) over cosines "
+                        "(default: sense_jax.benchmarks.scws.TEMPERATURE)")
+    p.add_argument("--batch-size", type=int, default=32, help="sentences per forward batch")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sense_jax.benchmarks import evaluate
+    from sense_jax.benchmarks.common import render_markdown
+    from sense_jax.errors import SenseJaxError
+    from sense_jax.io_utils import write_json_atomic
+
+    if args.batch_size < 1:
+        raise SenseJaxError(f"--batch-size must be >= 1, got {args.batch_size}")
+    options = {"batch_size": args.batch_size}
+    if args.task == "wic":
+        options.update(split=args.split, tune_split=args.tune_split)
+    if args.task == "scws" and args.temperature is not None:
+        if not args.temperature > 0:
+            raise SenseJaxError(f"--temperature must be > 0, got {args.temperature}")
+        options["temperature"] = args.temperature
+    res = evaluate(args.task, args.data, args.model, args.senses, args.layer, **options)
+    if args.out:
+        write_json_atomic(args.out, res)
+    print(render_markdown(res), end="")
+    return 0
