@@ -664,8 +664,11 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
     """
     from tqdm.auto import tqdm
 
+    from sense_jax.compile_cache import enable_compile_cache
     from sense_jax.sense_dict import METRICS, STORAGE_DTYPES, SenseDictionary, source_record, teacher_mismatch
     from sense_jax.store import Store, open_store
+
+    enable_compile_cache()
 
     k = validate_k(k, adaptive=adaptive, k_min=k_min)
     loop = validate_loop(loop)
