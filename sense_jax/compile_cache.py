@@ -23,7 +23,8 @@ The cache is trusted code (JAX's warning: whoever can write to it can run code i
 so it is per-user and created with mode 0700. It is never pruned (JAX's
 ``jax_compilation_cache_max_size`` can bound it); deleting the directory is always safe.
 Programs that compile in under :data:`MIN_COMPILE_SECS` are not written (reading a cache entry
-costs a few milliseconds, about what compiling them does). The test suite points the cache at a
+costs a few milliseconds, about what compiling them does) unless
+``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise. The test suite points the cache at a
 temporary directory (``tests/conftest.py``), so tests never write to the user's home.
 """
 
@@ -90,7 +91,8 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
     _reset_open_cache(str(where))
     jax.config.update("jax_compilation_cache_dir", str(where))
     jax.config.update("jax_enable_compilation_cache", True)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # the user's choice wins
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
     return where
 
 

@@ -491,9 +491,10 @@ def _dequantized(sense_dict, rows):
     return c
 
 
-def default_chunk(k_max: int, hidden_size: int, cache_bytes: int = 2 << 20) -> int:
+def default_chunk(k_max: int, hidden_size: int, cache_bytes: int = 1 << 20) -> int:
     """Positions per look-up chunk: on CPU, enough that the gathered [chunk, K_max, D] f32
-    codebook stays in cache (~2 MiB); elsewhere 0 (no chunking: one parallel gather)."""
+    codebook stays in cache (~1 MiB: 64 positions at K_max = 10, D = 384, measured ~1.2x faster
+    than 128 there); elsewhere 0 (no chunking: one parallel gather)."""
     if jax.default_backend() != "cpu":
         return 0
     per = 4 * k_max * hidden_size
