@@ -8,8 +8,8 @@ keep h.
 Storage is ragged: all centres in one [S, D] array, token t's senses at rows
 ``offsets[t]:offsets[t + 1]`` (zero rows for tokens without an entry). Scoring gathers a padded
 [..., K_max, D] block per token (:func:`gather_senses`); padding slots score ``-inf`` and can
-never be selected. :func:`nearest_sense` then gathers only the chosen row for the replaced state
-(dequantised alone for int8), never a zeroed or dequantised copy of the whole block.
+never be selected. :func:`nearest_sense` scores the gathered rows as they are (no zeroed copy)
+and gathers the chosen row alone from the flat centres for the replaced state.
 
 On disk: ``senses.safetensors`` (centres, offsets, counts, and scales for an int8 codebook) +
 ``meta.json``; no pickle. The layout is versioned (``meta["format_version"]``, see the README's
