@@ -6,6 +6,9 @@ in their modules (``sense_jax.extract``, ``sense_jax.kmeans``, ``sense_jax.train
 ``sense_jax.pipeline``), the most used names are re-exported here.
 """
 
+# The persistent compilation cache (on by default for every job; sense_jax.compile_cache).
+from sense_jax.compile_cache import disable_compile_cache, enable_compile_cache
+
 # Models and conversion.
 from sense_jax.errors import ConfigError, ConversionError, SenseJaxError
 from sense_jax.loading import Model, load_model
@@ -27,7 +30,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "ConversionError", "KMeansResult", "Model", "SenseDictionary", "SenseJaxError",
-    "Store", "batched_kmeans", "build_sense_dictionary", "distill_losses", "export_hf",
+    "Store", "batched_kmeans", "build_sense_dictionary", "disable_compile_cache", "distill_losses",
+    "enable_compile_cache", "export_hf",
     "fresh_student", "gather_senses", "load_model", "merge_lora", "nearest_sense", "open_store",
     "pool", "sense_scores", "skd_loss", "truncated_student", "write_store",
 ]

@@ -595,8 +595,11 @@ def extract(model_or_path: Any, corpus_path: str | os.PathLike, out: str | os.Pa
     """
     import jax
 
+    from sense_jax.compile_cache import enable_compile_cache
     from sense_jax.loading import Model, load_model
     from sense_jax.sharding import make_mesh
+
+    enable_compile_cache()
 
     if isinstance(n_per_token, bool) or not isinstance(n_per_token, (int, np.integer)) or n_per_token < 1:
         raise SenseJaxError(f"n_per_token (N) must be an integer >= 1, got {n_per_token!r}")

@@ -77,9 +77,9 @@ whatever the device count or chunk size (tested: 1 and 2 CPU devices). The k-mea
 are drawn by a separate small program (the threefry RNG is a third of the clustering program's
 compile time), so the clustering program compiles once per (chunk size, bucket size) shape; the
 driver compiles those shapes ahead of time on a thread pool. Compilation (~1 s per shape, about
-12 shapes for K=10 and up to 1000 samples) dominates small builds; a persistent XLA cache
-(``JAX_COMPILATION_CACHE_DIR`` or ``sense-jax cluster --compile-cache``) removes it from later
-runs.
+12 shapes for K=10 and up to 1000 samples) dominates small builds; the persistent XLA cache,
+which :func:`build_sense_dictionary` turns on (:func:`sense_jax.compile_cache.enable_compile_cache`),
+removes it from later runs.
 """
 
 from __future__ import annotations
@@ -686,8 +686,11 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
     """
     from tqdm.auto import tqdm
 
+    from sense_jax.compile_cache import enable_compile_cache
     from sense_jax.sense_dict import METRICS, STORAGE_DTYPES, SenseDictionary, source_record, teacher_mismatch
     from sense_jax.store import Store, open_store
+
+    enable_compile_cache()
 
     k = validate_k(k, adaptive=adaptive, k_min=k_min)
     loop = validate_loop(loop)

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from sense_jax.compile_cache import enable_compile_cache
 from sense_jax.errors import ConfigError, SenseJaxError
 from sense_jax.io_utils import write_json_atomic
 
@@ -147,6 +148,7 @@ class Pipeline:
                                       f"(or run every stage)")
 
     def run(self, stages=DEFAULT_STAGES) -> Path:
+        enable_compile_cache()
         stages = tuple(stages)
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_config_unchanged()

@@ -50,6 +50,7 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sense_jax.compile_cache import enable_compile_cache
 from sense_jax.errors import ConfigError, SenseJaxError
 
 # --- Configuration ----------------------------------------------------------------------------
@@ -1078,6 +1079,7 @@ def train(cfg: DistillConfig, *, passages: Sequence[str] | None = None,
         step are kept, nothing is saved after it.
       ConfigError / SenseJaxError: bad input, named.
     """
+    enable_compile_cache()
     log = log or (lambda m: print(m, file=sys.stderr))
     run_dir = Path(cfg.out_dir)
     if passages is None:

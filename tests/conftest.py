@@ -12,6 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _compile_cache(tmp_path_factory):
+    """The persistent compilation cache of every job the tests run (in process or in the
+    subprocesses they start) goes to one temporary directory, never to the user's home
+    (sense_jax.compile_cache; the default would be ~/.cache/sense_jax/jax)."""
+    os.environ["SENSE_JAX_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("jax-compile-cache"))
+    yield
+
 DATA = Path(__file__).parent / "data"
 
 

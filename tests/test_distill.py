@@ -266,7 +266,8 @@ def test_teacher_fingerprint_covers_the_tokenizer(teacher, tmp_path, sentences):
                                             r"and tokenizer.*another teacher or tokenizer"):
         D.check_sense_dict(good, perm.config, fingerprint=fp_perm, source="senses")
     good.save(tmp_path / "senses")
-    cfg = T.load_config(None, [f"teacher={perm.path}", f"senses={tmp_path / 'senses'}", "batch_size=2"])
+    cfg = T.load_config(None, [f"teacher={perm.path}", f"senses={tmp_path / 'senses'}", "batch_size=2",
+                               "max_length=32"])
     with pytest.raises(SenseJaxError, match="another teacher or tokenizer"):
         T.setup(cfg)
     # Dictionaries that predate it (version 1: the embedding matrix only) stay usable, with a

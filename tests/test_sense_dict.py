@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from sense_jax.errors import SenseJaxError
-from sense_jax.sense_dict import META_FILE, TENSORS_FILE, SenseDictionary, gather_senses, nearest_sense
+from sense_jax.sense_dict import (META_FILE, TENSORS_FILE, SenseDictionary, gather_senses, nearest_sense,
+                                  sense_scores)
 
 V, D = 12, 6
 
@@ -85,6 +86,31 @@ def test_padding_never_wins_when_all_real_scores_are_negative():
         ref_k, ref_out = reference_nearest(sd, ids, h, metric)
         np.testing.assert_array_equal(np.asarray(k), ref_k)
         np.testing.assert_allclose(np.asarray(replaced), ref_out)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("metric", ["dot", "cos", "l2"])
+def test_chosen_row_equals_block_path(metric, dtype):
+    """nearest_sense gathers only the chosen row for the replaced state; it equals, bit for bit,
+    the block path: the whole padded [.., K, D] codebook (gather_senses, dequantised, zero at
+    padding), its scores, and the chosen slot taken from it. Chunked (ragged last chunk) too."""
+    sd = random_dict(3, n=[0, 3, 1, 5, 0, 2, 4, 0, 1, 5, 3, 7]).astype(dtype)
+    assert sd.dtype == dtype and sd.k_max == 7
+    rng = np.random.default_rng(4)
+    ids = jnp.asarray(rng.integers(-2, V + 3, size=(3, 11)), jnp.int32)
+    for h_dtype in (jnp.float32, jnp.bfloat16):
+        hidden = jnp.asarray(rng.normal(size=(3, 11, D)), h_dtype)
+        codebook, valid = gather_senses(sd, ids)
+        k_ref = jnp.argmax(sense_scores(codebook, valid, hidden, metric), axis=-1)
+        has_ref = valid[..., 0]
+        chosen = jnp.take_along_axis(codebook, k_ref[..., None, None], axis=-2)[..., 0, :]
+        replaced_ref = jnp.where(has_ref[..., None], chosen.astype(h_dtype), hidden)
+        for chunk in (0, 8):
+            k, replaced, has = nearest_sense(sd, ids, hidden, metric=metric, chunk=chunk)
+            np.testing.assert_array_equal(np.asarray(k), np.where(np.asarray(has_ref), np.asarray(k_ref), -1))
+            np.testing.assert_array_equal(np.asarray(has), np.asarray(has_ref))
+            assert replaced.dtype == h_dtype
+            np.testing.assert_array_equal(np.asarray(replaced, np.float32), np.asarray(replaced_ref, np.float32))
 
 
 def test_gather_senses_pads_with_invalid_slots():

@@ -34,9 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="existing dictionary to add to: the store's tokens replace its entries; "
                         "refused when the store comes from another teacher, tokenizer or layer")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--compile-cache", metavar="DIR", default=None,
-                   help="persistent XLA compilation cache directory: later runs skip compiling "
-                        "(same as env JAX_COMPILATION_CACHE_DIR)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -79,9 +76,6 @@ def run(args: argparse.Namespace) -> int:
 
     validate_k(args.k, adaptive=args.adaptive, k_min=args.k_min)
     use_cpu_devices(args.cpu_devices)
-    if args.compile_cache:
-        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every program
     out = Path(args.out)
     if out.exists() and not args.overwrite:  # fail before the (long) clustering
         raise SenseJaxError(f"{out} already exists; pass --overwrite to replace it")
