@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", default="scws,wic,coarsewsd20,wordsim,wsd")
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--out", default="/tmp/sense_jax_benchmarks")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "benchmarks"),
+                    help="folder for the JSON results (default runs/benchmarks, git-ignored)")
     args = ap.parse_args(argv)
 
     from sense_jax.benchmarks import evaluate

@@ -67,7 +67,7 @@ def machine() -> str:
     """One line naming the CPU, the cores this process may use and its widest vector ISA."""
     model, flags = platform.processor() or "unknown CPU", set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():  # hermetic: ok (names the CPU; optional)
             if line.startswith("model name") and model in ("", "unknown CPU", platform.machine()):
                 model = line.split(":", 1)[1].strip()
             elif line.startswith("flags"):
