@@ -52,3 +52,16 @@ def test_inspect_refuses_a_dictionary_built_from_another_store(tmp_path):
     build_sense_dictionary(open_store(a), 2, seed=0, progress=False).save(tmp_path / "senses")
     with pytest.raises(SenseJaxError, match="was built from another store"):
         token_senses("#1", tmp_path / "senses", b)
+
+
+def test_json_artefacts_never_hold_nan(tmp_path):
+    """A metric over no items (NaN) is written as null: JSON has no NaN, strict readers refuse it."""
+    import json
+    import math
+
+    from sense_jax.io_utils import write_json_atomic
+
+    write_json_atomic(tmp_path / "r.json", {"rg65": float("nan"), "x": [1.5, float("inf")], "n": 3})
+    text = (tmp_path / "r.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: math.nan if False else (_ for _ in ()).throw(ValueError(c))) \
+        == {"rg65": None, "x": [1.5, None], "n": 3}

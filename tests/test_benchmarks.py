@@ -15,6 +15,7 @@ import pytest
 
 from sense_jax.benchmarks import coarsewsd20, common, scws, wic, wordsim
 from sense_jax.errors import SenseJaxError
+from sense_jax.sense_dict import SenseDictionary
 
 # ../shared/evaldata beside the checkout; SENSE_JAX_EVALDATA names another copy of the same layout.
 EVALDATA = Path(os.environ.get("SENSE_JAX_EVALDATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "evaldata")
@@ -122,6 +123,29 @@ def test_layer_and_dictionary_checks(tiny, tiny_dir, tmp_path):
         common.load_senses(tiny_dict(tiny, tmp_path / "d"), mid)
 
 
+def test_dictionaries_of_either_fingerprint_version_and_students_are_accepted(tiny, tmp_path):
+    """A dictionary as extraction records it today (version-2 fingerprint, covering the
+    tokenizer) is accepted for its own teacher; one of another teacher is refused; a student with
+    an adaptor is scored with its teacher's dictionary whatever teacher layer that was read from."""
+    import dataclasses
+
+    from sense_jax.distill import teacher_fingerprint
+
+    V = int(tiny.model.config.vocab_size)
+    v2 = teacher_fingerprint(tiny.model.params, V, tiny.tokenizer)
+    assert v2.startswith("v2-") and tiny.fingerprint == v2
+    common.load_senses(tiny_dict(tiny, tmp_path / "v2", fingerprint=v2), tiny)
+    common.load_senses(tiny_dict(tiny, tmp_path / "v1"), tiny)  # version 1: the embedding matrix
+    with pytest.raises(SenseJaxError, match="fingerprint v2-0123"):
+        common.load_senses(tiny_dict(tiny, tmp_path / "v2x", fingerprint="v2-0123456789abcdef"), tiny)
+    student = dataclasses.replace(tiny, adaptor={"weight": np.eye(32, dtype=np.float32),
+                                                 "bias": np.zeros(32, np.float32)},
+                                  fingerprint=v2, embedding_fingerprint=None)
+    teacher_layer6 = SenseDictionary.load(tiny_dict(tiny, tmp_path / "l6", fingerprint=v2))
+    teacher_layer6.meta["layer"] = 6
+    common.load_senses(teacher_layer6.save(tmp_path / "l6b"), student)
+
+
 # --- WiC -----------------------------------------------------------------------------------------
 
 WIC_TRAIN = ("bank\tN\t4-1\tHe sat on the bank .\tThe bank was closed .\n"
@@ -157,6 +181,8 @@ def test_wic_reader_and_bad_lines(tmp_path):
     bad = write(tmp_path / "y.data.txt", "bank\tN\t9-1\tThe bank .\tThe bank .\n")
     with pytest.raises(SenseJaxError, match=r"y\.data\.txt:1: target index 9 outside sentence1 of 3 words"):
         wic.read_wic(bad)
+    with pytest.raises(SenseJaxError, match=r"e\.data\.txt: no pairs"):
+        wic.read_wic(write(tmp_path / "e.data.txt", ""), write(tmp_path / "e.gold.txt", ""))
     write(tmp_path / "g.data.txt", WIC_DEV)
     with pytest.raises(SenseJaxError, match=r"g\.gold\.txt:2: label 'X'"):
         wic.read_wic(tmp_path / "g.data.txt", write(tmp_path / "g.gold.txt", "T\nX\n"))

@@ -79,6 +79,8 @@ class BenchModel:
         ``num_hidden_layers`` = last layer, the paper's choice).
       adaptor: exported students' linear adaptor (torch layout ``weight`` [D, S], ``bias`` [D]),
         applied to the last layer's states so that they live in the teacher's space; else None.
+      embedding_fingerprint: the version-1 teacher fingerprint (embedding matrix only), to check
+        dictionaries that predate the tokenizer-covering version 2; None for a student.
       fingerprint: the teacher fingerprint its states belong to (the model's own, or for an
         exported student the teacher's recorded in ``adaptor.json``).
     """
@@ -88,6 +90,7 @@ class BenchModel:
     adaptor: dict | None
     fingerprint: str | None
     path: str
+    embedding_fingerprint: str | None = None
 
     def __post_init__(self):
         import functools
@@ -174,9 +177,12 @@ def load_bench_model(path: str | os.PathLike, layer: int | None = None) -> Bench
             raise SenseJaxError(f"{path}: --layer {layer}: the student's adaptor maps last-layer states only")
         if (p / "adaptor.json").is_file():
             fp = read_json(p / "adaptor.json", "adaptor metadata").get("teacher_fingerprint")
-    else:
-        fp = teacher_fingerprint(model.params, int(model.config.vocab_size))
-    return BenchModel(model=model, layer=layer, adaptor=adaptor, fingerprint=fp, path=str(path))
+    fp_v1 = None
+    if adaptor is None:  # the same fingerprint extraction records (version 2 covers the tokenizer)
+        fp_v1 = teacher_fingerprint(model.params, int(model.config.vocab_size))
+        fp = teacher_fingerprint(model.params, int(model.config.vocab_size), model.tokenizer)
+    return BenchModel(model=model, layer=layer, adaptor=adaptor, fingerprint=fp, path=str(path),
+                      embedding_fingerprint=fp_v1)
 
 
 def load_senses(path: str | os.PathLike, bm: BenchModel):
@@ -199,10 +205,15 @@ def load_senses(path: str | os.PathLike, bm: BenchModel):
         raise SenseJaxError(f"{path}: covers {sd.vocab_size} tokens but {bm.path} has a vocabulary of {V}; "
                             "the dictionary was built from another teacher")
     fp = meta.get("teacher_fingerprint")
-    if fp and bm.fingerprint and fp != bm.fingerprint:
+    # A dictionary records the version its extraction computed: compare like with like.
+    ours = bm.fingerprint if str(fp).startswith("v") == str(bm.fingerprint).startswith("v") \
+        else bm.embedding_fingerprint
+    if fp and ours and fp != ours:
         raise SenseJaxError(f"{path}: built from teacher {meta.get('teacher', '?')!r} (fingerprint {fp}) but "
-                            f"{bm.path} has teacher fingerprint {bm.fingerprint}; use that teacher's dictionary")
-    if meta.get("layer") is not None and int(meta["layer"]) != bm.layer:
+                            f"{bm.path} has teacher fingerprint {ours}; use that teacher's dictionary")
+    # A student's adaptor maps its last layer into the teacher's space, whatever layer of the
+    # teacher the dictionary was read from: only a teacher's own layer is compared.
+    if bm.adaptor is None and meta.get("layer") is not None and int(meta["layer"]) != bm.layer:
         raise SenseJaxError(f"{path}: built from layer {meta['layer']} hidden states but --layer is "
                             f"{bm.layer}; build a dictionary from that layer (sense-jax extract --layer)")
     return sd

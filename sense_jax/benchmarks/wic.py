@@ -65,6 +65,8 @@ def read_wic(data_file: str | Path, gold_file: str | Path | None = None) -> list
             if not 0 <= i < len(w):
                 raise C.data_error(data_file, n, f"target index {i} outside {which} of {len(w)} words")
         pairs.append(WicPair(lemma, pos, C.Target(w1, i1), C.Target(w2, i2), None))
+    if not pairs:
+        raise C.data_error(data_file, None, "no pairs")
     if gold_file is not None and Path(gold_file).exists():
         gold = C.read_lines(gold_file)
         if len(gold) != len(pairs):
