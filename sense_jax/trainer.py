@@ -1216,11 +1216,11 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, step: 
     ck_dir = ckpt / "checkpoints" if (ckpt / "checkpoints").is_dir() else ckpt
     if not ck_dir.is_dir():
         raise SenseJaxError(f"checkpoint directory not found: {ckpt}")
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)  # Orbax warns that a read-only manager is read-only
     try:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
         mngr = ocp.CheckpointManager(ck_dir.absolute(), options=options, item_names=("state", "data", "meta"))
     finally:
         absl_logger.setLevel(level)
