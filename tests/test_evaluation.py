@@ -167,3 +167,12 @@ def test_render_markdown_has_one_table_per_block():
     md = ev.render_markdown(rep)
     assert "## wsi" in md and "| teacher_senses | 0.5000 | 0.2500 |" in md
     assert "| teacher | 0.7500 | 0.5000 |" in md and "22,713,216" in md
+
+
+def test_inspect_refuses_a_negative_context_count(tmp_path, capsys):
+    from sense_jax.cli import main
+
+    assert main(["inspect", "bank", "--dict", str(tmp_path / "d"), "--store", str(tmp_path / "s"),
+                 "--contexts", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--contexts must be >= 0, got -1" in err and len(err.splitlines()) == 1

@@ -397,6 +397,8 @@ def test_cluster_command(built, tmp_path, capsys):
         ([str(store.path), str(out), "--overwrite", "--cpu-devices", "0"], "--cpu-devices must be >= 1"),
         ([str(store.path), str(out), "--overwrite", "--memory-gb", "nan"], "--memory-gb must be"),
         ([str(store.path), str(out), "--overwrite", "--memory-gb", "0"], "--memory-gb must be"),
+        ([str(store.path), str(out), "--overwrite", "--max-iter", "0"], "--max-iter must be >= 1"),
+        ([str(store.path), str(out), "--overwrite", "--tol", "-1"], "--tol must be"),
         # This process's JAX already runs: asking for devices explicitly is refused, not ignored.
         ([str(store.path), str(out), "--overwrite", "--cpu-devices", "2"], "before backends are initialized"),
     ]:

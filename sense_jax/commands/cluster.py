@@ -81,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
         raise SenseJaxError(f"{out} already exists; pass --overwrite to replace it")
     if args.chunk_tokens is not None and args.chunk_tokens < 1:
         raise SenseJaxError(f"--chunk-tokens must be >= 1, got {args.chunk_tokens}")
+    if args.max_iter < 1:
+        raise SenseJaxError(f"--max-iter must be >= 1, got {args.max_iter}")
+    if not (math.isfinite(args.tol) and args.tol >= 0):
+        raise SenseJaxError(f"--tol must be a finite number >= 0, got {args.tol}")
     if not (math.isfinite(args.memory_gb) and args.memory_gb > 0):
         raise SenseJaxError(f"--memory-gb must be a finite number > 0, got {args.memory_gb}")
     store = open_store(args.store)

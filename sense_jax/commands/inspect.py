@@ -19,8 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sense_jax.errors import SenseJaxError
     from sense_jax.inspect import format_senses, token_senses
 
+    if args.contexts < 0:
+        raise SenseJaxError(f"--contexts must be >= 0, got {args.contexts}")
     report = token_senses(args.token, args.sense_dict, args.store, corpus=args.corpus,
                           teacher=args.teacher, contexts=args.contexts, metric=args.metric)
     print(format_senses(report))
