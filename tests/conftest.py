@@ -63,3 +63,17 @@ def save_tiny_hf_model(out: Path, config, *, seed: int = 0, tokenizer_dir: Path 
             if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
                 shutil.copy2(f, out / f.name)
     return out
+
+
+def save_random_model(out: Path, config, model_cls, *, seed: int = 0) -> Path:
+    """Save ``model_cls(config)`` (any transformers PyTorch class, e.g. ``LlamaForCausalLM``) with
+    weights re-drawn from N(0, 0.2) (norm scales around 1), biases included, as safetensors."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out

@@ -19,7 +19,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModel, BertConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from conftest import save_tiny_hf_model
+from conftest import save_random_model, save_tiny_hf_model
 from sense_jax import convert as cv
 from sense_jax.errors import ConversionError
 
@@ -37,14 +37,7 @@ def _llama_cfg(cls=LlamaConfig, **kw):
 
 
 def _save_causal(out: Path, config, model_cls=LlamaForCausalLM, seed=0) -> Path:
-    """Random weights N(0, 0.2) (norm scales around 1), biases included, so each tensor matters."""
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
-    model.save_pretrained(str(out), safe_serialization=True)
-    return out
+    return save_random_model(out, config, model_cls, seed=seed)
 
 
 def _ids(batch=2, T=9, vocab=V, seed=0):

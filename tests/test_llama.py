@@ -23,6 +23,7 @@ import sense_jax
 from sense_jax.convert import load_hf, params_to_hf, read_hf_state_dict
 from sense_jax.errors import ConfigError, ConversionError
 from sense_jax.pooling import pool
+from conftest import save_random_model
 
 V, D = 97, 64
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 8.0,
@@ -38,14 +39,7 @@ def _tiny(cls=LlamaConfig, **kw):
 
 
 def _save(out: Path, config, model_cls=LlamaForCausalLM, seed=0) -> Path:
-    """Random weights N(0, 0.2) (norm scales around 1) so every tensor, biases too, matters."""
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
-    model.save_pretrained(str(out), safe_serialization=True)
-    return out
+    return save_random_model(out, config, model_cls, seed=seed)
 
 
 def _batch(T=12, seed=0):
