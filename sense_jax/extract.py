@@ -65,6 +65,7 @@ from sense_jax.distill import teacher_fingerprint
 from sense_jax.provenance import provenance
 from sense_jax.errors import SenseJaxError
 from sense_jax.io_utils import read_json, replace_directory, write_json_atomic
+from sense_jax.sharding import batch_sharding, process_rows
 from sense_jax.store import COMPLETE_MARKER, STORE_DTYPES
 
 FORMAT_VERSION = 1
@@ -444,21 +445,6 @@ def _plan_window(needed: np.ndarray, lengths: np.ndarray, batch_size: int, n_dat
         for s in range(0, len(group), n_data):
             steps.append(_Step(int(T), group[s:s + n_data]))
     return steps
-
-
-def _local_rows(mesh, global_rows: int, T: int) -> tuple[int, int]:
-    """This process's contiguous row range of a [global_rows, T] batch-sharded array."""
-    from sense_jax.sharding import batch_sharding
-
-    idx = batch_sharding(mesh).addressable_devices_indices_map((global_rows, T))
-    starts = sorted({(s[0].start or 0, s[0].stop if s[0].stop is not None else global_rows)
-                     for s in idx.values()})
-    lo, hi = starts[0][0], starts[-1][1]
-    covered = sum(b - a for a, b in starts)
-    if covered != hi - lo:
-        raise SenseJaxError("this process's devices do not hold a contiguous slice of the batch; "
-                            "build the mesh with sense_jax.sharding.make_mesh")
-    return lo, hi
 
 
 def _gather_indices(rows: np.ndarray, T: int, kp: np.ndarray, by_passage: np.ndarray,
@@ -850,7 +836,8 @@ def _forward_stage(job: _Job, model, mesh, c: _Counted, corpus, text_field, L, l
         mine: set[int] = set()
         local_ranges = {}
         for st in steps:
-            rlo, rhi = _local_rows(mesh, rows_global, st.length)
+            mine_rows = process_rows(batch_sharding(mesh), (rows_global, st.length))
+            rlo, rhi = mine_rows.start, mine_rows.stop
             local_ranges[id(st)] = (rlo, rhi)
             for m in range(rlo // batch_size, -(-rhi // batch_size)):
                 if m < len(st.micro):

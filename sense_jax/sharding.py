@@ -101,3 +101,25 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...], axis: int = 0) -> slice:
+    """The rows along ``axis`` of a ``global_shape`` array that this process's devices hold under
+    ``sharding`` (all rows with one process). Extraction and training read and tokenise only
+    these, and feed them with ``jax.make_array_from_process_local_data``.
+
+    Raises:
+      SenseJaxError: the process's rows are not one contiguous block (a mesh whose data axis
+        interleaves processes; :func:`make_mesh` orders devices by process).
+    """
+    from sense_jax.errors import SenseJaxError
+
+    n = global_shape[axis]
+    spans = {(i[axis].start or 0, n if i[axis].stop is None else i[axis].stop)
+             for i in sharding.addressable_devices_indices_map(tuple(global_shape)).values()}
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    if sum(b - a for a, b in spans) != hi - lo:
+        raise SenseJaxError(f"process {jax.process_index()}: its devices hold rows {sorted(spans)} of "
+                            "the batch, not one block; order the mesh's devices by process "
+                            "(sense_jax.sharding.make_mesh)")
+    return slice(lo, hi)

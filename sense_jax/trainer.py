@@ -52,6 +52,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sense_jax.compile_cache import enable_compile_cache
 from sense_jax.errors import ConfigError, SenseJaxError
+from sense_jax.sharding import process_rows
 
 # --- Configuration ----------------------------------------------------------------------------
 
@@ -850,24 +851,6 @@ def init_state(s: Setup) -> TrainState:
 
     return jax.jit(create, in_shardings=(s.layout.state.params, s.layout.replicated),
                    out_shardings=s.layout.state)(s.init_params, rng)
-
-
-def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...], axis: int) -> slice:
-    """The rows along ``axis`` of a ``global_shape`` array that this process's devices hold under
-    ``sharding`` (all rows with one process). Each process tokenises only these.
-
-    Raises:
-      ConfigError: the process's rows are not one contiguous block (a mesh whose data axis
-        interleaves processes).
-    """
-    n = global_shape[axis]
-    spans = {(i[axis].start or 0, n if i[axis].stop is None else i[axis].stop)
-             for i in sharding.addressable_devices_indices_map(tuple(global_shape)).values()}
-    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
-    if sum(b - a for a, b in spans) != hi - lo:
-        raise ConfigError(f"process {jax.process_index()}: its devices hold rows {sorted(spans)} of the "
-                          "batch, not one block; order the mesh's devices by process")
-    return slice(lo, hi)
 
 
 def put_batch(s: Setup, micro_batches: list[dict], sharding: NamedSharding | None = None) -> dict:

@@ -376,7 +376,9 @@ def test_cli_end_to_end_and_bad_input(tiny, tiny_dir, tmp_path, capsys):
 
 def need_evaldata():
     if not EVALDATA.is_dir():
-        pytest.skip(f"{EVALDATA} absent: the public benchmark copies are not in this checkout")
+        pytest.skip(f"{EVALDATA} absent: the public benchmark copies are not in this checkout; this test "
+                    "runs where ../shared/evaldata sits beside the repository (as in CI) or "
+                    "SENSE_JAX_EVALDATA names a copy")
 
 
 def test_shared_readers_count_the_published_sizes():

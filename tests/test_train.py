@@ -24,11 +24,8 @@ sys.path.insert(0, str(ROOT))
 from sense_jax import trainer as T  # noqa: E402
 
 # The trainer is rebuilt by every run below; identical step programs (a run and its resume) are
-# compiled once thanks to JAX's persistent compilation cache, kept in a fresh directory.
-if not jax.config.jax_compilation_cache_dir:
-    import tempfile
-
-    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="sense-jax-test-cache-"))
+# compiled once thanks to the persistent compilation cache, which trainer.train turns on in the
+# suite's temporary directory (tests/conftest.py).
 
 
 @pytest.fixture(scope="module")
