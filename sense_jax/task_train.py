@@ -15,6 +15,9 @@ truncated ``longest_first`` to ``max_length`` tokens.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -135,77 +138,6 @@ def eval_batches(tokenizer: Any, texts: Sequence[Sequence[str]], labels: np.ndar
         yield idx, b
 
 
-# --- The step ---------------------------------------------------------------------------------
-
-
-def make_step(cfg: Any, loss_fn: Callable, count_fn: Callable, metric_keys: Sequence[str]) -> Callable:
-    """A pure training step ``step(state, batch, frozen) -> (state, metrics)`` around ``loss_fn``.
-
-    The trainer's one update rule, whatever the objective: gradients only for what trains
-    (:func:`~sense_jax.trainer.frozen_paths` subtrees are closed over), a ``lax.scan`` over the
-    A micro-batches of ``batch`` summing their gradients, one optimizer update
-    (:func:`~sense_jax.trainer.make_optimizer`), and a non-finite loss or gradient leaving the
-    state unchanged (``finite`` = 0; the host stops).
-
-    Args:
-      cfg: the run config (optimizer fields, ``freeze_embeddings``).
-      loss_fn: ``(params, micro_batch, frozen, key, counts) -> (loss, metrics)`` for one
-        micro-batch; ``metrics`` holds float32 scalars under ``metric_keys`` that are summed
-        over the micro-batches (so each term divides by the *step's* ``counts``).
-      count_fn: ``(batch [A, ...], frozen) -> counts`` (a pytree of float32 scalars): the
-        denominators of the whole step.
-      metric_keys: the keys of ``metrics`` to sum (``loss`` among them).
-
-    Returns:
-      ``step`` (not jitted; ``step.traces`` counts its tracings, ``step.tx`` is the optimizer).
-      Its metrics: ``metric_keys`` plus ``grad_norm``, ``lr``, ``finite``, ``real_tokens``.
-    """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from sense_jax.trainer import TrainState, frozen_paths, make_optimizer, make_schedule, merge_frozen, split_frozen
-
-    tx, schedule = make_optimizer(cfg), make_schedule(cfg)
-
-    def micro_loss(trainable, fixed, mb, frozen, key, counts):
-        return loss_fn(merge_frozen(trainable, fixed), mb, frozen, key, counts)
-
-    def step(state, batch: dict, frozen) -> tuple[Any, dict]:
-        step.traces += 1
-        key = jax.random.fold_in(state.rng, state.step)
-        counts = count_fn(batch, frozen)
-        trainable, fixed = split_frozen(state.params, frozen_paths(cfg, state.params))
-
-        def micro(carry, xs):
-            g_acc, m_acc = carry
-            mb, i = xs
-            (_, m), g = jax.value_and_grad(micro_loss, has_aux=True)(
-                trainable, fixed, mb, frozen, jax.random.fold_in(key, i), counts)
-            return (jax.tree.map(jnp.add, g_acc, g), {k: m_acc[k] + m[k] for k in m_acc}), None
-
-        zeros_g = jax.tree.map(jnp.zeros_like, trainable)
-        zeros_m = {k: jnp.zeros((), jnp.float32) for k in metric_keys}
-        (grads, metrics), _ = jax.lax.scan(micro, (zeros_g, zeros_m),
-                                           (batch, jnp.arange(batch["input_ids"].shape[0])))
-        grads = merge_frozen(grads, jax.tree.map(jnp.zeros_like, fixed))
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        gnorm = optax.tree.norm(grads)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(gnorm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = TrainState(step=state.step + finite.astype(state.step.dtype),
-                               params=keep(params, state.params),
-                               opt_state=keep(opt_state, state.opt_state), rng=state.rng)
-        metrics.update(grad_norm=gnorm, lr=schedule(state.step), finite=finite.astype(jnp.float32),
-                       real_tokens=batch["attention_mask"].sum().astype(jnp.float32))
-        return new_state, metrics
-
-    step.traces = 0
-    step.tx = tx
-    return step
-
-
 # --- Task objectives on the trainer's state ---------------------------------------------------
 # A task run's params: {"student": encoder params, "head": the classifier head's params (the
 # teacher's, copied and frozen, when distilling; trained when fine-tuning), "adaptor": the linear
@@ -256,14 +188,16 @@ def replace_by_senses(sense_dict, input_ids, states, metric: str):
 
 
 def make_task_loss(cfg: Any, student_module, teacher_module, head_fn: Callable) -> Callable:
-    """``loss_fn(params, micro_batch, frozen, key, counts) -> (loss, metrics)`` of a task run.
+    """``loss_fn(params, micro_batch, frozen, key, counts) -> (loss, metrics)`` of a task run
+    (for :func:`sense_jax.trainer.make_step`).
 
     Args:
       cfg: run config: ``objective`` (:data:`sense_jax.task_losses.OBJECTIVES`), ``skd_weight``,
         ``mse_weight``, ``kd_temperature``, ``kd_alpha``, ``sense_replace``, ``metric``.
       student_module / teacher_module: the encoders (Flax modules, no head).
-      head_fn: ``(head_params, hidden [B, T, D], attention_mask [B, T]) -> logits [B, C]`` float32,
-        the family's pure classification head.
+      head_fn: ``(head_params, hidden [B, T, D], attention_mask [B, T], input_ids [B, T]) ->
+        logits [B, C]`` float32, the family's pure classification head
+        (:func:`sense_jax.models.heads.head_logits` bound to the teacher's config).
 
     The student's logits are ``head_fn(params["head"], states)`` on its adapted states,
     optionally after sense replacement (``sense_replace``; :func:`replace_by_senses`). The
@@ -281,7 +215,7 @@ def make_task_loss(cfg: Any, student_module, teacher_module, head_fn: Callable) 
     from sense_jax.sense_dict import gather_senses
     from sense_jax.task_losses import task_objective
 
-    objective = cfg.objective
+    objective = "task_only" if cfg.objective == "finetune" else cfg.objective  # fine-tuning: the task alone
     uses_teacher = objective in ("skd", "mse", "logit_kd")
 
     def loss_fn(params, mb, frozen, key, counts):
@@ -289,7 +223,7 @@ def make_task_loss(cfg: Any, student_module, teacher_module, head_fn: Callable) 
         senses = frozen.get("senses")
         states = student_states(student_module, params, mb)
         head_in = replace_by_senses(senses, mb["input_ids"], states, cfg.metric) if cfg.sense_replace else states
-        logits = head_fn(params["head"], head_in, mb["attention_mask"])
+        logits = head_fn(params["head"], head_in, mb["attention_mask"], mb["input_ids"])
         zero = jnp.zeros((), jnp.float32)
         parts = {"skd": zero, "sense_accuracy": zero, "mse": zero, "tokens": zero}
         teacher_logits = None
@@ -303,7 +237,7 @@ def make_task_loss(cfg: Any, student_module, teacher_module, head_fn: Callable) 
             elif objective == "mse":
                 parts["mse"] = hidden_mse_loss(states, t, mb["attention_mask"], counts["real_tokens"])
             else:
-                teacher_logits = head_fn(frozen["teacher_head"], t, mb["attention_mask"])
+                teacher_logits = head_fn(frozen["teacher_head"], t, mb["attention_mask"], mb["input_ids"])
         out = task_objective(objective, logits, mb["labels"], teacher_logits=teacher_logits,
                              skd=parts["skd"], mse=parts["mse"], skd_weight=cfg.skd_weight,
                              mse_weight=cfg.mse_weight, kd_temperature=cfg.kd_temperature,
@@ -322,11 +256,544 @@ def make_task_eval(cfg: Any, student_module, head_fn: Callable) -> Callable:
 
     def ev(params, batch, frozen):
         states = student_states(student_module, params, batch)
-        logits = head_fn(params["head"], states, batch["attention_mask"])
+        logits = head_fn(params["head"], states, batch["attention_mask"], batch["input_ids"])
         senses = frozen.get("senses")
         if senses is None:
             return {"logits": logits, "logits_senses": logits}
         replaced = replace_by_senses(senses, batch["input_ids"], states, cfg.metric)
-        return {"logits": logits, "logits_senses": head_fn(params["head"], replaced, batch["attention_mask"])}
+        return {"logits": logits,
+                "logits_senses": head_fn(params["head"], replaced, batch["attention_mask"], batch["input_ids"])}
 
     return ev
+
+
+# --- Data of a task run -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TaskData:
+    """The labelled splits of a run.
+
+    Attributes:
+      name: the task's name (:mod:`sense_jax.tasks`), or "custom".
+      train: the training split; dev: evaluation splits by name (MNLI: two), the first one
+        watched by early stopping.
+      vocabulary: the label vocabulary (class ids of ``labels``; regression or not).
+      metrics: metric names (:mod:`sense_jax.glue_metrics`), the main one first.
+    """
+
+    name: str
+    train: Any
+    dev: dict
+    vocabulary: Any
+    metrics: tuple[str, ...]
+
+    @property
+    def main_metric(self) -> str:
+        """The key of the figure early stopping watches in an evaluation record."""
+        return metric_key(self.metrics[0], next(iter(self.dev)), len(self.dev))
+
+
+def metric_key(metric: str, split: str, n_splits: int) -> str:
+    """A metric's key in an evaluation record: its name, or ``name_matched`` etc. with several
+    dev splits (as :func:`sense_jax.glue_metrics.split_metrics` names them)."""
+    return metric if n_splits == 1 else f"{metric}_{split.removeprefix('dev_')}"
+
+
+_CUSTOM_SPLITS = {"train": ("train",), "dev": ("dev", "validation", "val")}
+
+
+def _read_custom_split(cfg: Any, split: str, vocabulary):
+    from sense_jax.errors import DataError
+    from sense_jax.labelled import read_labelled
+
+    d = Path(cfg.task_data)
+    if not d.is_dir():
+        raise DataError(f"task_data {d}: not a directory (it should hold train and dev files)")
+    kw = dict(vocabulary=vocabulary, regression=cfg.task_regression)
+    if (d / "dataset_dict.json").is_file():
+        import json as _json
+
+        have = _json.loads((d / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+        for name in _CUSTOM_SPLITS[split]:
+            if name in have:
+                return read_labelled(d, cfg.text_fields, cfg.label_field, split=name, **kw)
+        raise DataError(f"{d}: the saved DatasetDict has no {split} split (has {', '.join(have)})")
+    for name in _CUSTOM_SPLITS[split]:
+        for suffix in (".tsv", ".csv", ".jsonl", ".json"):
+            if (d / f"{name}{suffix}").is_file():
+                return read_labelled(d / f"{name}{suffix}", cfg.text_fields, cfg.label_field, **kw)
+    raise DataError(f"{d}: no {split} split ({_CUSTOM_SPLITS[split][0]}.tsv, .csv or .jsonl, or a saved DatasetDict)")
+
+
+def _sample(data, n: int, seed: int, salt: int):
+    """A seeded sample of ``n`` examples of ``data`` (in their order), or all of it."""
+    if not n or n >= len(data):
+        return data
+    idx = np.sort(np.random.default_rng([seed, salt]).permutation(len(data))[:n])
+    return data.select(idx)
+
+
+def load_task_data(cfg: Any, vocabulary=None) -> TaskData:
+    """Read the run's labelled splits: a named task (``cfg.task``, from ``cfg.task_data``) or
+    custom files (``cfg.text_fields``, ``cfg.label_field`` in ``cfg.task_data``: ``train.*`` and
+    ``dev.*`` / ``validation.*`` as TSV, CSV or JSONL, or a saved DatasetDict).
+
+    Args:
+      vocabulary: a recorded label vocabulary (a fine-tuned teacher's) that the labels must
+        fit; None: the task's own, or (custom data) the training split's labels, which the dev
+        split must then fit.
+
+    Raises:
+      ConfigError: unknown task (the known ones listed). DataError: a missing split, column or
+        field, a label outside the vocabulary, string labels for a regression target (file and
+        line named).
+    """
+    from sense_jax.tasks import get_task, load_task
+
+    if cfg.task:
+        spec = get_task(cfg.task)
+        data_dir = cfg.task_data or None
+        train = load_task(spec, data_dir, "train", vocabulary=vocabulary, seed=cfg.seed)
+        dev = {split: load_task(spec, data_dir, split, vocabulary=vocabulary, seed=cfg.seed)
+               for split in spec.dev_splits}
+        name, metrics = spec.name, spec.metrics
+    else:
+        train = _read_custom_split(cfg, "train", vocabulary)
+        dev = {"dev": _read_custom_split(cfg, "dev", train.vocabulary)}
+        name = "custom"
+        metrics = ("pearson", "spearman") if train.vocabulary.regression else ("accuracy", "macro_f1")
+    train = _sample(train, cfg.max_train_examples, cfg.seed, 1 << 22)
+    dev = {k: _sample(v, cfg.max_eval_examples, cfg.seed, (1 << 23) + i) for i, (k, v) in enumerate(dev.items())}
+    return TaskData(name=name, train=train, dev=dev, vocabulary=train.vocabulary, metrics=tuple(metrics))
+
+
+def recorded_vocabulary(model_dir: str | Path):
+    """The label vocabulary recorded beside a fine-tuned model (``label_vocabulary.json``), or None."""
+    from sense_jax.labelled import VOCABULARY_FILE, LabelVocabulary
+
+    f = Path(model_dir) / VOCABULARY_FILE
+    return LabelVocabulary.load(f) if f.is_file() else None
+
+
+# --- Setup ------------------------------------------------------------------------------------
+
+
+def task_setup(cfg: Any, data: TaskData, *, sense_dict=None, devices=None):
+    """Models, head, dictionary, shardings and jitted functions of a task run (a
+    :class:`sense_jax.trainer.Setup`).
+
+    Fine-tuning (``objective="finetune"``): the student is the model itself (every layer, no
+    adaptor) and its head trains: the model's own when it has one with ``num_labels`` outputs,
+    else a fresh one (:func:`sense_jax.models.heads.init_head_params`, seeded). Task
+    distillation (any other objective): the teacher must have a head with ``num_labels``
+    outputs (fine-tune it first); the head is copied onto the student, behind the adaptor, and
+    frozen (:func:`sense_jax.trainer.frozen_paths`). The dictionary (``cfg.senses``) is needed
+    by ``skd`` and ``sense_replace``, and used, when given, for the dev figures with senses.
+
+    Raises:
+      ConfigError: a head whose ``num_labels`` differs from the data's, a teacher without a head
+        for distillation, a missing dictionary, and :func:`sense_jax.trainer.setup`'s checks.
+    """
+    import jax
+
+    from sense_jax import distill as D
+    from sense_jax import trainer as T
+    from sense_jax.errors import ConfigError
+    from sense_jax.loading import load_model
+    from sense_jax.models import check_input_length
+    from sense_jax.models.heads import abstract_head_params, head_logits, init_head_params
+    from sense_jax.provenance import check_provenance, provenance
+    from sense_jax.sense_dict import SenseDictionary
+
+    finetune = cfg.objective == "finetune"
+    tpath = T._teacher_path(cfg)
+    teacher = load_model(tpath, dtype=cfg.compute_dtype)
+    tcfg, family = teacher.config, teacher.family
+    check_input_length(cfg.max_length, tcfg, "config: max_length", f"teacher {tpath}'s", ConfigError,
+                       "set max_length <= {limit}")
+    n_labels = data.vocabulary.num_labels
+    have = int(getattr(tcfg, "num_labels", 0) or 0)
+    if teacher.head_params is not None and have != n_labels:
+        raise ConfigError(f"model {tpath} has a classification head of {have} labels but the {data.name} data "
+                          f"has {n_labels} ({'regression' if data.vocabulary.regression else ', '.join(data.vocabulary.names)})")
+    if teacher.head_params is None and not finetune:
+        raise ConfigError(f"teacher {tpath} has no classification head: fine-tune it first "
+                          "(sense-jax finetune), or convert a *ForSequenceClassification checkpoint")
+    head_cfg = dataclasses.replace(tcfg, num_labels=n_labels, add_pooler=False)
+    head = (jax.device_get(teacher.head_params) if teacher.head_params is not None
+            else init_head_params(head_cfg, cfg.seed))
+    fp_v1 = D.teacher_fingerprint(teacher.params, tcfg.vocab_size)
+    fp = D.teacher_fingerprint(teacher.params, tcfg.vocab_size, teacher.tokenizer) \
+        if teacher.tokenizer is not None else fp_v1
+    if sense_dict is None and cfg.senses:
+        sense_dict = SenseDictionary.load(cfg.senses)
+    if sense_dict is None and (cfg.objective == "skd" or cfg.sense_replace):
+        raise ConfigError(f"config: senses (the sense dictionary directory) is required by "
+                          f"{'objective=skd' if cfg.objective == 'skd' else 'sense_replace=true'}")
+    if sense_dict is not None:
+        D.check_sense_dict(sense_dict, tcfg, fingerprint=fp, teacher_path=tpath,
+                           source=cfg.senses or "sense dictionary", embedding_fingerprint=fp_v1)
+        check_provenance(sense_dict.meta.get("provenance"), f"sense dictionary {cfg.senses or ''}".strip())
+    tparams, _ = D.split_pooler(jax.device_get(teacher.params))  # the head holds the pooler
+    enc_cfg = dataclasses.replace(tcfg, add_pooler=False, num_labels=0)
+    if finetune:
+        scfg, sparams = dataclasses.replace(enc_cfg, dtype=cfg.compute_dtype), tparams
+        params = {"student": sparams, "head": head}
+    else:
+        scfg, sparams = T.make_student(cfg, teacher, tparams)
+        params = {"student": sparams, "head": head,
+                  "adaptor": D.init_adaptor(scfg.hidden_size, tcfg.hidden_size, seed=cfg.seed)}
+    student_module = family.make_module(scfg)
+    teacher_module = family.make_module(enc_cfg)
+    head_fn = functools.partial(head_logits, dataclasses.replace(head_cfg, dtype=cfg.compute_dtype))
+    raw = T.make_step(cfg, make_task_loss(cfg, student_module, teacher_module, head_fn), task_counts, TASK_METRICS)
+    boxed = {"student": T._boxed_abstract(family, scfg), "head": abstract_head_params(head_cfg, boxed=True)}
+    if "adaptor" in params:
+        boxed["adaptor"] = jax.eval_shape(lambda: D.init_adaptor(scfg.hidden_size, tcfg.hidden_size, boxed=True))
+    uses_teacher = cfg.objective in ("skd", "mse", "logit_kd")
+    teacher_boxed = T._boxed_abstract(family, dataclasses.replace(enc_cfg, dtype=cfg.compute_dtype))
+    layout = T.layout_for(cfg, boxed, teacher_boxed, raw.tx, devices)
+    repl = lambda tree: jax.tree.map(lambda _: layout.replicated, tree)
+    frozen, frozen_sh = {}, {}
+    if uses_teacher:
+        frozen["teacher"] = jax.device_put(tparams, layout.teacher)
+        frozen_sh["teacher"] = layout.teacher
+    if sense_dict is not None:
+        frozen["senses"] = jax.device_put(sense_dict, repl(sense_dict))
+        frozen_sh["senses"] = repl(sense_dict)
+    if cfg.objective == "logit_kd":
+        frozen["teacher_head"] = jax.device_put(head, repl(head))
+        frozen_sh["teacher_head"] = repl(head)
+    batch_sh = {k: layout.batch for k in (*BATCH_KEYS, "labels", "weights")}
+    batch_sh = {k: (v if k in BATCH_KEYS else _cut(v, 2)) for k, v in batch_sh.items()}
+    jitted = jax.jit(raw, in_shardings=(layout.state, batch_sh, frozen_sh),
+                     out_shardings=(layout.state, layout.replicated), donate_argnums=0)
+    eval_sh = {k: layout.eval_batch for k in BATCH_KEYS}
+    ev = jax.jit(make_task_eval(cfg, student_module, head_fn),
+                 in_shardings=(layout.state.params, eval_sh, frozen_sh), out_shardings=layout.replicated)
+    meta = {"config": dataclasses.asdict(cfg), "teacher_path": tpath, "family": family.name,
+            "student_config": dataclasses.asdict(scfg), "teacher_config": dataclasses.asdict(tcfg),
+            "teacher_hf_config": teacher.hf_config, "has_pooler": False,
+            "head_config": dataclasses.asdict(head_cfg),
+            "label_vocabulary": data.vocabulary.to_json(), "task": data.name, "metrics": list(data.metrics),
+            "teacher_fingerprint": fp, "embedding_fingerprint": fp_v1,
+            "tokenizer_fingerprint": (D.tokenizer_fingerprint(teacher.tokenizer)
+                                      if teacher.tokenizer is not None else None),
+            "dictionary_fingerprint": D.dictionary_fingerprint(sense_dict) if sense_dict is not None else None,
+            "dictionary_shape": ({"vocab_size": sense_dict.vocab_size, "hidden_size": sense_dict.hidden_size,
+                                  "senses": int(sense_dict.centres.shape[0]), "k_max": sense_dict.k_max}
+                                 if sense_dict is not None else {}),
+            "provenance": provenance()}
+    return T.Setup(cfg=cfg, teacher=teacher, family=family, student_cfg=scfg, student_module=student_module,
+                   teacher_module=teacher_module, init_params=params, sense_dict=sense_dict, layout=layout,
+                   frozen=frozen, train_step=lambda state, batch: jitted(state, batch, frozen),
+                   raw_step=raw, eval_step=lambda params, batch: ev(params, batch, frozen), meta=meta)
+
+
+def _cut(sharding, ndim: int):
+    """``sharding`` with its PartitionSpec cut to ``ndim`` axes (labels [A, B] beside [A, B, T])."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    return NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[:ndim]))
+
+
+# --- Evaluation -------------------------------------------------------------------------------
+
+
+def evaluate_split(s, params, data, *, batch_size: int | None = None) -> dict:
+    """Logits of the run's classifier on one split, without and with sense replacement.
+
+    Returns:
+      ``{"logits": [N, C], "logits_senses": [N, C] or None (no dictionary), "tokens": real tokens,
+      "seconds": forward time of the batches whose shape had already been compiled,
+      "warm_tokens": their real tokens}`` (numpy / floats; multi-host: every process gets all).
+    """
+    import time
+
+    import jax
+
+    from sense_jax.sharding import process_rows
+
+    cfg = s.cfg
+    B = batch_size or cfg.batch_size
+    rows = process_rows(s.layout.eval_batch, (B, cfg.max_length), 0)
+    n = len(data)
+    C = data.vocabulary.num_labels
+    logits = np.zeros((n, C), np.float32)
+    senses = np.zeros((n, C), np.float32)
+    tokens = warm_tokens = 0.0
+    seconds = 0.0
+    seen: set[int] = set()
+    for idx, b in eval_batches(s.teacher.tokenizer, data.texts, data.labels, B, cfg.max_length, cfg.pad_to_buckets):
+        T = b["input_ids"].shape[1]
+        dev = {}
+        for k in BATCH_KEYS:
+            part = b[k][rows]
+            dev[k] = (jax.device_put(part, s.layout.eval_batch) if jax.process_count() == 1 else
+                      jax.make_array_from_process_local_data(s.layout.eval_batch, part, (B, T)))
+        t0 = time.perf_counter()
+        out = jax.device_get(s.eval_step(params, dev))
+        dt = time.perf_counter() - t0
+        real = float(b["attention_mask"][:len(idx)].sum())
+        tokens += real
+        if T in seen:
+            seconds += dt
+            warm_tokens += real
+        seen.add(T)
+        logits[idx] = out["logits"][:len(idx)]
+        senses[idx] = out["logits_senses"][:len(idx)]
+    return {"logits": logits, "logits_senses": senses if s.sense_dict is not None else None,
+            "tokens": tokens, "seconds": seconds, "warm_tokens": warm_tokens}
+
+
+def evaluate_task(s, params, data: TaskData) -> dict:
+    """The dev figures of a classifier: every task metric on every dev split, without and (with
+    a dictionary) with sense replacement before the head (``senses_<metric>``), examples, and
+    tokens/s of the forward (batches of an already compiled shape only; 0 when none)."""
+    from sense_jax.glue_metrics import compute_metrics
+
+    regression = data.vocabulary.regression
+    rec: dict[str, float] = {}
+    tokens = seconds = 0.0
+    for split, d in data.dev.items():
+        out = evaluate_split(s, params, d)
+        for variant, key in (("logits", ""), ("logits_senses", "senses_")):
+            if out[variant] is None:
+                continue
+            for m, v in compute_metrics(data.metrics, out[variant], d.labels, regression=regression).items():
+                rec[key + metric_key(m, split, len(data.dev))] = v
+        tokens += out["warm_tokens"]
+        seconds += out["seconds"]
+    rec["examples"] = float(sum(len(d) for d in data.dev.values()))
+    rec["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+    return rec
+
+
+# --- Hooks: dev evaluation, early stopping, the best checkpoint -------------------------------
+
+BEST_DIR = "best"
+
+
+def best_manager(run_dir: Path, create: bool = True):
+    """The Orbax manager of ``run_dir/best``: the params of the best dev evaluation so far (one
+    step kept), items ``params`` and ``meta`` (the run's meta plus ``best``: step, metric, value)."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create, enable_async_checkpointing=False,
+                                           read_only=not create, save_interval_steps=0)
+    return ocp.CheckpointManager((Path(run_dir) / BEST_DIR).absolute(), options=options,
+                                 item_names=("params", "meta"))
+
+
+def task_hooks(s, data: TaskData, log: Callable[[str], None]):
+    """The loop's hooks for a task run (:class:`sense_jax.trainer.LoopHooks`): dev evaluation
+    every ``eval_every`` steps (and at the end) with the task's metrics; each new best dev
+    figure (the main metric of the first dev split) saves the params to ``best/``; after
+    ``patience`` evaluations without a new best the run stops; the early-stopping state goes into
+    every checkpoint and comes back on resume."""
+    import orbax.checkpoint as ocp
+
+    from sense_jax import trainer as T
+    from sense_jax.task_losses import EarlyStopping
+
+    es = EarlyStopping(patience=s.cfg.patience, mode="max")
+    key = data.main_metric
+    holder = {"mngr": None}
+
+    def mngr():
+        if holder["mngr"] is None:
+            holder["mngr"] = best_manager(Path(s.cfg.out_dir))
+        return holder["mngr"]
+
+    def after_eval(step, rec, state):
+        value = rec[key]
+        if es.update(step, value if value == value else float("nan")):
+            m = mngr()
+            if step not in m.all_steps():  # a resumed run reaching the same best again
+                m.save(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(state.params),
+                    meta=ocp.args.JsonSave({**s.meta, "best": {"step": int(step), "metric": key, "value": value}})),
+                    force=True)
+                m.wait_until_finished()
+
+    def resume(saved):
+        nonlocal es
+        if "early_stopping" in saved:
+            es = EarlyStopping.from_dict({**saved["early_stopping"], "patience": s.cfg.patience})
+
+    def close():
+        if holder["mngr"] is not None:
+            holder["mngr"].wait_until_finished()
+            holder["mngr"].close()
+
+    def describe(rec):
+        extra = f", with senses {rec['senses_' + key]:.4f}" if "senses_" + key in rec else ""
+        return f"dev {key} {rec[key]:.4f}{extra} (best {es.best:.4f} at step {es.best_step})" \
+            if es.best is not None else f"dev {key} {rec[key]:.4f}{extra}"
+
+    return T.LoopHooks(evaluate=lambda params: evaluate_task(s, params, data), describe=describe,
+                       after_eval=after_eval, stopped=lambda: es.should_stop,
+                       checkpoint_data=lambda: {"early_stopping": es.to_dict()},
+                       postfix=("loss", "task", "accuracy"),
+                       desc="finetune" if s.cfg.objective == "finetune" else f"distill {s.cfg.objective}",
+                       resume=resume, close=close)
+
+
+def prepare_task(cfg: Any, *, sense_dict=None, log: Callable[[str], None] = print):
+    """Everything :func:`sense_jax.trainer.run` needs for a task run: ``(setup, stream, hooks)``.
+
+    The label vocabulary recorded beside the teacher (a fine-tuned model's
+    ``label_vocabulary.json``) is the one the data must fit."""
+    from sense_jax import trainer as T
+
+    vocab = recorded_vocabulary(T._teacher_path(cfg))
+    data = load_task_data(cfg, vocabulary=vocab)
+    s = task_setup(cfg, data, sense_dict=sense_dict)
+    stream = ExampleStream(data.train.texts, data.train.labels, s.teacher.tokenizer, cfg.batch_size,
+                           cfg.max_length, cfg.seed, cfg.group_by_length)
+    return s, stream, task_hooks(s, data, log)
+
+
+# --- Export -----------------------------------------------------------------------------------
+
+TASK_META_FILE = "sense_jax_task.json"
+
+
+def restore_best(run_dir: str | Path) -> tuple[dict, dict]:
+    """``(params, meta)`` of a task run's best dev evaluation (``run_dir/best``), on the local
+    default device; ``meta["best"]`` says step, metric and value.
+
+    Raises:
+      SenseJaxError: no ``best/`` (the run evaluated nothing yet) or it cannot be read.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    from sense_jax import trainer as T
+    from sense_jax.convert import abstract_params
+    from sense_jax.distill import init_adaptor
+    from sense_jax.models import get_family
+    from sense_jax.models.heads import abstract_head_params
+
+    run_dir = Path(run_dir)
+    if not (run_dir / BEST_DIR).is_dir():
+        raise SenseJaxError(f"{run_dir}: no {BEST_DIR}/ checkpoint (not a task run, or no dev evaluation yet)")
+    mngr = best_manager(run_dir, create=False)
+    try:
+        steps = mngr.all_steps()
+        if not steps:
+            raise SenseJaxError(f"{run_dir / BEST_DIR}: holds no complete checkpoint")
+        step = max(steps)
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        family = get_family(meta["family"])
+        scfg = T._config_from_dict(family, meta["student_config"], meta["teacher_hf_config"])
+        hcfg = T._config_from_dict(family, meta["head_config"], meta["teacher_hf_config"])
+        abstract = {"student": abstract_params(family, scfg), "head": abstract_head_params(hcfg)}
+        if meta["config"].get("objective") != "finetune":
+            tcfg = T._config_from_dict(family, meta["teacher_config"], meta["teacher_hf_config"])
+            abstract["adaptor"] = jax.eval_shape(lambda: init_adaptor(scfg.hidden_size, tcfg.hidden_size))
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
+        try:
+            params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+        except Exception as e:
+            raise SenseJaxError(f"{run_dir / BEST_DIR / str(step)}: cannot be restored ({T._short(e)})") from None
+    finally:
+        mngr.close()
+    meta["family_config"] = {"student": scfg, "head": hcfg}
+    return jax.device_get(params), meta
+
+
+def classifier_state_dict(family, cfg: Any, encoder_params: dict, head_params: dict) -> dict[str, np.ndarray]:
+    """transformers' ``*ForSequenceClassification`` state dict of an encoder and its head: the
+    base model's tensors under the class's prefix (``bert.``), the head's beside them
+    (:data:`sense_jax.models.heads.HEAD_TYPES`), names from the family's conversion table."""
+    from sense_jax.convert import params_to_hf
+    from sense_jax.models.heads import head_type
+
+    ht = head_type(cfg)
+    params = {k: v for k, v in encoder_params.items() if k not in family.head_params}
+    params.update(head_params)
+    return {(n if n.startswith(ht.outside_base) else ht.base_prefix + n): np.ascontiguousarray(v)
+            for n, v in params_to_hf(family, params).items()}
+
+
+def classifier_hf_config(teacher_hf_config: dict, cfg: Any, vocabulary) -> dict:
+    """config.json of an exported classifier: the teacher's, with ``cfg``'s sizes, the
+    ``*ForSequenceClassification`` architecture, float32, the label vocabulary as ``id2label`` /
+    ``label2id`` and ``problem_type`` (regression or single-label classification)."""
+    from sense_jax.models.heads import head_type
+
+    out = {k: v for k, v in teacher_hf_config.items() if not k.startswith("_")}
+    out.update(dataclasses.replace(cfg, dtype="float32").to_hf())
+    names = vocabulary.id2label
+    out.update(architectures=[head_type(cfg).architecture], dtype="float32", torch_dtype="float32",
+               num_labels=vocabulary.num_labels, id2label={str(i): n for i, n in names.items()},
+               label2id={n: i for i, n in names.items()},
+               problem_type="regression" if vocabulary.regression else "single_label_classification")
+    return out
+
+
+def export_task(run_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Export a task run's best checkpoint (``run_dir/best``) as a transformers directory.
+
+    A fine-tuned model (``sense-jax finetune``) becomes its ``*ForSequenceClassification``
+    (``config.json`` with ``id2label`` / ``label2id`` / ``problem_type``, ``model.safetensors``,
+    tokenizer files) that ``AutoModelForSequenceClassification`` loads with the same logits, and
+    ``label_vocabulary.json`` (the vocabulary, with the data's other spellings of each label) that
+    later runs read the data against. A task-distilled student becomes the student's base model
+    (:func:`sense_jax.distill.export_hf`: ``AutoModel``) with ``adaptor.safetensors`` and
+    ``head.safetensors`` (the teacher's frozen head, transformers' names, on adapted states), and
+    the same ``label_vocabulary.json``. Both hold ``sense_jax_task.json`` (task, metrics, best
+    step and dev figure, provenance).
+
+    Raises:
+      SenseJaxError: no best checkpoint, or ``out`` exists without ``overwrite``.
+    """
+    import json
+
+    from safetensors.numpy import save_file
+
+    from sense_jax.convert import copy_tokenizer_files, params_to_hf
+    from sense_jax.distill import export_hf
+    from sense_jax.io_utils import atomic_directory, write_json_atomic
+    from sense_jax.labelled import VOCABULARY_FILE, LabelVocabulary
+    from sense_jax.models import get_family
+    from sense_jax.provenance import provenance
+
+    run_dir = Path(run_dir)
+    params, meta = restore_best(run_dir)
+    family = get_family(meta["family"])
+    scfg, hcfg = meta["family_config"]["student"], meta["family_config"]["head"]
+    vocab = LabelVocabulary.from_json(meta["label_vocabulary"], f"{run_dir / BEST_DIR} label_vocabulary")
+    tok_dir = run_dir / "tokenizer" if (run_dir / "tokenizer").is_dir() else None
+    info = {"task": meta.get("task"), "metrics": meta.get("metrics"), "objective": meta["config"].get("objective"),
+            "best": meta["best"], "teacher": meta["teacher_path"], "run": str(run_dir.absolute()),
+            "provenance": provenance(), "trained_with": meta.get("provenance")}
+    if meta["config"].get("objective") == "finetune":
+        state = classifier_state_dict(family, hcfg, params["student"], params["head"])
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            with open(tmp / "config.json", "w", encoding="utf-8") as f:
+                json.dump(classifier_hf_config(meta["teacher_hf_config"], hcfg, vocab), f, indent=2, sort_keys=True)
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            if tok_dir is not None:
+                copy_tokenizer_files(tok_dir, tmp)
+            vocab.save(tmp / VOCABULARY_FILE)
+            write_json_atomic(tmp / TASK_META_FILE, info)
+        return Path(out)
+    import os
+
+    head = dict(params["head"])
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        student = export_hf(tmp / "student", family, scfg, params["student"], meta["teacher_hf_config"],
+                            tokenizer_dir=tok_dir, adaptor=params["adaptor"], pooler=head.get("pooler"),
+                            extra_meta={"task": info})
+        for f in student.iterdir():
+            os.replace(f, tmp / f.name)
+        student.rmdir()
+        save_file({k: np.ascontiguousarray(v) for k, v in params_to_hf(family, head).items()},
+                  str(tmp / "head.safetensors"), metadata={"format": "pt"})
+        vocab.save(tmp / VOCABULARY_FILE)
+        write_json_atomic(tmp / TASK_META_FILE, info)
+    return Path(out)
