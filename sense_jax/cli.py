@@ -27,6 +27,8 @@ COMMANDS = {
     "pipeline": "sense_jax.commands.pipeline",
     "inspect": "sense_jax.commands.inspect",
     "evaluate": "sense_jax.commands.evaluate",
+    "finetune": "sense_jax.commands.finetune",
+    "evaluate-task": "sense_jax.commands.evaluate_task",
 }
 
 

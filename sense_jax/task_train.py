@@ -300,30 +300,18 @@ def metric_key(metric: str, split: str, n_splits: int) -> str:
     return metric if n_splits == 1 else f"{metric}_{split.removeprefix('dev_')}"
 
 
-_CUSTOM_SPLITS = {"train": ("train",), "dev": ("dev", "validation", "val")}
-
-
 def _read_custom_split(cfg: Any, split: str, vocabulary):
-    from sense_jax.errors import DataError
-    from sense_jax.labelled import read_labelled
+    from sense_jax.errors import ConfigError
+    from sense_jax.tasks import load_split
 
-    d = Path(cfg.task_data)
-    if not d.is_dir():
-        raise DataError(f"task_data {d}: not a directory (it should hold train and dev files)")
-    kw = dict(vocabulary=vocabulary, regression=cfg.task_regression)
-    if (d / "dataset_dict.json").is_file():
-        import json as _json
-
-        have = _json.loads((d / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
-        for name in _CUSTOM_SPLITS[split]:
-            if name in have:
-                return read_labelled(d, cfg.text_fields, cfg.label_field, split=name, **kw)
-        raise DataError(f"{d}: the saved DatasetDict has no {split} split (has {', '.join(have)})")
-    for name in _CUSTOM_SPLITS[split]:
-        for suffix in (".tsv", ".csv", ".jsonl", ".json"):
-            if (d / f"{name}{suffix}").is_file():
-                return read_labelled(d / f"{name}{suffix}", cfg.text_fields, cfg.label_field, **kw)
-    raise DataError(f"{d}: no {split} split ({_CUSTOM_SPLITS[split][0]}.tsv, .csv or .jsonl, or a saved DatasetDict)")
+    path = cfg.task_data
+    if split != "train" and Path(path).is_file():
+        if not cfg.eval_data:
+            raise ConfigError(f"config: task_data={path} is one file; give its dev split as eval_data=FILE "
+                              "(or make task_data a directory of train and dev files)")
+        path = cfg.eval_data
+    return load_split(path, split, text_fields=cfg.text_fields, label_field=cfg.label_field,
+                      regression=cfg.task_regression, vocabulary=vocabulary)
 
 
 def _sample(data, n: int, seed: int, salt: int):
@@ -334,15 +322,18 @@ def _sample(data, n: int, seed: int, salt: int):
     return data.select(idx)
 
 
-def load_task_data(cfg: Any, vocabulary=None) -> TaskData:
+def load_task_data(cfg: Any, vocabulary=None, with_train: bool = True) -> TaskData:
     """Read the run's labelled splits: a named task (``cfg.task``, from ``cfg.task_data``) or
-    custom files (``cfg.text_fields``, ``cfg.label_field`` in ``cfg.task_data``: ``train.*`` and
-    ``dev.*`` / ``validation.*`` as TSV, CSV or JSONL, or a saved DatasetDict).
+    the user's own data (``cfg.text_fields``, ``cfg.label_field``; :func:`sense_jax.tasks.load_split`:
+    ``cfg.task_data`` a directory of ``train.*`` and ``dev.*`` / ``validation.*`` files (TSV, CSV,
+    JSONL) or a saved DatasetDict, or one training file with ``cfg.eval_data`` the dev file).
 
     Args:
       vocabulary: a recorded label vocabulary (a fine-tuned teacher's) that the labels must
         fit; None: the task's own, or (custom data) the training split's labels, which the dev
         split must then fit.
+      with_train: False reads the dev splits only (``train`` is then None); custom data then
+        needs ``vocabulary``.
 
     Raises:
       ConfigError: unknown task (the known ones listed). DataError: a missing split, column or
@@ -351,21 +342,27 @@ def load_task_data(cfg: Any, vocabulary=None) -> TaskData:
     """
     from sense_jax.tasks import get_task, load_task
 
+    train = None
     if cfg.task:
         spec = get_task(cfg.task)
         data_dir = cfg.task_data or None
-        train = load_task(spec, data_dir, "train", vocabulary=vocabulary, seed=cfg.seed)
+        if with_train:
+            train = load_task(spec, data_dir, "train", vocabulary=vocabulary, seed=cfg.seed)
         dev = {split: load_task(spec, data_dir, split, vocabulary=vocabulary, seed=cfg.seed)
                for split in spec.dev_splits}
         name, metrics = spec.name, spec.metrics
     else:
-        train = _read_custom_split(cfg, "train", vocabulary)
-        dev = {"dev": _read_custom_split(cfg, "dev", train.vocabulary)}
+        if with_train:
+            train = _read_custom_split(cfg, "train", vocabulary)
+        dev = {"dev": _read_custom_split(cfg, "dev", train.vocabulary if train is not None else vocabulary)}
         name = "custom"
-        metrics = ("pearson", "spearman") if train.vocabulary.regression else ("accuracy", "macro_f1")
-    train = _sample(train, cfg.max_train_examples, cfg.seed, 1 << 22)
+    vocab = next(iter(dev.values())).vocabulary if train is None else train.vocabulary
+    if not cfg.task:
+        metrics = ("pearson", "spearman") if vocab.regression else ("accuracy", "macro_f1")
+    if train is not None:
+        train = _sample(train, cfg.max_train_examples, cfg.seed, 1 << 22)
     dev = {k: _sample(v, cfg.max_eval_examples, cfg.seed, (1 << 23) + i) for i, (k, v) in enumerate(dev.items())}
-    return TaskData(name=name, train=train, dev=dev, vocabulary=train.vocabulary, metrics=tuple(metrics))
+    return TaskData(name=name, train=train, dev=dev, vocabulary=vocab, metrics=tuple(metrics))
 
 
 def recorded_vocabulary(model_dir: str | Path):
@@ -501,13 +498,17 @@ def _cut(sharding, ndim: int):
 # --- Evaluation -------------------------------------------------------------------------------
 
 
-def evaluate_split(s, params, data, *, batch_size: int | None = None) -> dict:
+def evaluate_split(s, params, data, *, batch_size: int | None = None, timing_pass: bool = False) -> dict:
     """Logits of the run's classifier on one split, without and with sense replacement.
+
+    Args:
+      timing_pass: time a second pass over the same device batches (every program then
+        compiled); else only the batches whose shape an earlier batch had compiled are timed.
 
     Returns:
       ``{"logits": [N, C], "logits_senses": [N, C] or None (no dictionary), "tokens": real tokens,
-      "seconds": forward time of the batches whose shape had already been compiled,
-      "warm_tokens": their real tokens}`` (numpy / floats; multi-host: every process gets all).
+      "seconds": forward time of the timed batches, "warm_tokens": their real tokens}`` (numpy /
+      floats; multi-host: every process gets all).
     """
     import time
 
@@ -525,6 +526,7 @@ def evaluate_split(s, params, data, *, batch_size: int | None = None) -> dict:
     tokens = warm_tokens = 0.0
     seconds = 0.0
     seen: set[int] = set()
+    kept = []
     for idx, b in eval_batches(s.teacher.tokenizer, data.texts, data.labels, B, cfg.max_length, cfg.pad_to_buckets):
         T = b["input_ids"].shape[1]
         dev = {}
@@ -543,21 +545,32 @@ def evaluate_split(s, params, data, *, batch_size: int | None = None) -> dict:
         seen.add(T)
         logits[idx] = out["logits"][:len(idx)]
         senses[idx] = out["logits_senses"][:len(idx)]
+        if timing_pass:
+            kept.append((dev, real))
+    if timing_pass:
+        seconds = warm_tokens = 0.0
+        for dev, real in kept:
+            t0 = time.perf_counter()
+            jax.block_until_ready(s.eval_step(params, dev))
+            seconds += time.perf_counter() - t0
+            warm_tokens += real
     return {"logits": logits, "logits_senses": senses if s.sense_dict is not None else None,
             "tokens": tokens, "seconds": seconds, "warm_tokens": warm_tokens}
 
 
-def evaluate_task(s, params, data: TaskData) -> dict:
+def evaluate_task(s, params, data: TaskData, *, timing_pass: bool = False) -> dict:
     """The dev figures of a classifier: every task metric on every dev split, without and (with
     a dictionary) with sense replacement before the head (``senses_<metric>``), examples, and
-    tokens/s of the forward (batches of an already compiled shape only; 0 when none)."""
+    ``tokens_per_s`` of the forward (both variants, real tokens only; with ``timing_pass`` a
+    second, compiled pass over every batch, else the batches of an already compiled shape, and
+    no figure when there were none)."""
     from sense_jax.glue_metrics import compute_metrics
 
     regression = data.vocabulary.regression
     rec: dict[str, float] = {}
     tokens = seconds = 0.0
     for split, d in data.dev.items():
-        out = evaluate_split(s, params, d)
+        out = evaluate_split(s, params, d, timing_pass=timing_pass)
         for variant, key in (("logits", ""), ("logits_senses", "senses_")):
             if out[variant] is None:
                 continue
@@ -566,7 +579,8 @@ def evaluate_task(s, params, data: TaskData) -> dict:
         tokens += out["warm_tokens"]
         seconds += out["seconds"]
     rec["examples"] = float(sum(len(d) for d in data.dev.values()))
-    rec["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+    if seconds > 0:
+        rec["tokens_per_s"] = tokens / seconds
     return rec
 
 
@@ -629,8 +643,8 @@ def task_hooks(s, data: TaskData, log: Callable[[str], None]):
 
     def describe(rec):
         extra = f", with senses {rec['senses_' + key]:.4f}" if "senses_" + key in rec else ""
-        return f"dev {key} {rec[key]:.4f}{extra} (best {es.best:.4f} at step {es.best_step})" \
-            if es.best is not None else f"dev {key} {rec[key]:.4f}{extra}"
+        best = f" (best {es.best:.4f} at step {es.best_step})" if es.best is not None else ""
+        return f"dev {key} {rec[key]:.4f}{extra}{best}"
 
     return T.LoopHooks(evaluate=lambda params: evaluate_task(s, params, data), describe=describe,
                        after_eval=after_eval, stopped=lambda: es.should_stop,
@@ -676,10 +690,18 @@ def restore_best(run_dir: str | Path) -> tuple[dict, dict]:
     from sense_jax.models import get_family
     from sense_jax.models.heads import abstract_head_params
 
+    import logging
+
     run_dir = Path(run_dir)
     if not (run_dir / BEST_DIR).is_dir():
         raise SenseJaxError(f"{run_dir}: no {BEST_DIR}/ checkpoint (not a task run, or no dev evaluation yet)")
-    mngr = best_manager(run_dir, create=False)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # Orbax warns that a read-only manager is read-only
+    try:
+        mngr = best_manager(run_dir, create=False)
+    finally:
+        absl_logger.setLevel(level)
     try:
         steps = mngr.all_steps()
         if not steps:
@@ -797,3 +819,67 @@ def export_task(run_dir: str | Path, out: str | Path, *, overwrite: bool = False
         vocab.save(tmp / VOCABULARY_FILE)
         write_json_atomic(tmp / TASK_META_FILE, info)
     return Path(out)
+
+
+# --- Evaluating a classifier outside training -------------------------------------------------
+
+
+def load_classifier(source: str | Path, *, senses: str | None = None, batch_size: int = 32,
+                    max_length: int = 128, metric: str = "dot"):
+    """A classifier ready for :func:`evaluate_task`: ``(evaluator, params)``; ``evaluator.vocabulary``
+    is its recorded label vocabulary (a run's, or ``label_vocabulary.json`` beside a model), or None.
+
+    ``source`` is a task run directory (its best checkpoint: a fine-tuned model, or a distilled
+    student with its adaptor and the teacher's frozen head) or a model directory with a
+    sequence classification head (``sense-jax finetune``'s export, a transformers
+    ``*ForSequenceClassification`` directory, or a ``sense-jax convert`` of one).
+
+    Raises:
+      SenseJaxError: neither a task run nor a model with a head; a dictionary of another model.
+    """
+    import types
+
+    import jax
+
+    from sense_jax import trainer as T
+    from sense_jax.distill import check_sense_dict, split_pooler
+    from sense_jax.loading import _load_tokenizer, load_model
+    from sense_jax.models import get_family
+    from sense_jax.models.heads import head_logits
+    from sense_jax.sense_dict import SenseDictionary
+
+    from sense_jax.labelled import LabelVocabulary
+
+    source = Path(source)
+    vocabulary = recorded_vocabulary(source) if source.is_dir() else None
+    if (source / BEST_DIR).is_dir():
+        params, meta = restore_best(source)
+        vocabulary = LabelVocabulary.from_json(meta["label_vocabulary"], f"{source / BEST_DIR} label_vocabulary")
+        family = get_family(meta["family"])
+        scfg, hcfg = meta["family_config"]["student"], meta["family_config"]["head"]
+        tokenizer = _load_tokenizer(source / "tokenizer")
+        width_cfg = hcfg
+    else:
+        model = load_model(source)
+        if model.head_params is None:
+            raise SenseJaxError(f"{source}: neither a task run (no {BEST_DIR}/) nor a model with a sequence "
+                                "classification head")
+        family, tokenizer = model.family, model.tokenizer
+        enc, _ = split_pooler(jax.device_get(model.params))
+        params = {"student": enc, "head": jax.device_get(model.head_params)}
+        scfg = dataclasses.replace(model.config, add_pooler=False, num_labels=0)
+        hcfg = dataclasses.replace(model.config, add_pooler=False)
+        width_cfg = model.config
+    sense_dict = None
+    if senses:
+        sense_dict = SenseDictionary.load(senses)
+        check_sense_dict(sense_dict, width_cfg, source=senses)
+    cfg = types.SimpleNamespace(batch_size=batch_size, max_length=max_length, pad_to_buckets=True, metric=metric)
+    ev = jax.jit(make_task_eval(cfg, family.make_module(scfg), functools.partial(head_logits, hcfg)))
+    frozen = {} if sense_dict is None else {"senses": sense_dict}
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    evaluator = types.SimpleNamespace(
+        cfg=cfg, teacher=types.SimpleNamespace(tokenizer=tokenizer), sense_dict=sense_dict,
+        layout=types.SimpleNamespace(eval_batch=one), eval_step=lambda p, b: ev(p, b, frozen),
+        num_labels=hcfg.num_labels, vocabulary=vocabulary)
+    return evaluator, jax.device_put(params, one)
