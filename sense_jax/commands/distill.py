@@ -41,6 +41,14 @@ def run(args: argparse.Namespace) -> int:
     evals = [r for r in result.history if r.get("kind") == "eval"]
     last = [r for r in result.history if r.get("kind") == "train"]
     msg = f"trained to step {int(result.state.step)} in {result.run_dir}"
+    if cfg.task or cfg.task_data:  # a task run: the task loss and the dev figures
+        if last:
+            msg += f": loss {last[-1]['loss']:.4f}, task loss {last[-1]['task']:.4f}"
+        if evals:
+            figures = {k: v for k, v in evals[-1].items() if k not in ("kind", "step", "examples", "tokens_per_s")}
+            msg += ", dev " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items())
+        print(msg + f"; best checkpoint in {result.run_dir / 'best'} (sense-jax export to write it out)")
+        return 0
     if last:
         msg += f": loss {last[-1]['loss']:.4f}, sense accuracy {last[-1]['accuracy']:.4f}"
     if evals:
