@@ -1,4 +1,8 @@
-"""``sense-jax pipeline``: the main job, convert -> extract -> cluster -> distill -> evaluate."""
+"""``sense-jax pipeline``: the main job, convert -> extract -> cluster -> distill -> evaluate.
+
+With ``--set task=NAME`` (or ``task_data`` + ``text_fields``, in ``--set`` or the config file) it
+runs the task recipe instead (:mod:`sense_jax.task_pipeline`): finetune the teacher -> corpus of
+the task's texts -> extract -> cluster -> task-distil the students -> evaluate."""
 
 from __future__ import annotations
 
@@ -12,9 +16,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (repeatable); unknown keys are refused")
     p.add_argument("--out", help="output directory (default runs/pipeline)")
-    p.add_argument("--stages", default=",".join(("convert", "corpus", "extract", "cluster", "distill", "evaluate")),
-                   help="comma-separated subset of stages to run (each needs its predecessors' outputs); "
-                        "add 'benchmarks' for the public benchmarks (--set evaldata=DIR)")
+    p.add_argument("--stages", default=None,
+                   help="comma-separated subset of stages to run (each needs its predecessors' outputs; "
+                        "default convert,corpus,extract,cluster,distill,evaluate); add 'benchmarks' for the "
+                        "public benchmarks (--set evaldata=DIR). With a task: finetune,corpus,extract,cluster,"
+                        "distill,evaluate")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -23,16 +29,47 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from sense_jax.errors import ConfigError
-    from sense_jax.pipeline import STAGES, Pipeline, load_pipeline_config
+    from sense_jax.pipeline import DEFAULT_STAGES, STAGES, Pipeline, load_pipeline_config
 
+    if _is_task_run(args):
+        return _run_task(args)
     cfg = load_pipeline_config(args.config, args.overrides, args.out)
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    stages = [s.strip() for s in (args.stages or ",".join(DEFAULT_STAGES)).split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise ConfigError(f"--stages: unknown stage(s) {bad}; choose from {list(STAGES)}")
     report = Pipeline(cfg).run(stages)
     print(f"report: {report / 'report.md'} (and report.json, PNG plots) in {report}")
+    return 0
+
+
+_TASK_KEYS = ("task", "task_data", "text_fields")
+
+
+def _is_task_run(args: argparse.Namespace) -> bool:
+    """A task recipe: ``task`` / ``task_data`` / ``text_fields`` set by ``--set`` or in the file."""
+    keys = {o.partition("=")[0].strip() for o in args.overrides}
+    if args.config:
+        from sense_jax.config import read_config_file
+
+        keys |= set(read_config_file(args.config))
+    return any(k in keys for k in _TASK_KEYS)
+
+
+def _run_task(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from sense_jax.task_pipeline import TASK_STAGES, TaskPipeline, load_task_pipeline_config
+
+    cfg = load_task_pipeline_config(args.config, args.overrides, args.out)
+    if args.print_config:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        return 0
+    stages = [s.strip() for s in (args.stages or ",".join(TASK_STAGES)).split(",") if s.strip()]
+    report = TaskPipeline(cfg).run(stages)
+    print(f"report: {report / 'report.md'} (and report.json) in {report}")
     return 0
