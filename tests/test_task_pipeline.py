@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from skd_helpers import make_teacher
 
 SUBJECTS = ["the film", "this book", "the meal", "our trip", "the song", "that game", "the hotel", "his talk"]
 
 
+@pytest.mark.slow
 def test_task_pipeline_runs_every_stage_writes_the_papers_rows_and_resumes(tmp_path, minilm_dir, capsys):
     from sense_jax.cli import main
 
