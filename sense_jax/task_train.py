@@ -622,7 +622,7 @@ def task_hooks(s, data: TaskData, log: Callable[[str], None]):
 
     def after_eval(step, rec, state):
         value = rec[key]
-        if es.update(step, value if value == value else float("nan")):
+        if es.update(step, value):  # a NaN figure (a constant prediction's correlation) never improves
             m = mngr()
             if step not in m.all_steps():  # a resumed run reaching the same best again
                 m.save(step, args=ocp.args.Composite(
