@@ -192,7 +192,10 @@ def teacher_senses(finetuned, sentences):
 
 @pytest.mark.parametrize("objective,extra", [("skd", {"sense_replace": "true"}), ("task_only", {}),
                                              ("logit_kd", {"kd_temperature": 2.0, "kd_alpha": 0.7}),
-                                             ("mse", {"mse_weight": 0.5})])
+                                             ("mse", {"mse_weight": 0.5}),
+                                             # a fresh narrower student: the adaptor maps 16 -> 32 for the head
+                                             ("skd", {"student": "fresh", "student_hidden_size": 16,
+                                                      "student_heads": 2, "student_intermediate_size": 32})])
 def test_task_distillation_keeps_the_teachers_head_frozen_bit_for_bit(objective, extra, finetuned, teacher_senses,
                                                                     task_assets, tmp_path):
     from sense_jax import trainer as T
