@@ -230,29 +230,13 @@ def _mark(tokens: list[str], index: int, markers) -> str:
 
 
 def _wic_official_rows(data: Path, gold: Path, markers) -> Iterator[tuple[str, dict]]:
-    with open(data, encoding="utf-8") as f:
-        data_lines = f.read().splitlines()
-    with open(gold, encoding="utf-8") as f:
-        gold_lines = f.read().splitlines()
-    if len(data_lines) != len(gold_lines):
-        raise DataError(f"{gold}: {len(gold_lines)} labels for {len(data_lines)} lines of {data.name}")
-    for n, (line, label) in enumerate(zip(data_lines, gold_lines), 1):
-        where = f"{data}:{n}"
-        cells = line.split("\t")
-        if len(cells) < 5:
-            field = ("word", "pos", "indices", "sentence1", "sentence2")[len(cells)]
-            raise DataError(f"{where}: text field {field!r} missing (the line has {len(cells)} fields, WiC has 5)")
-        word, pos, idx, s1, s2 = cells[:5]
-        try:
-            i1, i2 = (int(x) for x in idx.split("-"))
-        except ValueError:
-            raise DataError(f"{where}: indices {idx!r} are not 'i1-i2'") from None
-        t1, t2 = s1.split(" "), s2.split(" ")
-        for i, t, k in ((i1, t1, "sentence1"), (i2, t2, "sentence2")):
-            if not 0 <= i < len(t):
-                raise DataError(f"{where}: target index {i} is outside {k} ({len(t)} tokens)")
-        yield where, {"word": word, "pos": pos, "sentence1": _mark(t1, i1, markers),
-                      "sentence2": _mark(t2, i2, markers), "label": label.strip() or None}
+    # The benchmark's reader checks the five fields, the index pair and the gold file's length.
+    from sense_jax.benchmarks import wic as wic_benchmark
+
+    for n, p in enumerate(wic_benchmark.read_wic(data, gold), 1):
+        label = None if p.label is None else ("T" if p.label else "F")
+        yield f"{data}:{n}", {"word": p.lemma, "pos": p.pos, "sentence1": _mark(list(p.a.words), p.a.start, markers),
+                              "sentence2": _mark(list(p.b.words), p.b.start, markers), "label": label}
 
 
 def _wic_jsonl_rows(path: Path, markers) -> Iterator[tuple[str, dict]]:
@@ -294,9 +278,10 @@ def read_wic(data_dir: str | os.PathLike, split: str = "train", *, markers: tupl
       vocabulary: the label vocabulary (default the task's: ``False``, ``True``).
 
     Raises:
-      DataError: the split's files are missing; a line has fewer than 5 fields, malformed or
-        out-of-range indices (file and line named); the gold file's length differs; a label is
-        not ``T``/``F``.
+      DataError: the split's files are missing; a JSONL span is not inside its sentence.
+      BenchmarkDataError (a SenseJaxError, from :mod:`sense_jax.benchmarks.wic`, which reads the
+        official files): a line without 5 fields, malformed or out-of-range indices, a gold label
+        other than T/F, a gold file of another length (file and line named).
     """
     spec = get_task("wic")
     data_dir = Path(data_dir)
