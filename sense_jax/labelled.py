@@ -188,7 +188,7 @@ class LabelVocabulary:
         return cls.from_json(read_json(path, "label vocabulary"), str(path))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class LabelledData:
     """One split of a labelled data set.
 

@@ -44,7 +44,7 @@ from typing import Iterator, Mapping
 from sense_jax.errors import ConfigError, DataError
 from sense_jax.labelled import LabelledData, LabelVocabulary, from_rows, read_labelled
 
-__all__ = ["TaskSpec", "TASKS", "get_task", "load_task", "read_wic", "read_wordnet_lexfile", "WIC_MARKERS"]
+__all__ = ["TaskSpec", "TASKS", "get_task", "load_task", "load_split", "read_wic", "read_wordnet_lexfile", "WIC_MARKERS"]
 
 #: Brackets that mark WiC's target word in both sentences.
 WIC_MARKERS = ("[", "]")
@@ -218,6 +218,55 @@ def load_task(task: "str | TaskSpec", data_dir: str | os.PathLike | None = None,
             if path.is_file():
                 return read_labelled(path, spec.hf_text_fields, spec.hf_label_field, vocabulary=vocab)
     raise DataError(f"{data_dir}: no {spec.files[split]} (nor {split}.jsonl/.csv, nor a saved DatasetDict) for task {spec.name}")
+
+
+def load_split(data: str | os.PathLike | None, split: str = "train", *, task: "str | TaskSpec | None" = None,
+               text_fields: str | tuple[str, ...] = ("sentence1",), label_field: str = "label",
+               regression: bool = False, vocabulary: LabelVocabulary | None = None, **options) -> LabelledData:
+    """One split of a named task or of the user's own data: the one entry point for ``--task``/``--data``.
+
+    With ``task``, this is :func:`load_task` (``text_fields``, ``label_field`` and ``regression``
+    are the task's). Without, ``data`` is
+
+    - a file (``.tsv``, ``.csv``, ``.jsonl``/``.json``): read whatever ``split`` says;
+    - a saved ``datasets`` directory: its split ``split`` (``dev`` falls back to ``validation``);
+    - a directory of split files: ``{split}.tsv``, ``.csv``, ``.jsonl`` or ``.json`` (``dev``
+      falls back to ``validation.*``).
+
+    Read ``train`` first and pass its vocabulary when reading ``dev`` (``vocabulary=train.vocabulary``)
+    so that both use the same class ids; a dev label unseen in train is then an error.
+
+    Raises:
+      ConfigError, DataError: as :func:`load_task` / :func:`~sense_jax.labelled.read_labelled`;
+      DataError also when no file of the split is found (the names looked for are listed).
+    """
+    if task is not None:
+        return load_task(task, data, split, vocabulary=vocabulary, **options)
+    if options:
+        raise ConfigError(f"option {sorted(options)[0]!r} needs a task (--task)")
+    if data is None:
+        raise ConfigError("no data given (--data PATH or --task)")
+    path = Path(data)
+    kw = dict(vocabulary=vocabulary, regression=regression)
+    if path.is_file():
+        return read_labelled(path, text_fields, label_field, **kw)
+    if not path.is_dir():
+        raise DataError(f"labelled data not found: {path}")
+    stems = (split, "validation") if split == "dev" else (split,)
+    if (path / "dataset_dict.json").is_file():
+        try:
+            names = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+        except ValueError:
+            names = []
+        chosen = next((s for s in stems if s in names), split)
+        return read_labelled(path, text_fields, label_field, split=chosen, **kw)
+    if (path / "state.json").is_file():
+        return read_labelled(path, text_fields, label_field, **kw)
+    tried = [f"{stem}{suffix}" for stem in stems for suffix in (".tsv", ".csv", ".jsonl", ".json")]
+    for name in tried:
+        if (path / name).is_file():
+            return read_labelled(path / name, text_fields, label_field, **kw)
+    raise DataError(f"{path}: no {split} split ({', '.join(tried)}, or a saved dataset)")
 
 
 # --- WiC ---------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 from sense_jax.errors import ConfigError, DataError, SenseJaxError
 from sense_jax.glue_metrics import compute_metrics, main_metric, split_metrics, task_metrics
 from sense_jax.labelled import LabelVocabulary, parse_text_fields, read_labelled
-from sense_jax.tasks import TASKS, get_task, load_task, read_wic, read_wordnet_lexfile
+from sense_jax.tasks import TASKS, get_task, load_split, load_task, read_wic, read_wordnet_lexfile
 
 EVALDATA = Path(os.environ.get("SENSE_JAX_EVALDATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "evaldata")
 
@@ -140,6 +140,7 @@ def test_saved_datasets_directory(tmp_path):
     assert d.texts == (["meh"],) and d.labels.tolist() == [0]
     d = read_labelled(tmp_path / "sst2", "sentence", split="train")
     assert d.vocabulary.names == ("negative", "positive") and d.labels.tolist() == [1, 0, 1]
+    assert load_split(tmp_path / "sst2", "dev", text_fields="sentence").texts == (["meh"],)  # dev -> validation
     dd["train"].save_to_disk(str(tmp_path / "one"))
     assert read_labelled(tmp_path / "one", "sentence").texts == (["good", "bad", "fine"],)
     with pytest.raises(DataError, match=r"no split 'test' \(splits: train, validation\)"):
@@ -283,3 +284,20 @@ def test_wordnet_lexfile_split_is_seeded_and_deterministic():
     assert len(sub) == 50 and sub.texts == read_wordnet_lexfile("train", seed=0, source="example", max_examples=50).texts
     with pytest.raises(ConfigError, match="no split 'test'"):
         read_wordnet_lexfile("test")
+
+
+def test_load_split_of_own_data_directory_file_and_dataset(tmp_path):
+    write(tmp_path / "own" / "train.jsonl", '{"text": "a", "y": "x"}\n{"text": "b", "y": "z"}\n')
+    write(tmp_path / "own" / "validation.csv", "text,y\nc,z\nd,w\n")
+    train = load_split(tmp_path / "own", "train", text_fields="text", label_field="y")
+    assert train.texts == (["a", "b"],) and train.vocabulary.names == ("x", "z")
+    with pytest.raises(DataError) as e:  # dev read against train's vocabulary: 'w' was never seen
+        load_split(tmp_path / "own", "dev", text_fields="text", label_field="y", vocabulary=train.vocabulary)
+    assert one_line(e) == f"{tmp_path / 'own' / 'validation.csv'}:3: label 'w' is not in the label vocabulary ['x', 'z']"
+    assert load_split(tmp_path / "own" / "train.jsonl", "anything", text_fields="text", label_field="y").labels.tolist() == [0, 1]
+    with pytest.raises(DataError, match=r"no test split \(test\.tsv, test\.csv, test\.jsonl, test\.json"):
+        load_split(tmp_path / "own", "test", text_fields="text", label_field="y")
+    write(tmp_path / "sst2" / "dev.tsv", "sentence\tlabel\nok\t1\n")
+    assert load_split(tmp_path / "sst2", "dev", task="sst2").labels.tolist() == [1]
+    with pytest.raises(ConfigError, match="needs a task"):
+        load_split(tmp_path / "own", "train", markers=None)
