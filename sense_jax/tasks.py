@@ -192,13 +192,12 @@ def load_task(task: "str | TaskSpec", data_dir: str | os.PathLike | None = None,
     if recorded is not None:
         spec.vocabulary.check_within(recorded, f"task {spec.name}")
     vocab = recorded or spec.vocabulary
+    allowed = {"wic": {"markers"}, "wordnet": {"dev_fraction", "source", "max_examples"}}.get(spec.kind, set())
+    bad = sorted(set(options) - allowed)
+    if bad:
+        raise ConfigError(f"task {spec.name} takes no option {bad[0]!r}")
     if spec.kind == "wordnet":
         return read_wordnet_lexfile(split, seed=seed, vocabulary=vocab, **options)
-    if options:
-        allowed = {"markers"} if spec.kind == "wic" else set()
-        bad = sorted(set(options) - allowed)
-        if bad:
-            raise ConfigError(f"task {spec.name} takes no option {bad[0]!r}")
     if data_dir is None:
         raise ConfigError(f"task {spec.name} needs a data directory (--data DIR)")
     data_dir = Path(data_dir)

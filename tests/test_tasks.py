@@ -284,6 +284,8 @@ def test_wordnet_lexfile_split_is_seeded_and_deterministic():
     assert len(sub) == 50 and sub.texts == read_wordnet_lexfile("train", seed=0, source="example", max_examples=50).texts
     with pytest.raises(ConfigError, match="no split 'test'"):
         read_wordnet_lexfile("test")
+    with pytest.raises(ConfigError, match="takes no option 'markers'"):
+        load_task("wordnet-lexfile", split="dev", markers=None)
 
 
 def test_load_split_of_own_data_directory_file_and_dataset(tmp_path):
