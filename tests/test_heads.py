@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -214,3 +215,48 @@ def test_minilm_with_a_fresh_head_round_trips_through_the_cli(tmp_path, minilm_d
     assert "load with AutoModelForSequenceClassification" in capsys.readouterr().out
     np.testing.assert_allclose(_reference(tmp_path / "back", batch["input_ids"], batch["attention_mask"],
                                           batch["token_type_ids"]), want, atol=1e-5)
+
+
+def test_sharded_load_places_the_head_and_gives_the_same_logits(tmp_path):
+    """``load_model(sharding=...)`` takes the encoder's shardings (as extraction builds them); the
+    head, which they do not name, is replicated over the same mesh. Its logical axes are known to
+    the rules table (``params_sharding`` of the boxed head works)."""
+    from sense_jax.models.heads import abstract_head_params
+    from sense_jax.sharding import family_params_sharding, make_mesh, params_sharding
+
+    cls, config, pad, _ = CASES["deberta-v2"]
+    out = cv.convert(save_random_model(tmp_path / "hf", config, cls), tmp_path / "sj")
+    plain = load_model(out)
+    mesh = make_mesh()
+    sharded = load_model(out, sharding=family_params_sharding(plain.family, plain.config, mesh))
+    assert all(x.sharding.mesh == mesh for x in jax.tree.leaves(sharded.head_params))
+    assert set(params_sharding(abstract_head_params(plain.config, boxed=True), mesh)) == {"pooler", "classifier"}
+    ids, mask, tt = _batch(pad, types=True)
+    np.testing.assert_array_equal(np.asarray(sharded.logits(ids, mask, tt)), np.asarray(plain.logits(ids, mask, tt)))
+
+
+def test_head_logits_is_a_pure_function_of_any_states(case):
+    """``head_logits`` on states that no encoder produced (a student's adapted states, METHOD §3)
+    equals transformers' head modules on the same states; the decoders read rows' last real tokens
+    at T-1, T-4, T-7 (right padding: 0, 3, 6 pads)."""
+    from sense_jax.models.heads import abstract_head_params, head_logits, init_head_params
+
+    name, src, pad, _, config = case
+    model, hf = load_model(src), AutoModelForSequenceClassification.from_pretrained(str(src)).eval()
+    ids, mask, _ = _batch(pad)
+    states = np.random.default_rng(5).normal(size=(3, T, config.hidden_size)).astype(np.float32)
+    got = np.asarray(head_logits(model.config, model.head_params, states, mask, ids))
+    h = torch.tensor(states)
+    with torch.no_grad():
+        if name == "bert":
+            want = hf.classifier(hf.bert.pooler(h))
+        elif name == "deberta-v2":
+            want = hf.classifier(hf.pooler(h))
+        elif name == "roberta":
+            want = hf.classifier(h)
+        else:
+            want = hf.score(h[torch.arange(3), torch.tensor([T - 1, T - 4, T - 7])])
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    fresh = init_head_params(model.config, seed=3)
+    assert jax.tree.map(np.shape, fresh) == jax.tree.map(lambda a: a.shape, abstract_head_params(model.config))
+    assert jax.tree.all(jax.tree.map(np.array_equal, fresh, init_head_params(model.config, seed=3)))
