@@ -239,8 +239,8 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", sharding: Any
 def _with_head_sharding(tree: Any, sharding: Any) -> Any:
     """``sharding`` (a pytree for the encoder's params, or None) extended to every key of ``tree``:
     a head's params (few, small) are replicated over the mesh of the encoder's shardings."""
-    if sharding is None:
-        return None
+    if not isinstance(sharding, dict):  # None, or one sharding for every leaf
+        return sharding
     leaf = jax.tree.leaves(sharding)[0]
     replicated = (jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec())
                   if isinstance(leaf, jax.sharding.NamedSharding) else leaf)

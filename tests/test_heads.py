@@ -162,12 +162,18 @@ def test_decoder_without_pad_token_id_classifies_one_row_and_refuses_a_batch(tmp
         model.logits(ids, mask)
 
 
-def test_model_without_a_head_refuses_logits_by_directory(tmp_path):
+def test_model_without_a_head_refuses_logits_by_directory_and_exports_as_its_base_model(tmp_path):
     src = save_random_model(tmp_path / "base", BertConfig(**ENC), BertModel)
     model = load_model(src)
     assert model.head_params is None
     with pytest.raises(SenseJaxError, match=r"base: no sequence classification head \(architectures BertModel\)"):
         model.logits(np.ones((1, 4), np.int32), np.ones((1, 4), np.int32))
+    back = cv.export_model(src, tmp_path / "back")  # exported as the base model it is
+    assert json.loads((back / "config.json").read_text())["architectures"] == ["BertModel"]
+    state, exported = load_file(str(src / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    assert sorted(exported) == sorted(k for k in state if not k.endswith("position_ids"))
+    for k, v in exported.items():
+        np.testing.assert_array_equal(v, state[k], err_msg=k)
 
 
 def test_token_classification_head_is_no_sequence_head_and_stays_skipped(tmp_path):
