@@ -544,20 +544,6 @@ def bucket_size(n: int, minimum: int = 16) -> int:
     return size
 
 
-def store_fingerprint(store) -> str:
-    """sha256 of the store's metadata and offsets/counts arrays (identifies the sample set cheaply).
-
-    The metadata's ``provenance`` (library versions, devices) is left out: the same samples
-    extracted on another machine or device count are the same store.
-    """
-    meta = {k: v for k, v in store.meta.items() if k != "provenance"}
-    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
-    h.update(np.ascontiguousarray(store.offsets, np.int64).tobytes())
-    h.update(np.ascontiguousarray(store.counts, np.int64).tobytes())
-    h.update(str(store.vectors.shape).encode())
-    return h.hexdigest()
-
-
 def default_chunk_tokens(n_pad: int, hidden_size: int, k: int, memory_budget: int = 1 << 30,
                          cache_bytes: int = 2 << 20, loop: str | None = None) -> int:
     """Tokens per device per k-means chunk for samples padded to ``n_pad``.
