@@ -215,8 +215,6 @@ def extract(model_or_path: Any, corpus_path: str | os.PathLike, out: str | os.Pa
         writable, or an existing store at ``out`` made with another teacher / seed / settings.
         An existing complete store is never modified unless ``overwrite``.
     """
-    import jax
-
     from sense_jax.compile_cache import enable_compile_cache
     from sense_jax.sharding import make_mesh
 

@@ -441,6 +441,22 @@ def validate_k(k: Any, *, adaptive: str | None = None, k_min: int = 1) -> int:
     return int(k)
 
 
+def _bad_rows(vectors) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of vectors [R, D]: (holds NaN/inf, squared norm not finite in float32) [R] bool.
+    The second covers the first and finite rows of norm above ~1.8e19, whose f32 squares
+    overflow (k-means would give them distance inf and lose them silently)."""
+    v = np.asarray(vectors, np.float32)
+    nonfinite = ~np.isfinite(v).all(axis=-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        overflow = ~np.isfinite(np.einsum("rd,rd->r", v, v))
+    return nonfinite, overflow | nonfinite
+
+
+def _bad_rows_message(nonfinite: bool) -> str:
+    return ("has NaN or inf vectors" if nonfinite else
+            "has vectors whose squared norm overflows float32 (|x| above ~1.8e19)")
+
+
 def kmeans_detailed(x, mask, k: int, *, key, max_iter: int = 100, tol: float = 1e-4,
                     adaptive: str | None = None, k_min: int = 1, init=None,
                     check_finite: bool = True, loop: str | None = None,

@@ -30,8 +30,8 @@ from jax.sharding import PartitionSpec as P
 
 from sense_jax.errors import SenseJaxError
 from sense_jax.fingerprints import store_fingerprint
-from sense_jax.kmeans import (_batched, _uniforms_by_id, map_batch_size, n_local_trials, validate_k,
-                              validate_loop)
+from sense_jax.kmeans import (_bad_rows, _bad_rows_message, _batched, _uniforms_by_id, map_batch_size,
+                              n_local_trials, validate_k, validate_loop)
 from sense_jax.provenance import provenance
 
 def bucket_size(n: int, minimum: int = 16) -> int:
@@ -85,22 +85,6 @@ def _sharded_program(mesh, *, k: int, adaptive: str | None, k_min: int, loop: st
                                  out_specs=tokens, check_vma=False))
 
 
-def _bad_rows(vectors) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of vectors [R, D]: (holds NaN/inf, squared norm not finite in float32) [R] bool.
-    The second covers the first and finite rows of norm above ~1.8e19, whose f32 squares
-    overflow (k-means would give them distance inf and lose them silently)."""
-    v = np.asarray(vectors, np.float32)
-    nonfinite = ~np.isfinite(v).all(axis=-1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        overflow = ~np.isfinite(np.einsum("rd,rd->r", v, v))
-    return nonfinite, overflow | nonfinite
-
-
-def _bad_rows_message(nonfinite: bool) -> str:
-    return ("has NaN or inf vectors" if nonfinite else
-            "has vectors whose squared norm overflows float32 (|x| above ~1.8e19)")
-
-
 def _check_finite_rows(vectors: np.ndarray, token_ids: np.ndarray, starts: np.ndarray,
                        lengths: np.ndarray, where: str) -> None:
     """Raise naming the first token whose rows hold NaN/inf or overflow f32 when squared.
@@ -123,7 +107,7 @@ class ClusterSettings:
 
     Raises:
       SenseJaxError: K < 1, unknown rule / dtype / metric / loop, k_min outside [1, k],
-        max_iter < 1, tol negative or not finite, chunk_tokens or memory_budget < 1.
+        max_iter < 0, tol negative or not finite, chunk_tokens or memory_budget < 1.
     """
 
     k: int
@@ -159,8 +143,8 @@ class ClusterSettings:
         if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
             raise SenseJaxError(f"memory_budget must be a number of bytes >= 1, got {m!r}")
         i = self.max_iter
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 1:
-            raise SenseJaxError(f"{self._name('max_iter')} must be >= 1, got {i}")
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
+            raise SenseJaxError(f"{self._name('max_iter')} must be an integer >= 0, got {i!r}")
         if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float, np.floating)) \
                 or not (math.isfinite(self.tol) and self.tol >= 0):
             raise SenseJaxError(f"{self._name('tol')} must be a finite number >= 0, got {self.tol}")

@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not (math.isfinite(args.memory_gb) and args.memory_gb > 0):
         raise SenseJaxError(f"--memory-gb must be a finite number > 0, got {args.memory_gb}")
+    if args.max_iter < 1:  # the library accepts 0 (k-means++ only); the command asks for Lloyd steps
+        raise SenseJaxError(f"--max-iter must be >= 1, got {args.max_iter}")
     # every k-means setting checked here, once, by the same object the library uses
     settings = ClusterSettings(
         k=args.k, adaptive=args.adaptive, k_min=args.k_min, max_iter=args.max_iter, tol=args.tol,
