@@ -82,6 +82,9 @@ _TOKENIZER_HASHES: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictio
 
 def _count_pass(corpus, text_field, tokenizer, max_length, special_ids, V, n, seed,
                 chunk_passages, progress) -> Counted:
+    """Tokenise the corpus once (processes take chunks in turn), count every non-special token
+    and keep each token's bottom-N occurrences (:class:`sense_jax.sampling.BottomK`), merged
+    across processes. No teacher forward."""
     encode = make_encoder(tokenizer, max_length)
 
     proc, nproc = process_info()
@@ -150,6 +153,8 @@ def _count_pass(corpus, text_field, tokenizer, max_length, special_ids, V, n, se
 
 def _counting_stage(job: Job, corpus, text_field, tokenizer, L, special_ids, V, n, seed,
                     chunk_passages, progress) -> Counted:
+    """The counting pass's result: loaded from the work directory when a killed run saved it,
+    else counted now (and saved by process 0)."""
     path = job.work / "counted"
     (done,) = broadcast_ints([int(path.is_dir()) if job.proc == 0 else 0])
     if done:
@@ -168,7 +173,6 @@ def _counting_stage(job: Job, corpus, text_field, tokenizer, L, special_ids, V, 
     fail_point("counted", 0)
     barrier("sense_jax.extract.counted")
     return counted
-
 
 
 # --- The extraction -------------------------------------------------------------------------------

@@ -110,6 +110,12 @@ def store_a(tiny, corpus, spawned, tmp_path_factory):
     return ex.extract(tiny[1], corpus, tmp_path_factory.mktemp("a") / "store", **RUN)
 
 
+def test_extraction_leaves_the_model_object_alone(tiny, store_a):
+    # nothing cached on the caller's model (the tokenizer hash and the replicated params live in
+    # explicit caches of sense_jax.extract / extract_forward)
+    assert sorted(k for k in vars(tiny[1]) if k.startswith("_extract")) == []
+
+
 # --- Sampling: exact bottom-k and uniformity -------------------------------------------------------
 
 def test_bottom_k_streaming_equals_brute_force():
