@@ -52,7 +52,8 @@ def teacher_fingerprint(params: dict, vocab_size: int | None = None, tokenizer: 
     is ``vocab_size`` (any family); without ``vocab_size``, BERT's
     ``embeddings/word_embeddings/embedding``. The same weights and tokenizer files give the same
     id whether loaded from a transformers directory or a converted one, so a store or dictionary
-    records which teacher built it (``meta["teacher_fingerprint"]``, see :func:`check_sense_dict`).
+    records which teacher built it (``meta["teacher_fingerprint"]``, see
+    :func:`sense_jax.distill.check_sense_dict`).
 
     Raises:
       SenseJaxError: no [vocab_size, D] parameter.
