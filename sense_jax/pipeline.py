@@ -242,7 +242,7 @@ class Pipeline:
                 progress=self.cfg.progress)
 
     def stage_cluster(self) -> None:
-        from sense_jax.kmeans import build_sense_dictionary
+        from sense_jax.sense_builder import build_sense_dictionary
         from sense_jax.sense_dict import META_FILE
         from sense_jax.store import open_store
 
