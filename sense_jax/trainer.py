@@ -14,7 +14,7 @@ from sense_jax.training.config import PRESETS, RESUMABLE_CHANGES, DistillConfig,
 from sense_jax.training.data import PassageStream, read_passages, split_held_out, tokenize
 from sense_jax.training.export import export_checkpoint
 from sense_jax.training.layout import Layout, make_layout
-from sense_jax.training.loop import TrainingDiverged, TrainResult, evaluate, train
+from sense_jax.training.loop import TrainingDiverged, TrainResult, evaluate, steps_for_epochs, train
 from sense_jax.training.metrics import MetricsWriter, plot_curves
 from sense_jax.training.setup import Setup, init_state, put_batch, setup
 from sense_jax.training.step import (
@@ -29,5 +29,5 @@ __all__ = [
     "checkpoint_manager", "evaluate", "export_checkpoint", "frozen_paths", "init_state", "load_config",
     "make_eval_step", "make_layout", "make_optimizer", "make_schedule", "make_train_step", "merge_frozen",
     "open_checkpoints", "plot_curves", "put_batch", "read_meta", "read_passages", "restore_latest",
-    "save_checkpoint", "setup", "split_frozen", "split_held_out", "tokenize", "train",
+    "save_checkpoint", "setup", "split_frozen", "split_held_out", "steps_for_epochs", "tokenize", "train",
 ]

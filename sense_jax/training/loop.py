@@ -72,6 +72,14 @@ def _passages(cfg: DistillConfig, passages, eval_passages) -> tuple[list[str], l
     return passages, eval_passages
 
 
+def steps_for_epochs(cfg: DistillConfig, epochs: float) -> int:
+    """Optimizer updates that make ``epochs`` passes over the passages :func:`train` would train
+    on with ``cfg`` (its corpus less the held-out share, exactly as :func:`train` splits it):
+    ``max(1, ceil(epochs x passages / (batch_size x grad_accum)))``; ``cfg.steps`` is ignored."""
+    passages, _ = _passages(dataclasses.replace(cfg, eval_data=""), None, [] if cfg.eval_data else None)
+    return max(1, math.ceil(epochs * len(passages) / (cfg.batch_size * cfg.grad_accum)))
+
+
 def train(cfg: DistillConfig, *, passages: Sequence[str] | None = None,
           eval_passages: Sequence[str] | None = None, sense_dict=None, stop_after: int | None = None,
           log: Callable[[str], None] | None = None) -> TrainResult:
