@@ -273,7 +273,9 @@ class Pipeline:
             if (export / "adaptor.json").exists():
                 self.log(f"[distill] done already: {export}")
                 continue
+            # The MSE baseline needs no sense dictionary (the trainer loads none when skd_weight = 0).
             cfg = dataclasses.replace(base, out_dir=str(self.out / name), steps=steps,
+                                      senses=base.senses if weights["skd_weight"] else "",
                                       warmup_steps=max(1, steps // 20), save_every=max(1, steps // 4),
                                       eval_every=max(1, steps // 4), **weights)
             self.log(f"[distill] {name}: {steps} steps of {self.cfg.batch_size} passages")

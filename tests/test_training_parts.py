@@ -77,3 +77,19 @@ def test_one_abstract_init_per_family_matches_a_real_init():
     boxed = teacher.family.abstract_params(teacher.config, boxed=True)
     names = {tuple(x.names) for x in jax.tree.leaves(boxed, is_leaf=lambda x: hasattr(x, "names"))}
     assert ("vocab", "embed") in names or any("embed" in n for n in names)
+
+
+def test_the_mse_baseline_needs_no_sense_dictionary(tmp_path):
+    # Before: "config: senses (the sense dictionary directory) is required", and every step
+    # gathered the dictionary and scored sense accuracy it did not train on.
+    from make_checkpoint_fixture import config_overrides
+
+    sets = config_overrides(FIXTURE, tmp_path / "run", 2) + ["senses=", "skd_weight=0", "mse_weight=1",
+                                                              "eval_every=1", "log_every=1"]
+    result = T.train(T.load_config(None, sets), log=lambda m: None)
+    assert int(result.state.step) == 2 and result.setup.sense_dict is None
+    assert [r["kind"] for r in result.history] == ["train", "train"]  # nothing to score held out
+    for r in result.history:
+        assert r["loss"] == r["mse"] > 0 and "accuracy" not in r and "skd" not in r
+    out = T.export_checkpoint(tmp_path / "run", tmp_path / "hf", log=lambda m: None)
+    assert (Path(out) / "model.safetensors").exists()

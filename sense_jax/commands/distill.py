@@ -45,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
     last = [r for r in result.history if r.get("kind") == "train"]
     msg = f"trained to step {int(result.state.step)} in {result.run_dir}"
     if last:
-        msg += f": loss {last[-1]['loss']:.4f}, sense accuracy {last[-1]['accuracy']:.4f}"
+        msg += f": loss {last[-1]['loss']:.4f}"
+        if "accuracy" in last[-1]:
+            msg += f", sense accuracy {last[-1]['accuracy']:.4f}"
     if evals:
         msg += f", held-out sense accuracy {evals[-1]['accuracy']:.4f}"
     print(msg)

@@ -208,16 +208,18 @@ def check_resume(saved: dict, current: dict, where: str) -> None:
         new = current["teacher_fingerprint"] if str(fp_old).startswith("v") else current["embedding_fingerprint"]
         if fp_old != new:
             refuse("teacher fingerprint", fp_old, new, "the checkpoint's teacher (other weights or tokenizer)")
-    for k, v in (saved.get("dictionary_shape") or {}).items():
+    # A run without a dictionary (the MSE baseline) does not depend on one: nothing to compare.
+    uses_dict = current["dictionary_shape"] is not None
+    for k, v in ((saved.get("dictionary_shape") or {}) if uses_dict else {}).items():
         if v != current["dictionary_shape"].get(k):
             refuse(f"sense dictionary {k}", v, current["dictionary_shape"].get(k), "the checkpoint's senses")
-    if saved.get("dictionary_fingerprint") not in (None, current["dictionary_fingerprint"]):
+    if uses_dict and saved.get("dictionary_fingerprint") not in (None, current["dictionary_fingerprint"]):
         refuse("sense dictionary fingerprint", saved["dictionary_fingerprint"], current["dictionary_fingerprint"],
                "the checkpoint's senses")
     checked = set()
     if saved.get("tokenizer_fingerprint") and str(fp_old).startswith("v"):
         checked.add("teacher")
-    if saved.get("dictionary_fingerprint"):
+    if saved.get("dictionary_fingerprint") or not uses_dict:
         checked.add("senses")
     old = saved.get("config", {})
     for k, v in current["config"].items():

@@ -18,6 +18,7 @@ class DistillConfig:
     # Inputs.
     teacher: str = ""                # teacher model dir (transformers or converted); "" = demo MiniLM
     senses: str = ""                 # sense dictionary directory (SenseDictionary.save) of that teacher
+                                     # (unused when skd_weight = 0: the MSE baseline needs none)
     train_data: str = ""             # corpus: text / JSONL / directory / .gz (sense_jax.corpus)
     eval_data: str = ""              # held-out corpus; "" = hold out eval_fraction of train_data
     text_field: str = "text"         # JSONL field holding the text

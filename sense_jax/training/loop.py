@@ -158,8 +158,8 @@ def _loop(s: Setup, state, micro, start, passages, eval_passages, mngr, run_dir,
             metrics_out.write(rec)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.3f}",
-                            tok_s=f"{rec['tokens_per_s']:.0f}")
+            acc = {"acc": f"{m['accuracy']:.3f}"} if "accuracy" in m else {}
+            bar.set_postfix(loss=f"{m['loss']:.4f}", **acc, tok_s=f"{rec['tokens_per_s']:.0f}")
 
     try:
         pending = None  # (step, metrics) of the step whose metrics are not yet read: one step lag
@@ -172,7 +172,8 @@ def _loop(s: Setup, state, micro, start, passages, eval_passages, mngr, run_dir,
                 finish_step(*pending)
             pending = (step, m_dev, t0)
             due_save = step % cfg.save_every == 0 or (step == cfg.steps)
-            due_eval = eval_passages and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps)
+            due_eval = eval_passages and s.eval_step is not None and (  # no dictionary: nothing to score
+                cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps)
             if due_save or due_eval:  # never save or evaluate a state whose loss is unchecked
                 finish_step(*pending)
                 pending = None

@@ -56,7 +56,8 @@ class MetricsWriter:
 
 
 def plot_curves(records: list[dict], out: Path) -> Path | None:
-    """Write ``out`` (PNG): training loss, sense accuracy (train and held-out) against the step."""
+    """Write ``out`` (PNG): training loss, sense accuracy (train and held-out) against the step
+    (the accuracy panel stays empty for a run without a dictionary)."""
     try:
         import matplotlib
 
@@ -69,7 +70,8 @@ def plot_curves(records: list[dict], out: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     axes[0].set_xlabel("step"), axes[0].set_ylabel("loss"), axes[0].legend()
-    axes[1].plot([r["step"] for r in train], [r["accuracy"] for r in train], label="train")
+    scored = [r for r in train if "accuracy" in r]
+    axes[1].plot([r["step"] for r in scored], [r["accuracy"] for r in scored], label="train")
     if ev:
         axes[1].plot([r["step"] for r in ev], [r["accuracy"] for r in ev], "o-", label="held-out")
     axes[1].set_xlabel("step"), axes[1].set_ylabel("sense accuracy"), axes[1].legend()

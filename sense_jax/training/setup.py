@@ -33,12 +33,12 @@ class Setup:
     student_module: Any
     teacher_module: Any
     init_params: dict             # host params for a fresh start
-    sense_dict: Any
+    sense_dict: Any               # None for the MSE baseline (skd_weight = 0)
     layout: Layout
     frozen: tuple                 # (teacher params, sense dict) on device
     train_step: Callable          # (state, batch) -> (state, metrics), jitted once
     raw_step: Callable            # the unjitted pure step (trace counter: raw_step.traces)
-    eval_step: Callable
+    eval_step: Callable | None    # held-out sense accuracy; None without a dictionary
     meta: dict
 
 
@@ -78,23 +78,27 @@ def _student(cfg: DistillConfig, teacher, tpath: str, tparams: dict) -> tuple[An
 
 
 def _run_meta(cfg: DistillConfig, tpath: str, teacher, scfg, has_pooler: bool, fp: str, fp_v1: str,
-              sense_dict: SenseDictionary) -> dict:
-    """The checkpoint's ``meta`` item (:func:`~sense_jax.training.checkpoint.checkpoint_manager`)."""
+              sense_dict: SenseDictionary | None) -> dict:
+    """The checkpoint's ``meta`` item (:func:`~sense_jax.training.checkpoint.checkpoint_manager`);
+    the dictionary's fingerprint and shape are None without a dictionary."""
+    sd = sense_dict
     return {"config": dataclasses.asdict(cfg), "teacher_path": tpath, "family": teacher.family.name,
             "student_config": dataclasses.asdict(scfg), "teacher_config": dataclasses.asdict(teacher.config),
             "teacher_hf_config": teacher.hf_config, "has_pooler": has_pooler,
             "teacher_fingerprint": fp, "embedding_fingerprint": fp_v1,
             "tokenizer_fingerprint": (D.tokenizer_fingerprint(teacher.tokenizer)
                                       if teacher.tokenizer is not None else None),
-            "dictionary_fingerprint": D.dictionary_fingerprint(sense_dict),
-            "dictionary_shape": {"vocab_size": sense_dict.vocab_size, "hidden_size": sense_dict.hidden_size,
-                                 "senses": int(sense_dict.centres.shape[0]), "k_max": sense_dict.k_max},
+            "dictionary_fingerprint": None if sd is None else D.dictionary_fingerprint(sd),
+            "dictionary_shape": None if sd is None else {
+                "vocab_size": sd.vocab_size, "hidden_size": sd.hidden_size, "senses": int(sd.centres.shape[0]),
+                "k_max": sd.k_max},
             "provenance": provenance()}
 
 
-def _load_checked(cfg: DistillConfig, sense_dict) -> tuple[str, Any, SenseDictionary, str, str]:
+def _load_checked(cfg: DistillConfig, sense_dict) -> tuple[str, Any, SenseDictionary | None, str, str]:
     """``(teacher path, teacher, dictionary, fingerprint, embedding fingerprint)``: the teacher
-    loaded, the dictionary loaded (unless given) and checked against it."""
+    loaded, the dictionary loaded (unless given) and checked against it; no dictionary (None)
+    when ``skd_weight`` is 0, which needs none (the MSE baseline)."""
     tpath = _teacher_path(cfg)
     teacher = load_model(tpath, dtype=cfg.compute_dtype)
     tcfg = teacher.config
@@ -103,6 +107,8 @@ def _load_checked(cfg: DistillConfig, sense_dict) -> tuple[str, Any, SenseDictio
     fp_v1 = D.teacher_fingerprint(teacher.params, tcfg.vocab_size)
     fp = D.teacher_fingerprint(teacher.params, tcfg.vocab_size, teacher.tokenizer) \
         if teacher.tokenizer is not None else fp_v1
+    if cfg.skd_weight == 0:
+        return tpath, teacher, None, fp, fp_v1
     if sense_dict is None:
         if not cfg.senses:
             raise ConfigError("config: senses (the sense dictionary directory) is required")
@@ -136,17 +142,18 @@ def setup(cfg: DistillConfig, *, sense_dict=None, devices=None) -> Setup:
     layout = make_layout(cfg, family, scfg, dataclasses.replace(tcfg, dtype=cfg.compute_dtype),
                          pooler is not None, raw.tx, devices)
     tsh = {k: v for k, v in layout.teacher.items() if k != "pooler"}
-    frozen = (jax.device_put(tparams, tsh), jax.device_put(sense_dict, jax.tree.map(lambda _: layout.replicated,
-                                                                                    sense_dict)))
-    frozen_sh = (tsh, jax.tree.map(lambda _: layout.replicated, sense_dict))
+    sd_sh = jax.tree.map(lambda _: layout.replicated, sense_dict)  # None without a dictionary
+    frozen = (jax.device_put(tparams, tsh), jax.device_put(sense_dict, sd_sh))
+    frozen_sh = (tsh, sd_sh)
     jitted = jax.jit(raw, in_shardings=(layout.state, layout.batch, frozen_sh),
                      out_shardings=(layout.state, layout.replicated), donate_argnums=0)
-    ev = jax.jit(make_eval_step(cfg, student_module, teacher_module),
-                 in_shardings=(layout.state.params, layout.eval_batch, frozen_sh), out_shardings=layout.replicated)
+    ev = None if sense_dict is None else jax.jit(
+        make_eval_step(cfg, student_module, teacher_module),
+        in_shardings=(layout.state.params, layout.eval_batch, frozen_sh), out_shardings=layout.replicated)
     return Setup(cfg=cfg, teacher=teacher, family=family, student_cfg=scfg, student_module=student_module,
                  teacher_module=teacher_module, init_params=params, sense_dict=sense_dict, layout=layout,
                  frozen=frozen, train_step=lambda state, batch: jitted(state, batch, frozen),
-                 raw_step=raw, eval_step=lambda params, batch: ev(params, batch, frozen),
+                 raw_step=raw, eval_step=None if ev is None else lambda params, batch: ev(params, batch, frozen),
                  meta=_run_meta(cfg, tpath, teacher, scfg, pooler is not None, fp, fp_v1, sense_dict))
 
 

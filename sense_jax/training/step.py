@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from sense_jax.distill import apply_adaptor, distill_losses
+from sense_jax.distill import apply_adaptor, distill_losses, hidden_mse_loss
 from sense_jax.sense_dict import gather_senses
 from sense_jax.training.config import DistillConfig
 
@@ -112,13 +112,26 @@ def _student_forward(student_module, params, batch):
     return apply_adaptor(params["adaptor"], h)
 
 
+def _step_token_counts(sense_dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """``(tokens with a dictionary entry, real tokens)`` of a whole step's [A, B, T] batch, each
+    at least 1 (float32): the denominators of SKD / accuracy and of MSE. Without a dictionary
+    the first is the second (unused)."""
+    real = batch["attention_mask"].astype(bool)
+    real_count = jnp.maximum(real.sum(), 1).astype(jnp.float32)
+    if sense_dict is None:
+        return real_count, real_count
+    _, valid = gather_senses(sense_dict, batch["input_ids"])  # the codebook gather is dead code
+    return jnp.maximum((valid[..., 0] & real).sum(), 1).astype(jnp.float32), real_count
+
+
 def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Callable:
     """The pure step ``step(state, batch, frozen) -> (state, metrics)`` (not yet jitted).
 
     Args (of the returned function):
       state: :class:`TrainState`.
       batch: dict of [A, B, T] int32 (A = grad_accum micro-batches).
-      frozen: ``(teacher_params, sense_dict)``, read-only.
+      frozen: ``(teacher_params, sense_dict)``, read-only; ``sense_dict`` is None when
+        ``skd_weight`` is 0 (the MSE baseline: no dictionary is gathered or scored).
 
     Gradient accumulation: a ``lax.scan`` over the A micro-batches sums their gradients, then
     one optimizer update. Each micro-batch divides its per-token sums by the token counts of the
@@ -129,7 +142,7 @@ def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Calla
 
     Metrics (float32 scalars): loss, skd, mse, accuracy (sense agreement; token means over the
     step), tokens (with an entry), real_tokens (mask sum), grad_norm, lr, finite (1.0 if the
-    update was applied).
+    update was applied). Without a dictionary: loss, mse, real_tokens, grad_norm, lr, finite.
     A non-finite loss or gradient leaves the state unchanged (``finite`` = 0) and the host stops.
     """
     tx, schedule = make_optimizer(cfg), make_schedule(cfg)
@@ -141,6 +154,9 @@ def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Calla
                                        mb["token_type_ids"])
         teacher = jax.lax.stop_gradient(teacher)
         student = _student_forward(student_module, params, mb)
+        if sense_dict is None:  # the MSE baseline (skd_weight = 0)
+            mse = hidden_mse_loss(student, teacher, mb["attention_mask"], counts[1])
+            return cfg.mse_weight * mse, {"loss": cfg.mse_weight * mse, "mse": mse}
         m = distill_losses(sense_dict, mb["input_ids"], mb["attention_mask"], student, teacher,
                            skd_weight=cfg.skd_weight, mse_weight=cfg.mse_weight, metric=cfg.metric,
                            skd_tokens=counts[0], real_tokens=counts[1])
@@ -150,10 +166,7 @@ def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Calla
         step.traces += 1  # counts compilations (tests assert one)
         teacher_params, sense_dict = frozen
         key = jax.random.fold_in(state.rng, state.step)
-        real = batch["attention_mask"].astype(bool)
-        _, valid = gather_senses(sense_dict, batch["input_ids"])  # the codebook gather is dead code
-        counts = (jnp.maximum((valid[..., 0] & real).sum(), 1).astype(jnp.float32),
-                  jnp.maximum(real.sum(), 1).astype(jnp.float32))
+        counts = _step_token_counts(sense_dict, batch)
 
         # Gradients only for what trains: frozen subtrees (the pooler; the input embeddings with
         # freeze_embeddings) are closed over, so no [V, D] gradient is built or carried, and get
@@ -170,7 +183,8 @@ def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Calla
             return (g_acc, m_acc), None
 
         zeros_g = jax.tree.map(jnp.zeros_like, trainable)
-        zeros_m = {k: jnp.zeros((), jnp.float32) for k in ("loss", "skd", "mse", "accuracy", "tokens")}
+        names = ("loss", "mse") if sense_dict is None else ("loss", "skd", "mse", "accuracy", "tokens")
+        zeros_m = {k: jnp.zeros((), jnp.float32) for k in names}
         (grads, metrics), _ = jax.lax.scan(micro, (zeros_g, zeros_m),
                                            (batch, jnp.arange(batch["input_ids"].shape[0])))
         grads = merge_frozen(grads, jax.tree.map(jnp.zeros_like, fixed))
