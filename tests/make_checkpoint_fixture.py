@@ -6,6 +6,11 @@ Run once, from the repository root, with the code whose checkpoints are to be ke
 
     PYTHONPATH=$PWD python tests/make_checkpoint_fixture.py tests/data/ckpt_v0
 
+(with the directory given relative to the repository root, so that the run's config and the
+checkpoint's ``meta`` record relative paths; Orbax's ``commit_success.txt`` files, which name the
+absolute directory they were written to, are then blanked: the suite names no machine's paths,
+tests/test_hermetic.py).
+
 What it writes (float32, ~250 KB, most of it Orbax metadata):
   teacher/   a random tiny BERT (D=8, 1 layer, 2 heads) with a WordPiece vocabulary made of
              the words of tests/data/sentences.txt (so its embedding matrix stays small);
@@ -30,9 +35,10 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 
-def config_overrides(root: Path, out_dir: Path, steps: int) -> list[str]:
+def config_overrides(root: Path, out_dir: Path, steps: int, sentences: Path = HERE / "data" / "sentences.txt"
+                     ) -> list[str]:
     """The run's ``--set`` list (shared with the test, which resumes it with steps=3)."""
-    kw = dict(teacher=root / "teacher", senses=root / "senses", train_data=HERE / "data" / "sentences.txt",
+    kw = dict(teacher=root / "teacher", senses=root / "senses", train_data=sentences,
               out_dir=out_dir, progress=False, plot=False, tensorboard=False, steps=steps, batch_size=4,
               grad_accum=1, max_length=16, student_layers=1, warmup_steps=1, learning_rate=1e-3,
               save_every=2, keep_checkpoints=1, eval_every=0, eval_fraction=0.1)
@@ -73,6 +79,9 @@ def main(root: str) -> None:
     from skd_helpers import make_sense_dict
 
     root = Path(root)
+    if root.is_absolute() or not (HERE.parent / "tests" / "data" / "sentences.txt").samefile(
+            Path("tests") / "data" / "sentences.txt"):
+        raise SystemExit("run from the repository root, with a relative output directory")
     if root.exists():
         raise SystemExit(f"{root} exists")
     sentences = (HERE / "data" / "sentences.txt").read_text(encoding="utf-8").splitlines()
@@ -82,11 +91,15 @@ def main(root: str) -> None:
     sd = make_sense_dict(teacher.tokenizer, sentences, hidden_size=8, extra=0,
                          meta={"teacher_fingerprint": teacher_fingerprint(teacher.params, V, teacher.tokenizer)})
     sd.save(root / "senses")
-    T.train(T.load_config(None, config_overrides(root, root / "run", 2)), log=lambda m: None)
+    sentences = Path("tests") / "data" / "sentences.txt"  # relative: the recorded paths name no machine
+    T.train(T.load_config(None, config_overrides(root, root / "run", 2, sentences)), log=lambda m: None)
+    for f in (root / "run").rglob("commit_success.txt"):
+        f.write_text("Checkpoint commit was successful (directory name removed)\n")
     # What this code does next: resume to step 3 (in a scratch copy), export the newest step.
     scratch = root / "scratch"
     shutil.copytree(root / "run", scratch / "run")
-    resumed = T.train(T.load_config(None, config_overrides(root, scratch / "run", 3)), log=lambda m: None)
+    resumed = T.train(T.load_config(None, config_overrides(root, scratch / "run", 3, sentences)),
+                      log=lambda m: None)
     T.export_checkpoint(root / "run", scratch / "hf", log=lambda m: None)
     from safetensors.numpy import load_file
 
