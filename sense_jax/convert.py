@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -179,15 +178,9 @@ def _family_and_config(hf_config: dict, source: str) -> tuple[ModelFamily, Any]:
 
 
 def abstract_params(family: ModelFamily, cfg: Any) -> dict:
-    """Shapes and dtypes of the params of ``cfg`` (a pytree of ShapeDtypeStruct), no allocation."""
-    module = family.make_module(cfg)
-    ids = jnp.zeros((1, 2), jnp.int32)
-    method = getattr(module, family.init_method) if family.init_method else None
-    variables = jax.eval_shape(
-        lambda: module.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids), method=method))
-    from flax.core import meta
-
-    return meta.unbox(variables["params"])
+    """Shapes and dtypes of the params of ``cfg`` (a pytree of ShapeDtypeStruct), no allocation
+    (:meth:`ModelFamily.abstract_params`)."""
+    return family.abstract_params(cfg)
 
 
 def abstract_model_params(family: ModelFamily, cfg: Any) -> dict:
@@ -201,13 +194,7 @@ def abstract_model_params(family: ModelFamily, cfg: Any) -> dict:
 
 def init_params(family: ModelFamily, cfg: Any, seed: int = 0) -> dict:
     """Randomly initialised params of ``cfg`` (unboxed float32 pytree), deterministic in ``seed``."""
-    from flax.core import meta
-
-    module = family.make_module(cfg)
-    ids = jnp.zeros((1, 2), jnp.int32)
-    method = getattr(module, family.init_method) if family.init_method else None
-    variables = module.init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids), method=method)
-    return meta.unbox(variables["params"])
+    return family.init_fn(cfg)(jax.random.PRNGKey(seed))
 
 
 def _strip_prefix(names: list[str], family: ModelFamily) -> dict[str, str]:

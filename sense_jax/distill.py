@@ -230,12 +230,7 @@ def fresh_student(family: Any, teacher_cfg: Any, seed: int, *, num_layers: int |
 @functools.lru_cache(maxsize=8)
 def _jitted_init(family: Any, cfg: Any):
     """``key -> params`` of ``cfg``, compiled once per config (eager init is slow for BERT)."""
-    from flax.core import meta
-
-    module = family.make_module(cfg)
-    ids = jnp.zeros((1, 2), jnp.int32)
-    method = getattr(module, family.init_method) if family.init_method else None
-    return jax.jit(lambda key: meta.unbox(module.init(key, ids, jnp.ones_like(ids), method=method)["params"]))
+    return jax.jit(family.init_fn(cfg))
 
 
 def check_same_vocab(teacher: Any, student: Any, *, teacher_name: str = "teacher",
