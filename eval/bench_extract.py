@@ -84,6 +84,7 @@ def main(argv=None) -> dict:
     import sense_jax
 
     ex = importlib.import_module("sense_jax.extract")  # sense_jax.extract is also the function
+    from sense_jax import extract_forward
     from sense_jax.batching import pad_batch
     from sense_jax.sharding import batch_sharding, make_mesh
 
@@ -102,13 +103,13 @@ def main(argv=None) -> dict:
     summ = meta["summary"]
     tokens = summ["tokens_forwarded"]
     # bare forward: the same passages, the same jitted function, shapes and sharding
-    fn, params = ex._make_forward(model, mesh, meta["layer"], meta["num_layers"], "float32")
+    fn, params = extract_forward.make_forward(model, mesh, meta["layer"], meta["num_layers"], "float32")
     ids = model.tokenize(texts)["input_ids"]
     needed = np.unique(sense_jax.open_store(out).sources[:, 0])
     lengths = np.array([len(x) for x in ids])
     n_data = int(mesh.shape["data"])
     bs = batch_sharding(mesh)
-    steps = ex._plan_window(needed, lengths, args.batch_size, n_data)
+    steps = extract_forward.plan_window(needed, lengths, args.batch_size, n_data)
     batches = []
     for st in steps:
         rows = [p for m in st.micro for p in m]

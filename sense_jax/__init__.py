@@ -20,7 +20,8 @@ from sense_jax.pooling import pool
 from sense_jax.store import Store, open_store, write_store
 
 # Sense dictionary (METHOD §1-2): batched k-means and nearest-sense look-up.
-from sense_jax.kmeans import KMeansResult, batched_kmeans, build_sense_dictionary
+from sense_jax.kmeans import KMeansResult, batched_kmeans
+from sense_jax.sense_builder import build_sense_dictionary
 from sense_jax.sense_dict import SenseDictionary, gather_senses, nearest_sense, sense_scores
 
 # Sense knowledge distillation (METHOD §3): losses, students, export. The loop: sense_jax.trainer.

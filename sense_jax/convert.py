@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -179,26 +178,23 @@ def _family_and_config(hf_config: dict, source: str) -> tuple[ModelFamily, Any]:
 
 
 def abstract_params(family: ModelFamily, cfg: Any) -> dict:
-    """Shapes and dtypes of the params of ``cfg`` (a pytree of ShapeDtypeStruct), no allocation."""
-    module = family.make_module(cfg)
-    ids = jnp.zeros((1, 2), jnp.int32)
-    method = getattr(module, family.init_method) if family.init_method else None
-    variables = jax.eval_shape(
-        lambda: module.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids), method=method))
-    from flax.core import meta
+    """Shapes and dtypes of the params of ``cfg`` (a pytree of ShapeDtypeStruct), no allocation
+    (:meth:`ModelFamily.abstract_params`)."""
+    return family.abstract_params(cfg)
 
-    return meta.unbox(variables["params"])
+
+def abstract_model_params(family: ModelFamily, cfg: Any) -> dict:
+    """:func:`abstract_params` of the encoder plus, when ``cfg`` has one, its sequence
+    classification head's (:func:`sense_jax.models.heads.abstract_head_params`; the BERT and
+    DeBERTa pooler is one entry, shared): every parameter a converted directory stores."""
+    from sense_jax.models.heads import abstract_head_params
+
+    return {**abstract_params(family, cfg), **abstract_head_params(cfg)}
 
 
 def init_params(family: ModelFamily, cfg: Any, seed: int = 0) -> dict:
     """Randomly initialised params of ``cfg`` (unboxed float32 pytree), deterministic in ``seed``."""
-    from flax.core import meta
-
-    module = family.make_module(cfg)
-    ids = jnp.zeros((1, 2), jnp.int32)
-    method = getattr(module, family.init_method) if family.init_method else None
-    variables = module.init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids), method=method)
-    return meta.unbox(variables["params"])
+    return family.init_fn(cfg)(jax.random.PRNGKey(seed))
 
 
 def _strip_prefix(names: list[str], family: ModelFamily) -> dict[str, str]:
@@ -226,14 +222,15 @@ def hf_to_params(family: ModelFamily, cfg: Any, state: dict[str, np.ndarray],
 
     Returns:
       (params, skipped): a nested dict of float32 numpy arrays, and the stored names that were
-      skipped as buffers or task heads (``family.ignored``).
+      skipped as buffers or task heads (``family.ignored``); a sequence classification head is
+      converted, not skipped, when ``cfg.num_labels`` > 0 (:mod:`sense_jax.models.heads`).
 
     Raises:
       ConversionError: a tensor maps to nothing, a parameter is missing, or a shape differs;
         the message names the tensor and its file.
     """
     file_of = file_of or {}
-    expected = traverse_util.flatten_dict(abstract_params(family, cfg), sep="/")
+    expected = traverse_util.flatten_dict(abstract_model_params(family, cfg), sep="/")
     base = _strip_prefix(list(state), family)
     ignored = [re.compile(p) for p in family.ignored]
     flat: dict[str, np.ndarray] = {}
@@ -374,6 +371,10 @@ def load_hf(src: str | os.PathLike, *, adapter: Any = None,
         cfg = dataclasses.replace(cfg, add_pooler=any(n.startswith("pooler.") for n in base))
     if hasattr(cfg, "adapt_to_checkpoint"):
         cfg = cfg.adapt_to_checkpoint(base)
+    if hasattr(cfg, "num_labels"):  # a *ForSequenceClassification checkpoint keeps its head
+        from sense_jax.models.heads import head_labels_for
+
+        cfg = dataclasses.replace(cfg, num_labels=head_labels_for(hf_config, cfg.model_type))
     cfg = apply_config_overrides(cfg, config_overrides)
     params, skipped = hf_to_params(family, cfg, state, file_of)
     for note in notes:
@@ -499,3 +500,57 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
     """
     converted, model_dir = load_hf(src, adapter=adapter, config_overrides=config_overrides)
     return write_converted(out, converted, model_dir, source=str(src), overwrite=overwrite)
+
+
+# --- Back to transformers ---------------------------------------------------------------------
+
+def export_model(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a model directory (``sense-jax convert`` output, or a transformers directory) back
+    as a transformers directory, atomically.
+
+    A model with a sequence classification head (``cfg.num_labels`` > 0) is written as its
+    ``*ForSequenceClassification`` class (:data:`sense_jax.models.heads.HEAD_TYPES`): the base
+    model's tensors under the class's prefix (``bert.``, ``roberta.``, ``deberta.``, ``model.``),
+    the head's beside them, names from the family's conversion table; ``config.json`` is the
+    source's (``id2label`` / ``label2id`` / ``problem_type`` kept) with the architecture, float32
+    ``dtype`` and, when the source's ``id2label`` does not have ``num_labels`` entries,
+    transformers' default ``LABEL_i`` names. ``AutoModelForSequenceClassification`` loads it with
+    the same logits. A model without a head is written as its base model
+    (:func:`sense_jax.distill.export_hf`).
+
+    Raises:
+      SenseJaxError: ``out`` exists and not ``overwrite``; see :func:`sense_jax.load_model`.
+    """
+    from safetensors.numpy import save_file
+
+    from sense_jax.io_utils import atomic_directory
+    from sense_jax.loading import load_model
+    from sense_jax.models.heads import head_type
+
+    model = load_model(src)
+    family, cfg = model.family, model.config
+    tok_dir = model.path if any((model.path / f).is_file() for f in TOKENIZER_FILES) else None
+    if model.head_params is None:
+        from sense_jax.distill import export_hf
+
+        return export_hf(out, family, cfg, jax.device_get(model.params), model.hf_config,
+                         tokenizer_dir=tok_dir, overwrite=overwrite)
+    ht = head_type(cfg)
+    params = {k: v for k, v in jax.device_get(model.params).items() if k not in family.head_params}
+    params.update(jax.device_get(model.head_params))
+    state = {(n if n.startswith(ht.outside_base) else ht.base_prefix + n): np.ascontiguousarray(v)
+             for n, v in params_to_hf(family, params).items()}
+    hf_config = {k: v for k, v in model.hf_config.items() if not k.startswith("_")}
+    hf_config.update(dataclasses.replace(cfg, dtype="float32").to_hf())
+    hf_config.update(architectures=[ht.architecture], dtype="float32", torch_dtype="float32")
+    id2label = hf_config.get("id2label")
+    if not isinstance(id2label, dict) or len(id2label) != cfg.num_labels:
+        hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+        hf_config["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        with open(tmp / "config.json", "w", encoding="utf-8") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tok_dir is not None:
+            copy_tokenizer_files(tok_dir, tmp)
+    return Path(out)

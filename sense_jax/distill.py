@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sense_jax.errors import ConfigError, SenseJaxError
+# the fingerprints' old home: kept importable from here
+from sense_jax.fingerprints import FINGERPRINT_VERSION, teacher_fingerprint, tokenizer_fingerprint  # noqa: F401
 from sense_jax.sense_dict import SenseDictionary, gather_senses, sense_scores
 
 # --- Losses -----------------------------------------------------------------------------------
@@ -228,12 +230,7 @@ def fresh_student(family: Any, teacher_cfg: Any, seed: int, *, num_layers: int |
 @functools.lru_cache(maxsize=8)
 def _jitted_init(family: Any, cfg: Any):
     """``key -> params`` of ``cfg``, compiled once per config (eager init is slow for BERT)."""
-    from flax.core import meta
-
-    module = family.make_module(cfg)
-    ids = jnp.zeros((1, 2), jnp.int32)
-    method = getattr(module, family.init_method) if family.init_method else None
-    return jax.jit(lambda key: meta.unbox(module.init(key, ids, jnp.ones_like(ids), method=method)["params"]))
+    return jax.jit(family.init_fn(cfg))
 
 
 def check_same_vocab(teacher: Any, student: Any, *, teacher_name: str = "teacher",
@@ -256,59 +253,6 @@ def check_same_vocab(teacher: Any, student: Any, *, teacher_name: str = "teacher
             diff = sorted((set(a.items()) ^ set(b.items())), key=lambda kv: kv[1])[0]
             raise ConfigError(f"{student_name}'s tokenizer differs from {teacher_name}'s (first "
                               f"difference: token {diff[0]!r} id {diff[1]}): SKD needs the same tokenizer")
-
-
-FINGERPRINT_VERSION = 2  # "v2-<hex>": embedding matrix and tokenizer; older artefacts hold v1 (bare hex)
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A content id of a tokenizer: sha256 (16 hex digits) of its vocabulary (token -> id, added
-    tokens included) and its special tokens (map and ids).
-
-    Two tokenizers with the same tokens under other ids (a permuted vocabulary) differ.
-    """
-    payload = json.dumps({"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0])),
-                          "special": tokenizer.special_tokens_map,
-                          "special_ids": sorted(int(i) for i in tokenizer.all_special_ids)},
-                         sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
-
-
-def teacher_fingerprint(params: dict, vocab_size: int | None = None, tokenizer: Any = None) -> str:
-    """A content id of a teacher: its token-embedding matrix and, given ``tokenizer``, its tokenizer.
-
-    With ``tokenizer`` (version 2, what artefacts record): ``"v2-"`` + sha256 (16 hex digits) of
-    the embedding id below and :func:`tokenizer_fingerprint`, so that the same weights with a
-    permuted vocabulary (ids shuffled) get another id. Without it (version 1, what artefacts
-    recorded before; kept to check them): sha256 (16 hex digits) of the float32 embedding matrix.
-
-    The embedding matrix is the first 2-D parameter (in sorted path order) whose first dimension
-    is ``vocab_size`` (any family); without ``vocab_size``, BERT's
-    ``embeddings/word_embeddings/embedding``. The same weights and tokenizer files give the same
-    id whether loaded from a transformers directory or a converted one, so a store or dictionary
-    records which teacher built it (``meta["teacher_fingerprint"]``, see :func:`check_sense_dict`).
-
-    Raises:
-      SenseJaxError: no [vocab_size, D] parameter.
-    """
-    from flax import traverse_util
-
-    flat = traverse_util.flatten_dict(params, sep="/")
-    if vocab_size is None:
-        key = "embeddings/word_embeddings/embedding"
-    else:
-        key = next((k for k in sorted(flat) if np.ndim(flat[k]) == 2 and np.shape(flat[k])[0] == vocab_size),
-                   None)
-        if key is None:
-            raise SenseJaxError(f"no [{vocab_size}, D] token-embedding parameter to fingerprint")
-    emb = np.asarray(jax.device_get(flat[key]), np.float32)
-    h = hashlib.sha256(str(emb.shape).encode())
-    h.update(np.ascontiguousarray(emb).tobytes())
-    v1 = h.hexdigest()[:16]
-    if tokenizer is None:
-        return v1
-    both = hashlib.sha256(f"{v1}:{tokenizer_fingerprint(tokenizer)}".encode()).hexdigest()[:16]
-    return f"v{FINGERPRINT_VERSION}-{both}"
 
 
 def dictionary_fingerprint(sense_dict: SenseDictionary) -> str:

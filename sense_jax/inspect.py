@@ -69,7 +69,7 @@ def token_senses(token: str, sense_dict_dir, store_dir, *, corpus=None, teacher=
                             f"{store_dir} (V={store.vocab_size}, D={store.hidden_size})")
     recorded = sd.meta.get("store_fingerprint")
     if recorded is not None:
-        from sense_jax.kmeans import store_fingerprint
+        from sense_jax.fingerprints import store_fingerprint
 
         if recorded != store_fingerprint(store):
             raise SenseJaxError(f"{sense_dict_dir} was built from another store ({sd.meta.get('store', '?')}), "

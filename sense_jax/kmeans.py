@@ -84,20 +84,14 @@ removes it from later runs.
 
 from __future__ import annotations
 
-import concurrent.futures
-import hashlib
-import json
 import math
-import os
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from sense_jax.errors import SenseJaxError
-from sense_jax.provenance import provenance
 
 ADAPTIVE_RULES = ("bic",)
 _HI = jax.lax.Precision.HIGHEST
@@ -447,6 +441,22 @@ def validate_k(k: Any, *, adaptive: str | None = None, k_min: int = 1) -> int:
     return int(k)
 
 
+def _bad_rows(vectors) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of vectors [R, D]: (holds NaN/inf, squared norm not finite in float32) [R] bool.
+    The second covers the first and finite rows of norm above ~1.8e19, whose f32 squares
+    overflow (k-means would give them distance inf and lose them silently)."""
+    v = np.asarray(vectors, np.float32)
+    nonfinite = ~np.isfinite(v).all(axis=-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        overflow = ~np.isfinite(np.einsum("rd,rd->r", v, v))
+    return nonfinite, overflow | nonfinite
+
+
+def _bad_rows_message(nonfinite: bool) -> str:
+    return ("has NaN or inf vectors" if nonfinite else
+            "has vectors whose squared norm overflows float32 (|x| above ~1.8e19)")
+
+
 def kmeans_detailed(x, mask, k: int, *, key, max_iter: int = 100, tol: float = 1e-4,
                     adaptive: str | None = None, k_min: int = 1, init=None,
                     check_finite: bool = True, loop: str | None = None,
@@ -528,372 +538,17 @@ def batched_kmeans(x, mask, k: int, *, key, max_iter: int = 100, tol: float = 1e
     return KMeansResult(r["centres"], r["n_senses"], r["assignments"], r["inertia"])
 
 
-# --- the codebook driver: a store in, a SenseDictionary out ----------------------------------
-
-def bucket_size(n: int, minimum: int = 16) -> int:
-    """Padded sample count for a token with ``n`` samples: the smallest ``minimum * sqrt(2)^i``
-    (rounded up to a multiple of 8) that holds ``n``.
-
-    Token counts are Zipfian, so padding everyone to the largest count would waste ~10x; these
-    geometric buckets waste at most ~45% and on average under 20%, with two compiled shapes per
-    octave (16, 24, 32, 48, 64, 96, 128, 184, 256, 368, 512, 728, 1024 for ``minimum=16``).
-    """
-    i = 0
-    while (size := int(math.ceil(minimum * math.sqrt(2) ** i / 8 - 1e-6) * 8)) < n:
-        i += 1
-    return size
+# The sense-dictionary driver moved to sense_jax.sense_builder and the store fingerprint to
+# sense_jax.fingerprints; their old names here stay importable (resolved lazily: sense_builder
+# imports this module).
+_MOVED = {"build_sense_dictionary": "sense_jax.sense_builder", "bucket_size": "sense_jax.sense_builder",
+          "default_chunk_tokens": "sense_jax.sense_builder", "_COMPILED": "sense_jax.sense_builder",
+          "store_fingerprint": "sense_jax.fingerprints"}
 
 
-def store_fingerprint(store) -> str:
-    """sha256 of the store's metadata and offsets/counts arrays (identifies the sample set cheaply).
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
 
-    The metadata's ``provenance`` (library versions, devices) is left out: the same samples
-    extracted on another machine or device count are the same store.
-    """
-    meta = {k: v for k, v in store.meta.items() if k != "provenance"}
-    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
-    h.update(np.ascontiguousarray(store.offsets, np.int64).tobytes())
-    h.update(np.ascontiguousarray(store.counts, np.int64).tobytes())
-    h.update(str(store.vectors.shape).encode())
-    return h.hexdigest()
-
-
-def default_chunk_tokens(n_pad: int, hidden_size: int, k: int, memory_budget: int = 1 << 30,
-                         cache_bytes: int = 2 << 20, loop: str | None = None) -> int:
-    """Tokens per device per k-means chunk for samples padded to ``n_pad``.
-
-    ``loop="map"`` (CPU default): tokens run one at a time, so a chunk only needs to be large
-    enough to amortise its dispatch and small enough to overlap gathering the next one: about
-    8 MiB of f32 points (a power of two, >= 1). ``"vmap"`` on CPU: tokens run in lockstep and
-    the Lloyd step is memory-bound unless the chunk's points stay in cache, so chunks hold about
-    ``cache_bytes``. Accelerators: as large as ``memory_budget`` allows (<= 1024 tokens).
-    """
-    loop = validate_loop(loop)
-    points = 4 * n_pad * hidden_size
-    if loop == "map":
-        return 1 << max(int(min(8 << 20, memory_budget) // points).bit_length() - 1, 0)
-    if jax.default_backend() == "cpu":
-        return 1 << max(int(cache_bytes // points).bit_length() - 1, 0)
-    per_token = 4 * n_pad * hidden_size * 4 + 8 * n_pad * k * 4  # x (storage + f32 copies) + [N, K]
-    return max(1, min(1024, memory_budget // per_token))
-
-
-_COMPILED: dict[tuple, Any] = {}  # (T, N, D, dtype, k, adaptive, k_min, devices) -> executable
-
-
-def _sharded_program(mesh, *, k: int, adaptive: str | None, k_min: int, loop: str, map_batch: int = 1,
-                     spherical: bool = False):
-    """The batched program with its token axis sharded over ``mesh`` axis ``"tokens"``: each
-    device runs :func:`_batched` on its own tokens (``jax.shard_map``, no collectives)."""
-    def local(x, mask, u, init, max_iter, tol):
-        return _batched(x, mask, u, init, max_iter, tol, k=k, adaptive=adaptive, k_min=k_min,
-                        has_init=False, loop=loop, map_batch=map_batch, spherical=spherical)
-
-    tokens = P("tokens")
-    # check_vma=False: the per-token while loops start from unvarying constants.
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, tokens, P(), P()),
-                                 out_specs=tokens, check_vma=False))
-
-
-def _bad_rows(vectors) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of vectors [R, D]: (holds NaN/inf, squared norm not finite in float32) [R] bool.
-    The second covers the first and finite rows of norm above ~1.8e19, whose f32 squares
-    overflow (k-means would give them distance inf and lose them silently)."""
-    v = np.asarray(vectors, np.float32)
-    nonfinite = ~np.isfinite(v).all(axis=-1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        overflow = ~np.isfinite(np.einsum("rd,rd->r", v, v))
-    return nonfinite, overflow | nonfinite
-
-
-def _bad_rows_message(nonfinite: bool) -> str:
-    return ("has NaN or inf vectors" if nonfinite else
-            "has vectors whose squared norm overflows float32 (|x| above ~1.8e19)")
-
-
-def _check_finite_rows(vectors: np.ndarray, token_ids: np.ndarray, starts: np.ndarray,
-                       lengths: np.ndarray, where: str) -> None:
-    """Raise naming the first token whose rows hold NaN/inf or overflow f32 when squared.
-    vectors are the gathered rows."""
-    nonfinite, bad = _bad_rows(vectors)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        i = int(np.searchsorted(starts, row, side="right") - 1)
-        raise SenseJaxError(f"{where}: token {int(token_ids[i])} {_bad_rows_message(bool(nonfinite[row]))} "
-                            f"(sample {row - int(starts[i])} of {int(lengths[i])}); refusing to cluster")
-
-
-def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None = None,
-                           k_min: int = 1, max_iter: int = 100, tol: float = 1e-4,
-                           chunk_tokens: int | None = None, memory_budget: int = 1 << 30,
-                           dtype: str = "float32", metric: str = "dot", base=None,
-                           devices=None, loop: str | None = None, progress: bool = True,
-                           spherical: bool = False):
-    """Cluster every token of an extraction store into senses (METHOD §1).
-
-    Tokens with ``n_t <= k`` samples keep their samples as senses (no clustering). The others
-    are grouped by padded sample count (:func:`bucket_size`) so padding stays small under
-    Zipfian counts, and each bucket is clustered in chunks by the program of
-    :func:`kmeans_detailed`. Chunks run in waves of at most ``memory_budget / 4`` bytes of
-    padded points, gathered from the (memory-mapped) store; on accelerators the next wave is
-    gathered while one runs.
-
-    Tokens are sharded over ``devices``: a chunk is a ``[n_devices * T, N, D]`` array laid out
-    on a 1-D mesh with axis ``"tokens"`` (``PartitionSpec("tokens")``), tokens dealt to the
-    devices in turn, largest first, and each device clusters its ``T`` tokens under
-    ``jax.shard_map`` (no communication: tokens are independent). A token's draws depend only on
-    its id and, with ``loop="map"``, its arithmetic not on its chunk, so the dictionary is the
-    same, byte for byte, on 1 or 8 devices of one backend. On CPU, XLA runs these programs on
-    about one core each, so one CPU device per core
-    (``jax.config.update("jax_num_cpu_devices", n)`` before JAX starts; ``sense-jax cluster``
-    does it) is what puts every core to work.
-
-    Args:
-      store: a :class:`sense_jax.store.Store` (or a path, opened with ``open_store``).
-      k: K, or K_max with ``adaptive``; >= 1.
-      seed: token t's k-means++ draws use ``fold_in(PRNGKey(seed), t)``.
-      adaptive: None or ``"bic"`` (see the module docstring). k_min: smallest adaptive K_t.
-      max_iter, tol: Lloyd cap and tolerance (scikit-learn's meaning).
-      chunk_tokens: tokens per device per chunk (rounded up to whole :func:`map_batch_size`
-        groups); default :func:`default_chunk_tokens`.
-      memory_budget: bytes of working memory for a chunk (accelerators) and a wave (/4).
-      dtype: storage dtype of the centres, "float32" | "bfloat16" | "float16" | "int8" (per-sense
-        scales, :func:`sense_jax.sense_dict.quantize_int8`). Senses a narrower dtype makes equal
-        are merged like duplicate samples.
-      metric: look-up metric recorded in the metadata ("dot" | "cos" | "l2").
-      base: optional :class:`SenseDictionary` to add to: the store's tokens replace its entries;
-        the result (stored as ``dtype``) lists the base's sources and this store in
-        ``meta["sources"]``.
-      devices: devices to shard tokens over (default: ``jax.local_devices()``).
-      loop: ``"map"`` | ``"vmap"`` | None, as in :func:`batched_kmeans` (default: map on CPU).
-      progress: show a tqdm progress bar.
-      spherical: spherical (cosine) k-means, see :func:`batched_kmeans`; tokens with ``n <= k``
-        samples keep them scaled to unit length. Recorded as ``meta["k_rule"]["spherical"]``.
-
-    Returns:
-      :class:`sense_jax.sense_dict.SenseDictionary` over the store's vocabulary, its metadata
-      holding the teacher (path, fingerprint, tokenizer hash, layer), hidden size, metric, K
-      rule, seed, store fingerprint, ``sources`` (:func:`sense_jax.sense_dict.source_record`)
-      and build stats (``tokens``, ``tokens_clustered``, ``senses``, ``mean_inertia`` over
-      clustered tokens, ``duplicate_senses_merged``). No token has two equal senses: equal
-      samples of a token with ``<= k`` samples, and equal centres, are merged into one sense
-      whose count adds theirs.
-
-    Raises:
-      SenseJaxError: K < 1, unknown rule/dtype/metric, NaN/inf vectors or vectors whose squared
-        norm overflows float32 (naming the token id), or a ``base`` of another width, vocabulary,
-        teacher fingerprint, tokenizer or layer (checked before clustering).
-    """
-    from tqdm.auto import tqdm
-
-    from sense_jax.compile_cache import enable_compile_cache
-    from sense_jax.sense_dict import METRICS, STORAGE_DTYPES, SenseDictionary, source_record, teacher_mismatch
-    from sense_jax.store import Store, open_store
-
-    enable_compile_cache()
-
-    k = validate_k(k, adaptive=adaptive, k_min=k_min)
-    loop = validate_loop(loop)
-    if dtype not in STORAGE_DTYPES:
-        raise SenseJaxError(f"unknown dtype {dtype!r}; choose from {sorted(STORAGE_DTYPES)}")
-    if metric not in METRICS:
-        raise SenseJaxError(f"unknown metric {metric!r}; choose from {METRICS}")
-    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
-                                     or chunk_tokens < 1):
-        raise SenseJaxError(f"chunk_tokens must be an integer >= 1, got {chunk_tokens!r}")
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, np.integer)) or memory_budget < 1:
-        raise SenseJaxError(f"memory_budget must be a number of bytes >= 1, got {memory_budget!r}")
-    if not isinstance(store, Store):
-        store = open_store(store)
-    V, D = store.vocab_size, store.hidden_size
-    if base is not None and (base.hidden_size != D or base.vocab_size != V):
-        raise SenseJaxError(f"cannot add store {store.path} (width {D}, vocabulary {V}) to a dictionary "
-                            f"of width {base.hidden_size}, vocabulary {base.vocab_size} "
-                            "(a store from another teacher?)")
-    if base is not None and (mismatch := teacher_mismatch(base.meta, store.meta)):
-        raise SenseJaxError(f"cannot add store {store.path} to a dictionary from another teacher: "
-                            f"{mismatch} (dictionary vs store)")
-    offsets = np.asarray(store.offsets, np.int64)
-    n = np.diff(offsets)
-    tokens = np.flatnonzero(n > 0)
-    small = tokens[n[tokens] <= k]
-    big = tokens[n[tokens] > k]
-    senses: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    inertia: dict[int, float] = {}
-
-    # Few samples: the samples are the senses (one store read for all of them).
-    if small.size:
-        rows = np.concatenate([np.arange(offsets[t], offsets[t + 1]) for t in small])
-        vec = np.asarray(store.vectors[rows])
-        starts = np.concatenate([[0], np.cumsum(n[small])[:-1]])
-        _check_finite_rows(vec, small, starts, n[small], str(store.path))
-        for t, s0 in zip(small, starts):
-            v = vec[s0:s0 + n[t]].astype(np.float32)
-            if spherical:
-                v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
-            senses[int(t)] = (v, np.ones(n[t], np.int64))
-
-    root = jax.random.key(seed)
-    devices = list(devices) if devices is not None else jax.local_devices()
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("tokens",))
-    n_dev = len(devices)
-    sizes = np.array([bucket_size(int(c), minimum=max(16, k + 1)) for c in n[big]], np.int64)
-    chunks = []  # (N, token ids, T per device); a chunk holds n_dev * T token slots
-    for size in np.unique(sizes):
-        members = big[sizes == size]
-        members = members[np.argsort(-n[members], kind="stable")]  # largest first: balanced devices
-        cap = chunk_tokens or default_chunk_tokens(int(size), D, k, memory_budget, loop=loop)
-        # Chunks hold whole map groups, so a token's arithmetic never depends on the chunking.
-        group = map_batch_size(int(size), D) if loop == "map" else 1
-        cap = -(-cap // group) * group
-        # One program per bucket: a bucket that fits one chunk is padded to a multiple of 8
-        # tokens per device, the last chunk of a larger bucket to the full chunk size.
-        per_dev = -(-members.size // n_dev)
-        T = cap if per_dev > cap else min(cap, -(-per_dev // 8) * 8)
-        for i in range(0, members.size, T * n_dev):
-            chunks.append((int(size), members[i:i + T * n_dev], T))
-
-    # Compile every distinct (T, N) program ahead of time on a thread pool, overlapping the
-    # uniforms, the first gathers and the first chunks' execution (on 2 CPU cores the compiles
-    # themselves ran mostly one after another: ~1 s each).
-    statics = dict(k=k, adaptive=adaptive, k_min=int(k_min))
-    scalars = (jnp.int32(max_iter), jnp.float32(tol))
-    # The scalars on every device once (not re-sent with each chunk).
-    scalars = jax.device_put(scalars, jax.sharding.NamedSharding(mesh, P()))
-
-    def compile_shape(T, N):
-        cache_key = (T, N, D, str(store.vectors.dtype), k, adaptive, int(k_min), loop, bool(spherical),
-                     tuple((d.platform, d.id) for d in devices))
-        if cache_key not in _COMPILED:  # AOT compiles bypass jit's cache: keep our own
-            C = 1 if adaptive is None else k - k_min + 1
-            sharded = jax.sharding.NamedSharding(mesh, P("tokens"))
-            spec = (jax.ShapeDtypeStruct((n_dev * T, N, D), store.vectors.dtype, sharding=sharded),
-                    jax.ShapeDtypeStruct((n_dev * T, N), bool, sharding=sharded),
-                    jax.ShapeDtypeStruct((n_dev * T, C, k, n_local_trials(k)), jnp.float32, sharding=sharded),
-                    jax.ShapeDtypeStruct((n_dev * T, 1, 1), jnp.float32, sharding=sharded))
-            program = _sharded_program(mesh, **statics, loop=loop, map_batch=map_batch_size(N, D),
-                                       spherical=bool(spherical))
-            _COMPILED[cache_key] = program.lower(*spec, *scalars).compile()
-        return _COMPILED[cache_key]
-
-    shapes = list(dict.fromkeys((T, N) for N, _, T in chunks))
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(shapes), os.cpu_count() or 1, 8)))
-    programs = {shape: pool.submit(compile_shape, *shape) for shape in shapes}
-
-    # Every clustered token's k-means++ uniforms up front, in fixed-size blocks (one RNG compile).
-    block = 4096
-    u_all = np.concatenate([np.asarray(_uniforms_by_id(
-        root, np.pad(big[i:i + block], (0, max(0, block - big[i:i + block].size))).astype(np.uint32),
-        **statics))[:big[i:i + block].size] for i in range(0, big.size, block)]
-        or [np.zeros((0, 1 if adaptive is None else k - k_min + 1, k, n_local_trials(k)), np.float32)])
-    u_row = {int(t): i for i, t in enumerate(big)}
-
-    sharded = jax.sharding.NamedSharding(mesh, P("tokens"))
-
-    def gather(size, ids, T):
-        T = T * n_dev
-        x = np.zeros((T, size, D), store.vectors.dtype)
-        mask = np.zeros((T, size), bool)
-        slots = _slots(ids.size, T // n_dev)
-        for i, t in zip(slots, ids):
-            x[i, :n[t]] = store.vectors[offsets[t]:offsets[t + 1]]
-            mask[i, :n[t]] = True
-        u = np.zeros((T, *u_all.shape[1:]), np.float32)
-        u[slots] = u_all[[u_row[int(t)] for t in ids]]
-        return jax.device_put((x, mask, u, np.zeros((T, 1, 1), np.float32)), sharded)
-
-    def _slots(count, T):
-        """Chunk slot of the chunk's j-th token: tokens are dealt to the devices in turn (j-th
-        token to device j % n_dev), so each device gets a similar share of the large ones."""
-        j = np.arange(count)
-        return (j % n_dev) * T + j // n_dev
-
-    def collect(ids, T, res):
-        res = jax.device_get(res)
-        slots = _slots(ids.size, T)
-        bad = np.flatnonzero(~res["finite"][slots])
-        if bad.size:  # NaN/inf found in the program: name the token and sample from the store
-            t = int(ids[bad[0]])
-            _check_finite_rows(np.asarray(store.vectors[offsets[t]:offsets[t + 1]]), np.array([t]),
-                               np.array([0]), n[[t]], str(store.path))
-        overflow = np.flatnonzero(~np.isfinite(res["inertia"][slots]))
-        if overflow.size:  # finite squared norms whose distances still overflow float32
-            raise SenseJaxError(f"{store.path}: token {int(ids[overflow[0]])}: k-means inertia overflows "
-                                "float32 (vectors too large); refusing to cluster")
-        for i, t in zip(slots, ids):
-            m = int(res["n_senses"][i])
-            senses[int(t)] = (res["centres"][i, :m], res["counts"][i, :m].astype(np.int64))
-            inertia[int(t)] = float(res["inertia"][i])
-
-    # Chunks run in waves of at most memory_budget / 4 bytes of padded points: a wave is gathered
-    # from the store, all its chunks are dispatched, then collected. On accelerators a loader
-    # thread gathers the next wave while this one runs; on CPU the programs already keep every
-    # core busy and a loader thread only competes with them (measured 1.3x slower on 2 cores),
-    # so waves are gathered in turn.
-    waves: list[list[tuple[int, np.ndarray, int]]] = []
-    room = 0
-    for size, ids, T in chunks:
-        nbytes = n_dev * T * size * D * store.vectors.dtype.itemsize
-        if not waves or nbytes > room:
-            waves.append([])
-            room = max(memory_budget // 4, nbytes)
-        waves[-1].append((size, ids, T))
-        room -= nbytes
-    overlap = devices[0].platform != "cpu"
-
-    def load(wave):
-        return [gather(*chunk) for chunk in wave]
-
-    bar = tqdm(total=int(big.size), desc="k-means", unit="tok", disable=not progress or not big.size)
-    loader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    ready = loader.submit(load, waves[0]) if overlap and waves else None
-    try:
-        for w, wave in enumerate(waves):
-            arrays = ready.result() if overlap else load(wave)
-            if overlap and w + 1 < len(waves):
-                ready = loader.submit(load, waves[w + 1])
-            results = [programs[(T, size)].result()(*a, *scalars) for a, (size, _, T) in zip(arrays, wave)]
-            del arrays
-            for (_, ids, T), res in zip(wave, results):
-                collect(ids, T, res)
-                bar.update(ids.size)
-    finally:
-        bar.close()
-        for f in programs.values():
-            f.cancel()
-        if ready is not None:
-            ready.cancel()
-        pool.shutdown(wait=True)
-        loader.shutdown(wait=True)
-
-    counts_per_token = np.zeros(V, np.int64)
-    for t, (c, _) in senses.items():
-        counts_per_token[t] = c.shape[0]
-    new_offsets = np.concatenate([[0], np.cumsum(counts_per_token)])
-    order = sorted(senses)
-    centres = np.concatenate([senses[t][0] for t in order] or [np.zeros((0, D), np.float32)])
-    counts = np.concatenate([senses[t][1] for t in order] or [np.zeros(0, np.int64)])
-    meta = {
-        "teacher": store.meta.get("teacher"),
-        "teacher_fingerprint": store.meta.get("teacher_fingerprint"),
-        "tokenizer_hash": store.meta.get("tokenizer_hash"),
-        "layer": store.meta.get("layer"),
-        "hidden_size": D,
-        "metric": metric,
-        "k_rule": {"k": k, "adaptive": adaptive, "k_min": k_min if adaptive else None,
-                   "max_iter": max_iter, "tol": tol, "init": "greedy k-means++",
-                   "spherical": bool(spherical)},
-        "seed": seed,
-        "store": str(store.path),
-        "store_fingerprint": store_fingerprint(store), "provenance": provenance(),
-        "stats": {"tokens": int(tokens.size), "tokens_clustered": int(big.size),
-                  "senses": int(centres.shape[0]),
-                  "mean_inertia": float(np.mean(list(inertia.values()))) if inertia else 0.0},
-    }
-    meta["sources"] = [source_record(meta)]
-    # Equal samples kept as senses (and centres a narrower dtype makes equal) become one sense.
-    out = SenseDictionary.from_arrays(centres, new_offsets, counts, meta).astype(dtype).deduplicated()
-    if "duplicate_senses_merged" not in out.meta["stats"]:
-        out = out.replace(meta_json=json.dumps(dict(meta, stats=dict(meta["stats"], duplicate_senses_merged=0)),
-                                               sort_keys=True))
-    return base.merged(out).astype(dtype) if base is not None else out
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,6 +16,7 @@ from sense_jax import convert as _convert
 from sense_jax.errors import ConfigError, ConversionError, SenseJaxError
 from sense_jax.io_utils import read_json
 from sense_jax.models import ModelFamily, check_input_length, get_family, input_length_limit
+from sense_jax.models.heads import head_logits, split_head
 
 
 @dataclasses.dataclass
@@ -30,6 +31,9 @@ class Model:
       family: the registry entry (conversion table, config parser).
       hf_config: transformers' config.json as a dict.
       path: where it was loaded from.
+      head_params: the sequence classification head's params (:mod:`sense_jax.models.heads`),
+        or None when the model has none; ``params`` holds the encoder alone (with its pooler,
+        which the BERT / DeBERTa head shares).
     """
 
     module: Any
@@ -39,10 +43,18 @@ class Model:
     family: ModelFamily
     hf_config: dict
     path: Path
+    head_params: Any = None
 
     def __post_init__(self):
         self._forward = jax.jit(functools.partial(self.module.apply),
                                 static_argnames=("output_all_hidden_states",))
+        module, cfg = self.module, self.config
+
+        def logits(params, head_params, input_ids, attention_mask, token_type_ids):
+            states = module.apply({"params": params}, input_ids, attention_mask, token_type_ids)
+            return head_logits(cfg, head_params, states, attention_mask, input_ids)
+
+        self._logits = jax.jit(logits)
 
     @property
     def max_input_length(self) -> int | None:
@@ -66,6 +78,31 @@ class Model:
         if token_type_ids is not None:
             token_type_ids = jnp.asarray(token_type_ids, jnp.int32)
         return self._forward({"params": self.params}, input_ids, attention_mask, token_type_ids)
+
+    def logits(self, input_ids, attention_mask, token_type_ids=None) -> jax.Array:
+        """Sequence classification logits [B, num_labels] float32 for int [B, T] inputs; jitted.
+
+        The converted ``*ForSequenceClassification`` head on the last hidden states, as
+        transformers' model of that class computes it (:mod:`sense_jax.models.heads`): the
+        pooled first token (BERT, RoBERTa, DeBERTa) or the last non-pad token by ``pad_token_id``
+        (Llama, Mistral, Qwen2). Labels: ``hf_config["id2label"]``; one output is a regression.
+
+        Raises:
+          SenseJaxError: the model has no head (names the directory); a decoder batch of more
+            than one row with no ``pad_token_id``; T > :attr:`max_input_length`.
+        """
+        if self.head_params is None:
+            archs = self.hf_config.get("architectures") or ["(none)"]
+            raise SenseJaxError(f"{self.path}: no sequence classification head (architectures "
+                                f"{', '.join(archs)}); convert a *ForSequenceClassification checkpoint")
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        attention_mask = jnp.asarray(attention_mask, jnp.int32)
+        if token_type_ids is not None:
+            token_type_ids = jnp.asarray(token_type_ids, jnp.int32)
+        try:
+            return self._logits(self.params, self.head_params, input_ids, attention_mask, token_type_ids)
+        except SenseJaxError as e:
+            raise type(e)(f"{self.path}: {e}") from None
 
     def all_hidden_states(self, input_ids, attention_mask, token_type_ids=None) -> jax.Array:
         """Every layer's hidden states [L + 1, B, T, D] (embeddings output first)."""
@@ -177,16 +214,34 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", sharding: Any
             raise ConversionError(f"{p}: adapters are merged at conversion; convert the base "
                                   "model with adapter=... instead")
         cfg = _convert.apply_config_overrides(cfg, config_overrides)
-        abstract = _convert.abstract_params(family, cfg)
-        params = _convert.restore_params(p / _convert.PARAMS_DIR, abstract, sharding)
+        abstract = _convert.abstract_model_params(family, cfg)
+        params = _convert.restore_params(p / _convert.PARAMS_DIR, abstract, _with_head_sharding(abstract, sharding))
+        params, head = split_head(cfg, params)
         tok_dir = p
     else:
         converted, tok_dir = _convert.load_hf(path, adapter=adapter, config_overrides=config_overrides)
         family, cfg, hf_config = converted.family, converted.config, converted.hf_config
+        params, head = split_head(cfg, converted.params)
         if sharding is not None:
-            params = jax.device_put(converted.params, sharding)
+            params = jax.device_put(params, sharding)
+            if head is not None:
+                head = jax.device_put(head, _with_head_sharding(head, sharding))
         else:
-            params = jax.tree.map(jnp.asarray, converted.params)
+            params = jax.tree.map(jnp.asarray, params)
+            head = None if head is None else jax.tree.map(jnp.asarray, head)
+        if head is not None and "pooler" in head and "pooler" in params:
+            head["pooler"] = params["pooler"]  # one pooler, shared, as in a restored directory
     cfg = dataclasses.replace(cfg, dtype=str(jnp.dtype(dtype)))
     return Model(module=family.make_module(cfg), params=params, tokenizer=_load_tokenizer(tok_dir),
-                 config=cfg, family=family, hf_config=hf_config, path=p)
+                 config=cfg, family=family, hf_config=hf_config, path=p, head_params=head)
+
+
+def _with_head_sharding(tree: Any, sharding: Any) -> Any:
+    """``sharding`` (a pytree for the encoder's params, or None) extended to every key of ``tree``:
+    a head's params (few, small) are replicated over the mesh of the encoder's shardings."""
+    if not isinstance(sharding, dict):  # None, or one sharding for every leaf
+        return sharding
+    leaf = jax.tree.leaves(sharding)[0]
+    replicated = (jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec())
+                  if isinstance(leaf, jax.sharding.NamedSharding) else leaf)
+    return {k: sharding[k] if k in sharding else jax.tree.map(lambda _: replicated, v) for k, v in tree.items()}

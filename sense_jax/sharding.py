@@ -61,7 +61,7 @@ def params_sharding(abstract_boxed_params: Any, mesh: Mesh, rules=DEFAULT_RULES)
     logical = nn.get_partition_spec(abstract_boxed_params)
     shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
     shapes = jax.tree.map(lambda x: tuple(x.value.shape) if isinstance(x, nn.Partitioned) else
-                          tuple(np.shape(x)), abstract_boxed_params,
+                          tuple(getattr(x, "shape", np.shape(x))), abstract_boxed_params,
                           is_leaf=lambda x: isinstance(x, nn.Partitioned))
     return jax.tree.map(lambda s, shape: _divisible(s, shape, mesh), shardings, shapes,
                         is_leaf=lambda x: isinstance(x, NamedSharding))
@@ -84,14 +84,7 @@ def family_params_sharding(family: Any, cfg: Any, mesh: Mesh, rules=FSDP_RULES) 
     With :data:`FSDP_RULES` an 8B-class decoder is split two ways: ``embed`` over ``data``
     (FSDP) and heads / kv heads / MLP width / vocabulary over ``model`` (tensor parallelism).
     """
-    import jax.numpy as jnp
-
-    module = family.make_module(cfg)
-    ids = jnp.zeros((1, 2), jnp.int32)
-    method = getattr(module, family.init_method) if family.init_method else None
-    boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids),
-                                               method=method))["params"]
-    return params_sharding(boxed, mesh, rules)
+    return params_sharding(family.abstract_params(cfg, boxed=True), mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -11,17 +11,24 @@ Layout of a store directory (every array a plain ``.npy``, memory-mapped on read
 
 Rows of one token are sorted by (passage index, token position), so the store's bytes depend
 only on the corpus, the teacher and the seed.
+
+Extraction writes a store in three moves (:class:`StoreWriter`): :meth:`StoreWriter.plan` writes
+the index arrays and a zero-filled ``vectors.npy`` (into a temporary sibling, renamed into place);
+the forward pass fills the vectors' rows in place through a memory map; :func:`complete_store`
+writes ``meta.json`` and then the ``COMPLETE`` marker.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+from numpy.lib.format import open_memmap
 
 from sense_jax.errors import SenseJaxError
 from sense_jax.io_utils import atomic_directory, read_json, write_json_atomic
@@ -137,3 +144,59 @@ def write_store(out: str | os.PathLike, vectors: np.ndarray, offsets: np.ndarray
         write_json_atomic(tmp / "meta.json", meta)
         (tmp / COMPLETE_MARKER).write_text("ok\n")
     return Path(out)
+
+
+class StoreWriter:
+    """Fills the ``vectors.npy`` of a planned store in place (a memory map opened ``r+``).
+
+    Rows may be written in any order and more than once (a resumed extraction rewrites the rows
+    of its unfinished window with the same values); :meth:`flush` makes them durable.
+    """
+
+    def __init__(self, path: str | os.PathLike, dtype: str):
+        self.path = Path(path)
+        self.dtype = dtype
+        self.vectors = open_memmap(self.path / "vectors.npy", mode="r+")
+
+    @staticmethod
+    def plan(path: str | os.PathLike, offsets: np.ndarray, counts: np.ndarray, sources: np.ndarray,
+             hidden_size: int, dtype: str) -> Path:
+        """Create the store directory ``path`` with its index arrays and zero vectors.
+
+        Args:
+          offsets: [V + 1] int64. counts: [V] int64. sources: [S, 2] int64 (see the module
+            docstring); ``vectors.npy`` gets [S, hidden_size] zeros of ``dtype`` (bfloat16 as
+            uint16 bit patterns).
+
+        Written into ``path.tmp-PID`` and renamed, so ``path`` exists only once it is whole.
+        """
+        path = Path(path)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        np.save(tmp / "offsets.npy", offsets)
+        np.save(tmp / "counts.npy", counts)
+        np.save(tmp / "sources.npy", sources)
+        np_dtype = np.uint16 if dtype == "bfloat16" else STORE_DTYPES[dtype]
+        open_memmap(tmp / "vectors.npy", mode="w+", dtype=np_dtype,
+                    shape=(len(sources), int(hidden_size))).flush()
+        os.replace(tmp, path)
+        return path
+
+    def write(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Store ``values`` [n, D] (of the store's dtype) at ``rows`` [n] int."""
+        self.vectors[rows] = values.view(np.uint16) if self.dtype == "bfloat16" else values
+
+    def flush(self) -> None:
+        self.vectors.flush()
+
+    def close(self) -> None:
+        self.vectors.flush()
+        del self.vectors
+
+
+def complete_store(path: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """Write ``meta.json`` and then the ``COMPLETE`` marker into a filled store directory."""
+    path = Path(path)
+    write_json_atomic(path / "meta.json", meta)
+    (path / COMPLETE_MARKER).write_text("ok\n")

@@ -4,6 +4,10 @@ Run as a script (a fresh process, so XLA_FLAGS / jax.distributed can be set befo
 
     python tests/extract_worker.py MODEL CORPUS OUT [--devices 8] [--process-id I --num-processes P
         --port PORT] [--n 3] [--seed 0] [--batch-size 4] [--window 16] [--dtype float32]
+        [--fail-at STAGE:K]
+
+``--fail-at step:5`` kills the run (``os._exit(86)``: no cleanup, no flush) at that point of
+:data:`sense_jax.extract_job.FAULT_HOOK`'s list.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--layer", type=int, default=-1)
+    ap.add_argument("--fail-at", default=None, metavar="STAGE:K")
     a = ap.parse_args(argv)
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.devices}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -82,8 +87,15 @@ def main(argv=None) -> int:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{a.port}",
                                    num_processes=a.num_processes, process_id=a.process_id)
+    from sense_jax import extract_job
     from sense_jax.extract import extract
 
+    if a.fail_at:
+        def die(stage: str, k: int) -> None:
+            if f"{stage}:{k}" == a.fail_at:
+                sys.stderr.flush()
+                os._exit(86)
+        extract_job.FAULT_HOOK = die
     extract(a.model, a.corpus, a.out, n_per_token=a.n, seed=a.seed, batch_size=a.batch_size,
             dtype=a.dtype, layer=a.layer, window_passages=a.window, chunk_passages=a.chunk,
             progress=False)

@@ -90,8 +90,7 @@ def spawned(tiny, corpus, tmp_path_factory):
         "proc2": (root / "p2" / "store", [
             _worker(tiny[0], corpus, root / "p2" / "store", "--devices", 2, "--process-id", i,
                     "--num-processes", 2, "--port", port) for i in range(2)]),
-        "killed": (root / "k" / "store", [_worker(tiny[0], corpus, root / "k" / "store",
-                                                  env_extra={"SENSE_JAX_EXTRACT_FAIL_AT": "step:5"})]),
+        "killed": (root / "k" / "store", [_worker(tiny[0], corpus, root / "k" / "store", "--fail-at", "step:5")]),
     }
     yield runs
     for _, procs in runs.values():
@@ -109,6 +108,12 @@ def _wait(procs) -> list[tuple[int, str]]:
 def store_a(tiny, corpus, spawned, tmp_path_factory):
     """The reference: tiny teacher, 1 device, one uninterrupted in-process run."""
     return ex.extract(tiny[1], corpus, tmp_path_factory.mktemp("a") / "store", **RUN)
+
+
+def test_extraction_leaves_the_model_object_alone(tiny, store_a):
+    # nothing cached on the caller's model (the tokenizer hash and the replicated params live in
+    # explicit caches of sense_jax.extract / extract_forward)
+    assert sorted(k for k in vars(tiny[1]) if k.startswith("_extract")) == []
 
 
 # --- Sampling: exact bottom-k and uniformity -------------------------------------------------------
@@ -311,15 +316,20 @@ def test_killed_runs_resume_to_identical_store(tiny, corpus, store_a, spawned, t
         open_store(out)
     assert _digest(ex.extract(tiny[1], corpus, out, **RUN)) == ref
     assert not (out.parent / "store.partial").exists()
-    # failures at other points (in-process), each followed by a plain re-run
-    monkeypatch.setenv("SENSE_JAX_EXTRACT_FAIL_MODE", "raise")
+    # failures at other points (in-process, through the fault hook), each followed by a plain re-run
+    from sense_jax import extract_job
+
     for point in ("count:2", "counted:0", "planned:0", "window:3", "final:0", "final:1"):
         out = tmp_path / point.replace(":", "_") / "store"
-        monkeypatch.setenv("SENSE_JAX_EXTRACT_FAIL_AT", point)
+
+        def fail(stage, k, point=point):
+            if f"{stage}:{k}" == point:
+                raise RuntimeError(f"injected failure at {point}")
+        monkeypatch.setattr(extract_job, "FAULT_HOOK", fail)
         with pytest.raises(RuntimeError, match="injected"):
             ex.extract(tiny[1], corpus, out, **RUN)
         assert out.exists() == (point == "final:1")
-        monkeypatch.delenv("SENSE_JAX_EXTRACT_FAIL_AT")
+        monkeypatch.setattr(extract_job, "FAULT_HOOK", None)
         assert _digest(ex.extract(tiny[1], corpus, out, **RUN)) == ref, point
         assert not (out.parent / "store.partial").exists()
 

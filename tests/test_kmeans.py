@@ -365,6 +365,22 @@ def test_build_refuses_nan_naming_token_id(tmp_path):
         build_sense_dictionary(store, K_DRIVER, progress=False)
 
 
+def test_build_settings_are_checked_once_before_any_work(tmp_path):
+    # The library now refuses what batched_kmeans and the cluster command refuse, through the one
+    # ClusterSettings object the command also builds (messages name parameters, or flags there).
+    from sense_jax.sense_builder import ClusterSettings
+
+    missing = tmp_path / "no-store"  # settings are checked before the store is opened
+    for kw, msg in [(dict(tol=-1.0), "^tol must be a finite number >= 0"), (dict(tol=float("nan")), "^tol must be"),
+                    (dict(max_iter=-1), "^max_iter must be an integer >= 0"), (dict(chunk_tokens=0), "^chunk_tokens"),
+                    (dict(memory_budget=0), "^memory_budget"), (dict(metric="hamming"), "unknown metric")]:
+        with pytest.raises(SenseJaxError, match=msg):
+            build_sense_dictionary(missing, K_DRIVER, progress=False, **kw)
+    with pytest.raises(SenseJaxError, match="^--tol must be a finite number >= 0, got -1"):
+        ClusterSettings(k=2, tol=-1.0, option_names=True)
+    assert ClusterSettings(k=np.int64(3)).k == 3 and type(ClusterSettings(k=np.int64(3)).k) is int
+
+
 def test_cluster_command(built, tmp_path, capsys):
     store, sd_ref = built
     out = tmp_path / "dict"

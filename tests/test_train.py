@@ -410,7 +410,7 @@ def test_checkpoints_and_exports_record_their_provenance(full_run, tmp_path):
 _SPY = textwrap.dedent("""
     import json, sys
     sys.path[:0] = [sys.argv[1]]
-    from sense_jax import trainer as T
+    from sense_jax.training import data as T  # where the trainer tokenises (training and held-out)
     log, real = open(sys.argv[2], "w"), T.tokenize
 
     def spy(tok, texts, max_length, batch_size=None):  # what this process tokenises

@@ -156,7 +156,8 @@ def load_bench_model(path: str | os.PathLike, layer: int | None = None) -> Bench
       SenseJaxError: unreadable model, no tokenizer, layer out of range, or ``layer`` other than the
         last for a student with an adaptor (the adaptor maps last-layer states only).
     """
-    from sense_jax.distill import load_adaptor, teacher_fingerprint
+    from sense_jax.distill import load_adaptor
+    from sense_jax.fingerprints import teacher_fingerprint
     from sense_jax.io_utils import read_json
     from sense_jax.loading import load_model
 

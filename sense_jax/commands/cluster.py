@@ -68,32 +68,28 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sense_jax.errors import SenseJaxError
-    from sense_jax.kmeans import build_sense_dictionary, validate_k
+    from sense_jax.sense_builder import ClusterSettings, build_with_settings
     from sense_jax.sense_dict import SenseDictionary
     from sense_jax.store import open_store
 
     import jax
 
-    validate_k(args.k, adaptive=args.adaptive, k_min=args.k_min)
+    if not (math.isfinite(args.memory_gb) and args.memory_gb > 0):
+        raise SenseJaxError(f"--memory-gb must be a finite number > 0, got {args.memory_gb}")
+    if args.max_iter < 1:  # the library accepts 0 (k-means++ only); the command asks for Lloyd steps
+        raise SenseJaxError(f"--max-iter must be >= 1, got {args.max_iter}")
+    # every k-means setting checked here, once, by the same object the library uses
+    settings = ClusterSettings(
+        k=args.k, adaptive=args.adaptive, k_min=args.k_min, max_iter=args.max_iter, tol=args.tol,
+        chunk_tokens=args.chunk_tokens, memory_budget=int(args.memory_gb * (1 << 30)), dtype=args.dtype,
+        metric=args.metric, spherical=args.spherical, option_names=True)
     use_cpu_devices(args.cpu_devices)
     out = Path(args.out)
     if out.exists() and not args.overwrite:  # fail before the (long) clustering
         raise SenseJaxError(f"{out} already exists; pass --overwrite to replace it")
-    if args.chunk_tokens is not None and args.chunk_tokens < 1:
-        raise SenseJaxError(f"--chunk-tokens must be >= 1, got {args.chunk_tokens}")
-    if args.max_iter < 1:
-        raise SenseJaxError(f"--max-iter must be >= 1, got {args.max_iter}")
-    if not (math.isfinite(args.tol) and args.tol >= 0):
-        raise SenseJaxError(f"--tol must be a finite number >= 0, got {args.tol}")
-    if not (math.isfinite(args.memory_gb) and args.memory_gb > 0):
-        raise SenseJaxError(f"--memory-gb must be a finite number > 0, got {args.memory_gb}")
     store = open_store(args.store)
     base = SenseDictionary.load(args.add_to) if args.add_to else None
-    sd = build_sense_dictionary(
-        store, args.k, seed=args.seed, adaptive=args.adaptive, k_min=args.k_min,
-        max_iter=args.max_iter, tol=args.tol, chunk_tokens=args.chunk_tokens,
-        memory_budget=int(args.memory_gb * (1 << 30)), dtype=args.dtype, metric=args.metric,
-        base=base, progress=not args.no_progress, spherical=args.spherical)
+    sd = build_with_settings(store, settings, seed=args.seed, base=base, progress=not args.no_progress)
     sd.save(out, dtype=args.dtype, overwrite=args.overwrite)
     st = sd.meta["stats"]
     size = sum(f.stat().st_size for f in out.iterdir())

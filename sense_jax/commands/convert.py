@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     meta = read_json(out / "sense_jax.json")
     print(f"converted {args.src} -> {out}: {meta['family']} ({meta['model_type']}), "
           f"{meta['param_count']:,} params"
+          + (f", sequence classification head ({meta['config']['num_labels']} labels)"
+             if (meta["config"].get("num_labels") or 0) > 0 else "")
           + (f", skipped {len(meta['skipped_tensors'])} buffer/head tensor(s)" if meta["skipped_tensors"] else "")
           + "".join(f", merged adapter {a['adapter']} ({a['merged_modules']} modules)"
                     for a in meta.get("merged_adapters") or []))

@@ -1,12 +1,15 @@
 """``sense-jax distill``: train a student by sense knowledge distillation (METHOD §3).
 
-The trainer lives in ``sense_jax/trainer.py`` (see its docstring for the design and outputs).
+The trainer lives in :mod:`sense_jax.training` (see its docstring for the design, outputs and
+modules). ``python -m train.distill ARGS`` is :func:`main`, the same command.
 Multi-host: the same command on every host with ``--distributed`` (see ``_distributed``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Sequence
 
 from sense_jax.commands import _distributed
 
@@ -50,8 +53,17 @@ def run(args: argparse.Namespace) -> int:
         print(msg + f"; best checkpoint in {result.run_dir / 'best'} (sense-jax export to write it out)")
         return 0
     if last:
-        msg += f": loss {last[-1]['loss']:.4f}, sense accuracy {last[-1]['accuracy']:.4f}"
+        msg += f": loss {last[-1]['loss']:.4f}"
+        if "accuracy" in last[-1]:
+            msg += f", sense accuracy {last[-1]['accuracy']:.4f}"
     if evals:
         msg += f", held-out sense accuracy {evals[-1]['accuracy']:.4f}"
     print(msg)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m train.distill ARGS`` = ``sense-jax distill ARGS``."""
+    from sense_jax.cli import main as cli_main
+
+    return cli_main(["distill", *(argv if argv is not None else sys.argv[1:])])

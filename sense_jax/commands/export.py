@@ -1,22 +1,34 @@
-"""``sense-jax export CKPT OUT``: a distilled student -> a transformers model directory."""
+"""``sense-jax export SRC OUT``: a distilled student, or a converted model, -> a transformers model directory."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
-HELP = "export a distilled student (run directory or checkpoints/) to a transformers model directory"
+HELP = ("export a distilled student (run directory or checkpoints/) or a converted model directory "
+        "to a transformers model directory")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="run directory of sense-jax distill (or its checkpoints/ directory)")
+    p.add_argument("ckpt", help="run directory of sense-jax distill (or its checkpoints/ directory), or a "
+                                "sense-jax convert directory (a sequence classification head is kept)")
     p.add_argument("out", help="output directory: config.json, model.safetensors, tokenizer, adaptor")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest complete)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
 def run(args: argparse.Namespace) -> int:
-    from sense_jax import trainer
+    from pathlib import Path
 
+    from sense_jax import trainer
+    from sense_jax.convert import METADATA_FILE, export_model
+
+    if (Path(args.ckpt) / METADATA_FILE).is_file():  # a converted model, not a run directory
+        out = export_model(args.ckpt, args.out, overwrite=args.overwrite)
+        arch = json.loads((Path(out) / "config.json").read_text(encoding="utf-8")).get("architectures") or ["?"]
+        loader = "AutoModelForSequenceClassification" if arch[0].endswith("ForSequenceClassification") else "AutoModel"
+        print(f"exported {args.ckpt} -> {out} (transformers {arch[0]}; load with {loader})")
+        return 0
     out = trainer.export_checkpoint(args.ckpt, args.out, step=args.step, overwrite=args.overwrite)
     print(f"exported {args.ckpt} -> {out} (transformers AutoModel directory + adaptor.safetensors)")
     return 0

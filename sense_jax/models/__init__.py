@@ -147,6 +147,35 @@ class ModelFamily:
             name = r.apply(name)
         return name
 
+    def init_fn(self, cfg: Any, *, boxed: bool = False) -> Callable[[Any], dict]:
+        """``key -> params`` of ``self.make_module(cfg)`` (pure, not jitted): the module's
+        initialisers run through :attr:`init_method` on a [1, 2] dummy batch.
+
+        With ``boxed`` the leaves keep their ``nn.Partitioned`` boxes (logical axis names, for
+        :func:`sense_jax.sharding.params_sharding`); else plain arrays (float32 unless the
+        config's ``param_dtype`` says otherwise).
+        """
+        import jax.numpy as jnp
+        from flax.core import meta
+
+        module = self.make_module(cfg)
+        method = getattr(module, self.init_method) if self.init_method else None
+
+        def init(key):
+            ids = jnp.zeros((1, 2), jnp.int32)
+            params = module.init(key, ids, jnp.ones_like(ids), method=method)["params"]
+            return params if boxed else meta.unbox(params)
+
+        return init
+
+    def abstract_params(self, cfg: Any, *, boxed: bool = False) -> dict:
+        """Shapes and dtypes of the params of ``cfg`` (a pytree of ShapeDtypeStruct, boxed in
+        ``nn.Partitioned`` with ``boxed``), by ``jax.eval_shape``: nothing is allocated. The one
+        abstract init used by conversion, students, sharding and the trainer."""
+        import jax
+
+        return jax.eval_shape(self.init_fn(cfg, boxed=boxed), jax.random.PRNGKey(0))
+
 
 # --- Input length ------------------------------------------------------------------------------
 # A learned position table (BERT, RoBERTa, DeBERTa with position_biased_input) has rows for a fixed

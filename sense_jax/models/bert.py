@@ -48,6 +48,10 @@ class BertConfig:
         position ids count non-pad tokens starting after ``padding_idx``, with pad tokens at
         ``padding_idx`` itself.
       add_pooler: the checkpoint has BertPooler weights (dense + tanh on the first token).
+      num_labels: outputs of the sequence classification head (:mod:`sense_jax.models.heads`);
+        0 for none. Set at conversion from a ``*ForSequenceClassification`` config.json (its
+        ``architectures`` and ``id2label``), not from ``num_labels`` alone, which every
+        transformers config carries.
       dtype: compute dtype name ("float32" or "bfloat16"); parameters are always float32.
     """
 
@@ -63,6 +67,7 @@ class BertConfig:
     pad_token_id: int = 0
     position_offset: int = 0
     add_pooler: bool = True
+    num_labels: int = 0
     model_type: str = "bert"
     dtype: str = "float32"
 
@@ -303,6 +308,11 @@ RULES: tuple[ParamRule, ...] = (
     *_layer_rules(),
     ParamRule("pooler.dense.weight", "pooler/kernel", LINEAR),
     ParamRule("pooler.dense.bias", "pooler/bias"),
+    # Sequence classification heads (sense_jax.models.heads): BERT's classifier after the pooler,
+    # RoBERTa's two-layer RobertaClassificationHead. Used only when the config has a head.
+    ParamRule("classifier.weight", "classifier/kernel", LINEAR),
+    ParamRule("classifier.bias", "classifier/bias"),
+    *dense_rules("classifier.", "classifier/", [("dense", "dense"), ("out_proj", "out_proj")]),
 )
 
 

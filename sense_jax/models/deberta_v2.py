@@ -57,6 +57,8 @@ class DebertaV2Config:
       embedding_size: width of the token embeddings (projected to hidden_size if different).
       conv_kernel_size / conv_groups / conv_act: the convolution after the first layer (0 = none).
       add_pooler: the checkpoint has ContextPooler weights (dense + act on the first token).
+      num_labels: outputs of the sequence classification head (:mod:`sense_jax.models.heads`);
+        0 for none; set at conversion from a DebertaV2ForSequenceClassification config.json.
       dtype: compute dtype name ("float32" or "bfloat16"); parameters are always float32.
     """
 
@@ -84,6 +86,7 @@ class DebertaV2Config:
     conv_act: str = "tanh"
     add_pooler: bool = False
     pooler_hidden_act: str = "gelu"
+    num_labels: int = 0
     model_type: str = "deberta-v2"
     dtype: str = "float32"
 
@@ -452,6 +455,9 @@ RULES: tuple[ParamRule, ...] = (
     ParamRule("encoder.conv.LayerNorm.bias", "conv/LayerNorm/bias"),
     ParamRule("pooler.dense.weight", "pooler/kernel", LINEAR),
     ParamRule("pooler.dense.bias", "pooler/bias"),
+    # DebertaV2ForSequenceClassification's classifier after the ContextPooler (sense_jax.models.heads).
+    ParamRule("classifier.weight", "classifier/kernel", LINEAR),
+    ParamRule("classifier.bias", "classifier/bias"),
 )
 
 

@@ -66,6 +66,9 @@ class LlamaConfig:
         :mod:`sense_jax.pooling`); LLM2Vec uses "mean" for its supervised Llama-3 models.
       add_pooler: always False (no pooler in this family); present so that family-agnostic
         code can treat every config alike.
+      num_labels: outputs of the sequence classification ``score`` head
+        (:mod:`sense_jax.models.heads`); 0 for none; set at conversion from a
+        ``*ForSequenceClassification`` config.json.
       dtype: compute dtype name ("float32" or "bfloat16"); parameters are always float32.
     """
 
@@ -95,6 +98,7 @@ class LlamaConfig:
     pooling: str = "mean"
     pad_token_id: int | None = None
     add_pooler: bool = False
+    num_labels: int = 0
     model_type: str = "llama"
     dtype: str = "float32"
 
@@ -523,6 +527,8 @@ RULES: tuple[ParamRule, ...] = (
     *_layer_rules(),
     ParamRule("norm.weight", "norm/scale"),
     ParamRule("lm_head.weight", "lm_head/kernel", LINEAR),
+    # *ForSequenceClassification's score (no bias) on the last non-pad token (sense_jax.models.heads).
+    ParamRule("score.weight", "score/kernel", LINEAR),
 )
 
 

@@ -1,0 +1,196 @@
+"""The SKD training loop: inputs read, the one restore (or a fresh state), steps, held-out
+evaluation, checkpoints, metrics. The parts it ties live beside it in :mod:`sense_jax.training`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+
+from sense_jax.compile_cache import enable_compile_cache
+from sense_jax.convert import copy_tokenizer_files
+from sense_jax.errors import ConfigError, SenseJaxError
+from sense_jax.io_utils import write_json_atomic
+from sense_jax.sharding import process_rows
+from sense_jax.training.checkpoint import check_resume, checkpoint_manager, restore_latest, save_checkpoint
+from sense_jax.training.config import DistillConfig
+from sense_jax.training.data import PassageStream, eval_batches, read_passages, split_held_out
+from sense_jax.training.metrics import MetricsWriter, plot_curves
+from sense_jax.training.setup import Setup, init_state, put_batch, setup
+from sense_jax.training.step import TrainState
+
+
+class TrainingDiverged(SenseJaxError):
+    """The loss or the gradient became NaN/inf; the message names the step and the last checkpoint."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns: the final state (on device), the run's setup, its directory,
+    every metric record written (``kind`` "train" / "eval"), and the step it resumed from."""
+
+    state: TrainState
+    setup: Setup
+    run_dir: Path
+    history: list[dict]
+    resumed_from: int | None
+
+
+def evaluate(s: Setup, params, eval_passages: Sequence[str]) -> dict:
+    """Held-out sense accuracy and SKD loss over at most ``eval_batches`` batches."""
+    B, T = s.cfg.batch_size, s.cfg.max_length
+    rows = process_rows(s.layout.eval_batch, (B, T), 0)
+    tot = {"skd_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+    for b in eval_batches(s.teacher.tokenizer, eval_passages, B, T, s.cfg.eval_batches, rows):
+        dev = {k: (jax.device_put(v, s.layout.eval_batch) if jax.process_count() == 1 else
+                   jax.make_array_from_process_local_data(s.layout.eval_batch, v, (B, T))) for k, v in b.items()}
+        m = jax.device_get(s.eval_step(params, dev))
+        for k in tot:
+            tot[k] += float(m[k])
+    n = max(tot["tokens"], 1.0)
+    return {"accuracy": tot["correct"] / n, "skd": tot["skd_sum"] / n, "tokens": tot["tokens"]}
+
+
+def _passages(cfg: DistillConfig, passages, eval_passages) -> tuple[list[str], list[str]]:
+    """The training and held-out passages: given, or read from the config's corpora (with
+    ``eval_fraction`` held out when there is no ``eval_data``)."""
+    if passages is None:
+        if not cfg.train_data:
+            raise ConfigError("config: train_data is required")
+        passages = read_passages(cfg.train_data, cfg.text_field)
+    passages = list(passages)
+    if eval_passages is None:
+        if cfg.eval_data:
+            eval_passages = read_passages(cfg.eval_data, cfg.text_field)
+        else:
+            passages, eval_passages = split_held_out(passages, cfg.eval_fraction, cfg.seed)
+    return passages, eval_passages
+
+
+def steps_for_epochs(cfg: DistillConfig, epochs: float) -> int:
+    """Optimizer updates that make ``epochs`` passes over the passages :func:`train` would train
+    on with ``cfg`` (its corpus less the held-out share, exactly as :func:`train` splits it):
+    ``max(1, ceil(epochs x passages / (batch_size x grad_accum)))``; ``cfg.steps`` is ignored."""
+    passages, _ = _passages(dataclasses.replace(cfg, eval_data=""), None, [] if cfg.eval_data else None)
+    return max(1, math.ceil(epochs * len(passages) / (cfg.batch_size * cfg.grad_accum)))
+
+
+def train(cfg: DistillConfig, *, passages: Sequence[str] | None = None,
+          eval_passages: Sequence[str] | None = None, sense_dict=None, stop_after: int | None = None,
+          log: Callable[[str], None] | None = None) -> TrainResult:
+    """Run (or resume) SKD training as configured.
+
+    Args:
+      cfg: the run config (:func:`load_config`).
+      passages / eval_passages: in-memory corpora (tests); else read from ``cfg.train_data`` /
+        ``cfg.eval_data`` (or ``eval_fraction`` held out, chosen with ``seed``).
+      sense_dict: an in-memory dictionary instead of ``cfg.senses``.
+      stop_after: return after this step as if the process were killed there (no final save;
+        pending async saves are still finished). For resume tests.
+
+    Returns:
+      :class:`TrainResult` (final state on device, metric records).
+
+    Raises:
+      TrainingDiverged: a NaN/inf loss or gradient at step s; checkpoints up to the last good
+        step are kept, nothing is saved after it.
+      ConfigError / SenseJaxError: bad input, named.
+    """
+    enable_compile_cache()
+    log = log or (lambda m: print(m, file=sys.stderr))
+    run_dir = Path(cfg.out_dir)
+    passages, eval_passages = _passages(cfg, passages, eval_passages)
+    s = setup(cfg, sense_dict=sense_dict)
+    if s.teacher.tokenizer is None:
+        raise SenseJaxError(f"teacher {s.meta['teacher_path']}: no tokenizer files")
+    # Inputs are valid: only now does the run directory appear.
+    mngr = checkpoint_manager(run_dir / "checkpoints", save_every=cfg.save_every, keep=cfg.keep_checkpoints)
+    try:
+        restored = restore_latest(mngr, s.layout.abstract_state, log=log,
+                                  check=lambda saved, where: check_resume(saved, s.meta, where))
+        if jax.process_index() == 0:  # after the resume check: a refused run changes nothing
+            (run_dir / "tokenizer").mkdir(parents=True, exist_ok=True)
+            copy_tokenizer_files(Path(s.meta["teacher_path"]), run_dir / "tokenizer")
+            write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
+        if restored is None:
+            state, micro, start = init_state(s), 0, 0
+        else:
+            state, data, start = restored
+            micro = int(data["micro_batches"])
+            log(f"resuming from step {start} ({run_dir / 'checkpoints' / str(start)})")
+        return _loop(s, state, micro, start, passages, eval_passages, mngr, run_dir, stop_after, log,
+                      resumed_from=None if restored is None else start)
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+
+
+def _loop(s: Setup, state, micro, start, passages, eval_passages, mngr, run_dir, stop_after, log,
+          resumed_from):
+    cfg = s.cfg
+    stream = PassageStream(passages, s.teacher.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed,
+                           cfg.group_by_length)
+    metrics_out = MetricsWriter(run_dir, resumed_from, cfg.tensorboard)
+    rows = process_rows(s.layout.batch, (cfg.grad_accum, cfg.batch_size, cfg.max_length), 1)
+    last_saved = resumed_from
+    end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
+    bar = None
+    if cfg.progress and jax.process_index() == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="distill", dynamic_ncols=True)
+
+    def finish_step(step: int, m_dev, t0: float) -> None:
+        m = {k: float(v) for k, v in jax.device_get(m_dev).items()}
+        if not m.pop("finite") or not math.isfinite(m["loss"]):
+            where = (f"the last good checkpoint is step {last_saved} in {run_dir / 'checkpoints'}"
+                     if last_saved is not None else "no checkpoint was saved")
+            raise TrainingDiverged(f"loss is {m['loss']} (grad norm {m['grad_norm']}) at step {step}; "
+                                   f"training stopped, {where}")
+        dt = max(time.perf_counter() - t0, 1e-9)
+        rec = {"kind": "train", "step": step, **m, "tokens_per_s": m["real_tokens"] / dt}
+        if step % cfg.log_every == 0 or step == end:
+            metrics_out.write(rec)
+        if bar is not None:
+            bar.update(1)
+            acc = {"acc": f"{m['accuracy']:.3f}"} if "accuracy" in m else {}
+            bar.set_postfix(loss=f"{m['loss']:.4f}", **acc, tok_s=f"{rec['tokens_per_s']:.0f}")
+
+    try:
+        pending = None  # (step, metrics) of the step whose metrics are not yet read: one step lag
+        for step in range(start + 1, end + 1):
+            t0 = time.perf_counter()
+            batch = put_batch(s, stream.step_batches(micro, cfg.grad_accum, cfg.pad_to_buckets, rows))
+            state, m_dev = s.train_step(state, batch)
+            micro += cfg.grad_accum
+            if pending is not None:
+                finish_step(*pending)
+            pending = (step, m_dev, t0)
+            due_save = step % cfg.save_every == 0 or (step == cfg.steps)
+            due_eval = eval_passages and s.eval_step is not None and (  # no dictionary: nothing to score
+                cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps)
+            if due_save or due_eval:  # never save or evaluate a state whose loss is unchecked
+                finish_step(*pending)
+                pending = None
+            if due_eval:
+                e = evaluate(s, state.params, eval_passages)
+                metrics_out.write({"kind": "eval", "step": step, **e})
+                log(f"step {step}: held-out sense accuracy {e['accuracy']:.4f} ({int(e['tokens'])} tokens)")
+            if due_save and save_checkpoint(mngr, state, micro, s.meta):
+                last_saved = step
+        if pending is not None:
+            finish_step(*pending)
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics_out.close()
+    if cfg.plot and jax.process_index() == 0 and stop_after is None:
+        plot_curves(metrics_out.records, run_dir / "curves.png")
+    return TrainResult(state=state, setup=s, run_dir=run_dir, history=metrics_out.records,
+                       resumed_from=resumed_from)
+

@@ -1,0 +1,221 @@
+"""The train state, the optimizer and the pure train / eval steps (METHOD §3, STYLE §8-9).
+
+``make_train_step`` returns the pure ``step(state, batch, frozen) -> (state, metrics)``; the
+teacher's params and the sense dictionary come in as the read-only ``frozen`` argument (never
+closed over, never in the state). :mod:`sense_jax.training.setup` jits it once with shardings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from sense_jax.distill import apply_adaptor, distill_losses, hidden_mse_loss
+from sense_jax.sense_dict import gather_senses
+from sense_jax.training.config import DistillConfig
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a resume needs besides the data position (all device arrays).
+
+    Attributes:
+      step: int32 scalar, optimizer updates done.
+      params: ``{"student": BERT params, "adaptor": {"dense": {kernel [S, D], bias [D]}}}`` plus
+        ``"pooler"`` ({kernel [D, D], bias [D]}, the teacher's, frozen) when the teacher has one.
+      opt_state: the optax state.
+      rng: uint32[2] base PRNG key; step s uses ``fold_in(rng, s)``.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def make_schedule(cfg: DistillConfig) -> optax.Schedule:
+    """Learning rate at update s: linear warmup from 0 over ``warmup_steps``, then cosine decay
+    to ``end_learning_rate`` at ``steps``."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1), end_value=cfg.end_learning_rate)
+
+
+# Top-level names of the input-embedding subtree in each family's params (BERT / DeBERTa
+# "embeddings", Llama "embed_tokens"), frozen by ``freeze_embeddings``.
+INPUT_EMBEDDINGS = ("embeddings", "embed_tokens")
+
+
+def frozen_paths(cfg: DistillConfig, params: dict) -> tuple[tuple[str, ...], ...]:
+    """Paths of the subtrees of ``params`` that training never changes.
+
+    Always the teacher's pooler (``("pooler",)``, copied into the student for its head); with
+    ``freeze_embeddings`` also the student's input embeddings (``("student", "embeddings")``).
+    """
+    paths = [("pooler",)] if "pooler" in params else []
+    if cfg.freeze_embeddings:
+        paths += [("student", k) for k in INPUT_EMBEDDINGS if k in params["student"]]
+    return tuple(paths)
+
+
+def split_frozen(params: dict, paths) -> tuple[dict, dict]:
+    """``(trainable, frozen)``: ``params`` with the subtrees at ``paths`` moved into ``frozen``
+    (same nesting), so that gradients are taken, and carried through accumulation, only for
+    what trains. :func:`merge_frozen` inverts it."""
+    trainable, frozen = dict(params), {}
+    for path in paths:
+        src, dst = trainable, frozen
+        for k in path[:-1]:
+            src[k] = src = dict(src[k])
+            dst = dst.setdefault(k, {})
+        dst[path[-1]] = src.pop(path[-1])
+    return trainable, frozen
+
+
+def merge_frozen(trainable: dict, frozen: dict) -> dict:
+    """The inverse of :func:`split_frozen` (nested dicts merged key by key)."""
+    out = dict(trainable)
+    for k, v in frozen.items():
+        out[k] = merge_frozen(out[k], v) if k in out else v
+    return out
+
+
+def make_optimizer(cfg: DistillConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm -> AdamW(:func:`make_schedule`); :func:`frozen_paths` get no update
+    and no optimizer state (``params["pooler"]``; the input embeddings with
+    ``freeze_embeddings``).
+
+    Weight decay applies to matrices (ndim >= 2) only, not to biases or LayerNorm.
+    """
+    schedule = make_schedule(cfg)
+    train = optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity(),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                    mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
+    )
+    def labels(p):
+        trainable, frozen = split_frozen(p, frozen_paths(cfg, p))
+        return merge_frozen(jax.tree.map(lambda _: "train", trainable),
+                            jax.tree.map(lambda _: "frozen", frozen))
+
+    return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
+
+
+def _student_forward(student_module, params, batch):
+    """Adapted student states A(h_student) [B, T, D] float32."""
+    h = student_module.apply({"params": params["student"]}, batch["input_ids"], batch["attention_mask"],
+                             batch["token_type_ids"])
+    return apply_adaptor(params["adaptor"], h)
+
+
+def _step_token_counts(sense_dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """``(tokens with a dictionary entry, real tokens)`` of a whole step's [A, B, T] batch, each
+    at least 1 (float32): the denominators of SKD / accuracy and of MSE. Without a dictionary
+    the first is the second (unused)."""
+    real = batch["attention_mask"].astype(bool)
+    real_count = jnp.maximum(real.sum(), 1).astype(jnp.float32)
+    if sense_dict is None:
+        return real_count, real_count
+    _, valid = gather_senses(sense_dict, batch["input_ids"])  # the codebook gather is dead code
+    return jnp.maximum((valid[..., 0] & real).sum(), 1).astype(jnp.float32), real_count
+
+
+def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Callable:
+    """The pure step ``step(state, batch, frozen) -> (state, metrics)`` (not yet jitted).
+
+    Args (of the returned function):
+      state: :class:`TrainState`.
+      batch: dict of [A, B, T] int32 (A = grad_accum micro-batches).
+      frozen: ``(teacher_params, sense_dict)``, read-only; ``sense_dict`` is None when
+        ``skd_weight`` is 0 (the MSE baseline: no dictionary is gathered or scored).
+
+    Gradient accumulation: a ``lax.scan`` over the A micro-batches sums their gradients, then
+    one optimizer update. Each micro-batch divides its per-token sums by the token counts of the
+    *whole step* (tokens with an entry for SKD and accuracy, real tokens for MSE), so the step's
+    loss and gradient are those of one batch of A·B passages, however the tokens fall into
+    micro-batches (averaging each micro-batch's own token mean would weight a token of a short
+    micro-batch more).
+
+    Metrics (float32 scalars): loss, skd, mse, accuracy (sense agreement; token means over the
+    step), tokens (with an entry), real_tokens (mask sum), grad_norm, lr, finite (1.0 if the
+    update was applied). Without a dictionary: loss, mse, real_tokens, grad_norm, lr, finite.
+    A non-finite loss or gradient leaves the state unchanged (``finite`` = 0) and the host stops.
+    """
+    tx, schedule = make_optimizer(cfg), make_schedule(cfg)
+
+    def loss_fn(trainable, fixed, mb, teacher_params, sense_dict, key, counts):
+        del key  # no dropout in the student; threaded for stochastic extensions
+        params = merge_frozen(trainable, fixed)
+        teacher = teacher_module.apply({"params": teacher_params}, mb["input_ids"], mb["attention_mask"],
+                                       mb["token_type_ids"])
+        teacher = jax.lax.stop_gradient(teacher)
+        student = _student_forward(student_module, params, mb)
+        if sense_dict is None:  # the MSE baseline (skd_weight = 0)
+            mse = hidden_mse_loss(student, teacher, mb["attention_mask"], counts[1])
+            return cfg.mse_weight * mse, {"loss": cfg.mse_weight * mse, "mse": mse}
+        m = distill_losses(sense_dict, mb["input_ids"], mb["attention_mask"], student, teacher,
+                           skd_weight=cfg.skd_weight, mse_weight=cfg.mse_weight, metric=cfg.metric,
+                           skd_tokens=counts[0], real_tokens=counts[1])
+        return m["loss"], m
+
+    def step(state: TrainState, batch: dict, frozen: tuple) -> tuple[TrainState, dict]:
+        step.traces += 1  # counts compilations (tests assert one)
+        teacher_params, sense_dict = frozen
+        key = jax.random.fold_in(state.rng, state.step)
+        counts = _step_token_counts(sense_dict, batch)
+
+        # Gradients only for what trains: frozen subtrees (the pooler; the input embeddings with
+        # freeze_embeddings) are closed over, so no [V, D] gradient is built or carried, and get
+        # zero "gradients" only for the optimizer's tree structure (folded away by XLA).
+        trainable, fixed = split_frozen(state.params, frozen_paths(cfg, state.params))
+
+        def micro(carry, xs):
+            g_acc, m_acc = carry
+            mb, i = xs
+            (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(
+                trainable, fixed, mb, teacher_params, sense_dict, jax.random.fold_in(key, i), counts)
+            g_acc = jax.tree.map(jnp.add, g_acc, g)
+            m_acc = {k: m_acc[k] + m[k] for k in m_acc}
+            return (g_acc, m_acc), None
+
+        zeros_g = jax.tree.map(jnp.zeros_like, trainable)
+        names = ("loss", "mse") if sense_dict is None else ("loss", "skd", "mse", "accuracy", "tokens")
+        zeros_m = {k: jnp.zeros((), jnp.float32) for k in names}
+        (grads, metrics), _ = jax.lax.scan(micro, (zeros_g, zeros_m),
+                                           (batch, jnp.arange(batch["input_ids"].shape[0])))
+        grads = merge_frozen(grads, jax.tree.map(jnp.zeros_like, fixed))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        gnorm = optax.tree.norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(gnorm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = TrainState(step=state.step + finite.astype(state.step.dtype),
+                               params=keep(params, state.params),
+                               opt_state=keep(opt_state, state.opt_state), rng=state.rng)
+        metrics.update(grad_norm=gnorm, lr=schedule(state.step), finite=finite.astype(jnp.float32),
+                       real_tokens=batch["attention_mask"].sum().astype(jnp.float32))
+        return new_state, metrics
+
+    step.traces = 0
+    step.tx = tx
+    return step
+
+
+def make_eval_step(cfg: DistillConfig, student_module, teacher_module) -> Callable:
+    """``eval(params, batch [B, T], frozen) -> {"skd_sum", "correct", "tokens"}`` (sums, float32)."""
+    def ev(params, batch, frozen):
+        teacher_params, sense_dict = frozen
+        teacher = teacher_module.apply({"params": teacher_params}, batch["input_ids"],
+                                       batch["attention_mask"], batch["token_type_ids"])
+        student = _student_forward(student_module, params, batch)
+        m = distill_losses(sense_dict, batch["input_ids"], batch["attention_mask"], student, teacher,
+                           metric=cfg.metric)
+        return {"skd_sum": m["skd"] * m["tokens"], "correct": m["accuracy"] * m["tokens"],
+                "tokens": m["tokens"]}
+
+    return ev
+

@@ -1,0 +1,95 @@
+"""Parts of the split trainer (issue 12): the config checks itself, the trainer counts the epochs'
+steps, the optimizer state is sharded like the params it follows, one abstract init per family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import pytest
+
+import sense_jax
+from sense_jax import trainer as T
+from sense_jax.errors import ConfigError
+
+FIXTURE = Path(__file__).parent / "data" / "ckpt_v0"
+SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
+
+
+def test_a_directly_built_config_is_checked():
+    with pytest.raises(ConfigError, match=r"config: steps=0: must be >= 1"):
+        T.DistillConfig(steps=0)
+    with pytest.raises(ConfigError, match="metric"):
+        T.DistillConfig(metric="dotty")
+
+
+def test_steps_for_epochs_counts_the_trainers_own_training_passages():
+    # 40 passages; eval_fraction 0.05 holds out int(40 * 0.05) = 2, so 38 train: ceil(38 / 3) = 13.
+    cfg = T.DistillConfig(train_data=str(SENTENCES), batch_size=3)
+    assert len(SENTENCES.read_text(encoding="utf-8").splitlines()) == 40
+    assert T.steps_for_epochs(cfg, 1.0) == 13
+    assert T.steps_for_epochs(cfg, 0.5) == 7      # ceil(19 / 3)
+    # A separate held-out corpus: all 40 train, ceil(40 / 3) = 14; accumulation counts A x B.
+    held = T.DistillConfig(train_data=str(SENTENCES), eval_data=str(SENTENCES), batch_size=3)
+    assert T.steps_for_epochs(held, 1.0) == 14
+    assert T.steps_for_epochs(T.DistillConfig(train_data=str(SENTENCES), batch_size=2, grad_accum=2), 1.0) == 10
+
+
+def _by_path(tree) -> dict[tuple, object]:
+    return {tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in p): x
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_optimizer_moments_are_sharded_like_their_params(freeze):
+    teacher = sense_jax.load_model(FIXTURE / "teacher")
+    from sense_jax.distill import split_pooler, truncated_student
+
+    scfg, _ = truncated_student(teacher.config, split_pooler(jax.device_get(teacher.params))[0], 1)
+    cfg = T.DistillConfig(fsdp=True, freeze_embeddings=freeze, batch_size=1)
+    layout = T.make_layout(cfg, teacher.family, scfg, teacher.config, True, T.make_optimizer(cfg))
+    params = _by_path(layout.state.params)
+    moments = {p: s for p, s in _by_path(layout.state.opt_state).items() if {"mu", "nu"} & set(p)}
+    assert any(s.spec != jax.sharding.PartitionSpec() for s in params.values())  # FSDP shards some
+    n = 0
+    for path, s in moments.items():
+        key = path[path.index("mu" if "mu" in path else "nu") + 1:]
+        assert s.spec == params[key].spec, path
+        n += 1
+    frozen = 2 + (5 if freeze else 0)  # pooler kernel, bias (+ the embeddings: 3 tables, LayerNorm scale, bias)
+    assert n == 2 * (len(params) - frozen)
+    others = [s for p, s in _by_path(layout.state.opt_state).items() if not {"mu", "nu"} & set(p)]
+    assert others and all(s.spec == jax.sharding.PartitionSpec() for s in others)  # counts: replicated
+    # The abstract state is what a step-0 state of these configs holds.
+    assert jax.tree.structure(layout.abstract_state.opt_state) == jax.tree.structure(
+        jax.eval_shape(T.make_optimizer(cfg).init, layout.abstract_state.params))
+
+
+def test_one_abstract_init_per_family_matches_a_real_init():
+    from sense_jax.convert import abstract_params, init_params
+
+    teacher = sense_jax.load_model(FIXTURE / "teacher")
+    real = init_params(teacher.family, teacher.config, seed=3)
+    for abstract in (abstract_params(teacher.family, teacher.config), teacher.family.abstract_params(teacher.config)):
+        assert jax.tree.structure(abstract) == jax.tree.structure(real)
+        assert [(a.shape, a.dtype) for a in jax.tree.leaves(abstract)] == \
+            [(r.shape, r.dtype) for r in jax.tree.leaves(real)]
+    boxed = teacher.family.abstract_params(teacher.config, boxed=True)
+    names = {tuple(x.names) for x in jax.tree.leaves(boxed, is_leaf=lambda x: hasattr(x, "names"))}
+    assert ("vocab", "embed") in names or any("embed" in n for n in names)
+
+
+def test_the_mse_baseline_needs_no_sense_dictionary(tmp_path):
+    # Before: "config: senses (the sense dictionary directory) is required", and every step
+    # gathered the dictionary and scored sense accuracy it did not train on.
+    from make_checkpoint_fixture import config_overrides
+
+    sets = config_overrides(FIXTURE, tmp_path / "run", 2) + ["senses=", "skd_weight=0", "mse_weight=1",
+                                                              "eval_every=1", "log_every=1"]
+    result = T.train(T.load_config(None, sets), log=lambda m: None)
+    assert int(result.state.step) == 2 and result.setup.sense_dict is None
+    assert [r["kind"] for r in result.history] == ["train", "train"]  # nothing to score held out
+    for r in result.history:
+        assert r["loss"] == r["mse"] > 0 and "accuracy" not in r and "skd" not in r
+    out = T.export_checkpoint(tmp_path / "run", tmp_path / "hf", log=lambda m: None)
+    assert (Path(out) / "model.safetensors").exists()
