@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from sense_jax.errors import SenseJaxError
-from sense_jax.trainer import PassageStream
+from sense_jax.training.data import PassageStream
 
 BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -65,7 +65,7 @@ def example_lengths(tokenizer: Any, texts: Sequence[Sequence[str]], max_length: 
 
 
 class ExampleStream(PassageStream):
-    """:class:`~sense_jax.trainer.PassageStream` over labelled examples.
+    """:class:`~sense_jax.training.data.PassageStream` over labelled examples.
 
     Args:
       texts: one or two lists of N strings (``LabelledData.texts``).
@@ -189,7 +189,7 @@ def replace_by_senses(sense_dict, input_ids, states, metric: str):
 
 def make_task_loss(cfg: Any, student_module, teacher_module, head_fn: Callable) -> Callable:
     """``loss_fn(params, micro_batch, frozen, key, counts) -> (loss, metrics)`` of a task run
-    (for :func:`sense_jax.trainer.make_step`).
+    (for :func:`sense_jax.training.step.make_step`).
 
     Args:
       cfg: run config: ``objective`` (:data:`sense_jax.task_losses.OBJECTIVES`), ``skd_weight``,
@@ -378,33 +378,35 @@ def recorded_vocabulary(model_dir: str | Path):
 
 def task_setup(cfg: Any, data: TaskData, *, sense_dict=None, devices=None):
     """Models, head, dictionary, shardings and jitted functions of a task run (a
-    :class:`sense_jax.trainer.Setup`).
+    :class:`sense_jax.training.setup.Setup`).
 
     Fine-tuning (``objective="finetune"``): the student is the model itself (every layer, no
     adaptor) and its head trains: the model's own when it has one with ``num_labels`` outputs,
     else a fresh one (:func:`sense_jax.models.heads.init_head_params`, seeded). Task
     distillation (any other objective): the teacher must have a head with ``num_labels``
     outputs (fine-tune it first); the head is copied onto the student, behind the adaptor, and
-    frozen (:func:`sense_jax.trainer.frozen_paths`). The dictionary (``cfg.senses``) is needed
+    frozen (:func:`sense_jax.training.step.frozen_paths`). The dictionary (``cfg.senses``) is needed
     by ``skd`` and ``sense_replace``, and used, when given, for the dev figures with senses.
 
     Raises:
       ConfigError: a head whose ``num_labels`` differs from the data's, a teacher without a head
-        for distillation, a missing dictionary, and :func:`sense_jax.trainer.setup`'s checks.
+        for distillation, a missing dictionary, and :func:`sense_jax.training.setup.setup`'s checks.
     """
     import jax
 
     from sense_jax import distill as D
-    from sense_jax import trainer as T
     from sense_jax.errors import ConfigError
     from sense_jax.loading import load_model
+    from sense_jax.training.layout import layout_for
+    from sense_jax.training.setup import Setup, _student, _teacher_path
+    from sense_jax.training.step import make_step
     from sense_jax.models import check_input_length
     from sense_jax.models.heads import abstract_head_params, head_logits, init_head_params
     from sense_jax.provenance import check_provenance, provenance
     from sense_jax.sense_dict import SenseDictionary
 
     finetune = cfg.objective == "finetune"
-    tpath = T._teacher_path(cfg)
+    tpath = _teacher_path(cfg)
     teacher = load_model(tpath, dtype=cfg.compute_dtype)
     tcfg, family = teacher.config, teacher.family
     check_input_length(cfg.max_length, tcfg, "config: max_length", f"teacher {tpath}'s", ConfigError,
@@ -438,19 +440,19 @@ def task_setup(cfg: Any, data: TaskData, *, sense_dict=None, devices=None):
         scfg, sparams = dataclasses.replace(enc_cfg, dtype=cfg.compute_dtype), tparams
         params = {"student": sparams, "head": head}
     else:
-        scfg, sparams = T.make_student(cfg, teacher, tparams)
+        scfg, sparams = _student(cfg, teacher, tpath, tparams)
         params = {"student": sparams, "head": head,
                   "adaptor": D.init_adaptor(scfg.hidden_size, tcfg.hidden_size, seed=cfg.seed)}
     student_module = family.make_module(scfg)
     teacher_module = family.make_module(enc_cfg)
     head_fn = functools.partial(head_logits, dataclasses.replace(head_cfg, dtype=cfg.compute_dtype))
-    raw = T.make_step(cfg, make_task_loss(cfg, student_module, teacher_module, head_fn), task_counts, TASK_METRICS)
-    boxed = {"student": T._boxed_abstract(family, scfg), "head": abstract_head_params(head_cfg, boxed=True)}
+    raw = make_step(cfg, make_task_loss(cfg, student_module, teacher_module, head_fn), task_counts, TASK_METRICS)
+    boxed = {"student": family.abstract_params(scfg, boxed=True), "head": abstract_head_params(head_cfg, boxed=True)}
     if "adaptor" in params:
         boxed["adaptor"] = jax.eval_shape(lambda: D.init_adaptor(scfg.hidden_size, tcfg.hidden_size, boxed=True))
     uses_teacher = cfg.objective in ("skd", "mse", "logit_kd")
-    teacher_boxed = T._boxed_abstract(family, dataclasses.replace(enc_cfg, dtype=cfg.compute_dtype))
-    layout = T.layout_for(cfg, boxed, teacher_boxed, raw.tx, devices)
+    teacher_boxed = family.abstract_params(dataclasses.replace(enc_cfg, dtype=cfg.compute_dtype), boxed=True)
+    layout = layout_for(cfg, boxed, teacher_boxed, raw.tx, devices)
     repl = lambda tree: jax.tree.map(lambda _: layout.replicated, tree)
     frozen, frozen_sh = {}, {}
     if uses_teacher:
@@ -482,7 +484,7 @@ def task_setup(cfg: Any, data: TaskData, *, sense_dict=None, devices=None):
                                   "senses": int(sense_dict.centres.shape[0]), "k_max": sense_dict.k_max}
                                  if sense_dict is not None else {}),
             "provenance": provenance()}
-    return T.Setup(cfg=cfg, teacher=teacher, family=family, student_cfg=scfg, student_module=student_module,
+    return Setup(cfg=cfg, teacher=teacher, family=family, student_cfg=scfg, student_module=student_module,
                    teacher_module=teacher_module, init_params=params, sense_dict=sense_dict, layout=layout,
                    frozen=frozen, train_step=lambda state, batch: jitted(state, batch, frozen),
                    raw_step=raw, eval_step=lambda params, batch: ev(params, batch, frozen), meta=meta)
@@ -601,15 +603,15 @@ def best_manager(run_dir: Path, create: bool = True):
 
 
 def task_hooks(s, data: TaskData, log: Callable[[str], None]):
-    """The loop's hooks for a task run (:class:`sense_jax.trainer.LoopHooks`): dev evaluation
+    """The loop's hooks for a task run (:class:`sense_jax.training.loop.LoopHooks`): dev evaluation
     every ``eval_every`` steps (and at the end) with the task's metrics; each new best dev
     figure (the main metric of the first dev split) saves the params to ``best/``; after
     ``patience`` evaluations without a new best the run stops; the early-stopping state goes into
     every checkpoint and comes back on resume."""
     import orbax.checkpoint as ocp
 
-    from sense_jax import trainer as T
     from sense_jax.task_losses import EarlyStopping
+    from sense_jax.training.loop import LoopHooks
 
     es = EarlyStopping(patience=s.cfg.patience, mode="max")
     key = data.main_metric
@@ -646,7 +648,7 @@ def task_hooks(s, data: TaskData, log: Callable[[str], None]):
         best = f" (best {es.best:.4f} at step {es.best_step})" if es.best is not None else ""
         return f"dev {key} {rec[key]:.4f}{extra}{best}"
 
-    return T.LoopHooks(evaluate=lambda params: evaluate_task(s, params, data), describe=describe,
+    return LoopHooks(evaluate=lambda params: evaluate_task(s, params, data), describe=describe,
                        after_eval=after_eval, stopped=lambda: es.should_stop,
                        checkpoint_data=lambda: {"early_stopping": es.to_dict()},
                        postfix=("loss", "task", "accuracy"),
@@ -655,13 +657,13 @@ def task_hooks(s, data: TaskData, log: Callable[[str], None]):
 
 
 def prepare_task(cfg: Any, *, sense_dict=None, log: Callable[[str], None] = print):
-    """Everything :func:`sense_jax.trainer.run` needs for a task run: ``(setup, stream, hooks)``.
+    """Everything :func:`sense_jax.training.loop.run` needs for a task run: ``(setup, stream, hooks)``.
 
     The label vocabulary recorded beside the teacher (a fine-tuned model's
     ``label_vocabulary.json``) is the one the data must fit."""
-    from sense_jax import trainer as T
+    from sense_jax.training.setup import _teacher_path
 
-    vocab = recorded_vocabulary(T._teacher_path(cfg))
+    vocab = recorded_vocabulary(_teacher_path(cfg))
     data = load_task_data(cfg, vocabulary=vocab)
     s = task_setup(cfg, data, sense_dict=sense_dict)
     stream = ExampleStream(data.train.texts, data.train.labels, s.teacher.tokenizer, cfg.batch_size,
@@ -684,11 +686,11 @@ def restore_best(run_dir: str | Path) -> tuple[dict, dict]:
     import jax
     import orbax.checkpoint as ocp
 
-    from sense_jax import trainer as T
-    from sense_jax.convert import abstract_params
     from sense_jax.distill import init_adaptor
     from sense_jax.models import get_family
     from sense_jax.models.heads import abstract_head_params
+    from sense_jax.training.checkpoint import _short
+    from sense_jax.training.export import _config_from_dict
 
     import logging
 
@@ -709,18 +711,18 @@ def restore_best(run_dir: str | Path) -> tuple[dict, dict]:
         step = max(steps)
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         family = get_family(meta["family"])
-        scfg = T._config_from_dict(family, meta["student_config"], meta["teacher_hf_config"])
-        hcfg = T._config_from_dict(family, meta["head_config"], meta["teacher_hf_config"])
-        abstract = {"student": abstract_params(family, scfg), "head": abstract_head_params(hcfg)}
+        scfg = _config_from_dict(family, meta["student_config"], meta["teacher_hf_config"])
+        hcfg = _config_from_dict(family, meta["head_config"], meta["teacher_hf_config"])
+        abstract = {"student": family.abstract_params(scfg), "head": abstract_head_params(hcfg)}
         if meta["config"].get("objective") != "finetune":
-            tcfg = T._config_from_dict(family, meta["teacher_config"], meta["teacher_hf_config"])
+            tcfg = _config_from_dict(family, meta["teacher_config"], meta["teacher_hf_config"])
             abstract["adaptor"] = jax.eval_shape(lambda: init_adaptor(scfg.hidden_size, tcfg.hidden_size))
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
         try:
             params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
         except Exception as e:
-            raise SenseJaxError(f"{run_dir / BEST_DIR / str(step)}: cannot be restored ({T._short(e)})") from None
+            raise SenseJaxError(f"{run_dir / BEST_DIR / str(step)}: cannot be restored ({_short(e)})") from None
     finally:
         mngr.close()
     meta["family_config"] = {"student": scfg, "head": hcfg}
@@ -841,7 +843,6 @@ def load_classifier(source: str | Path, *, senses: str | None = None, batch_size
 
     import jax
 
-    from sense_jax import trainer as T
     from sense_jax.distill import check_sense_dict, split_pooler
     from sense_jax.loading import _load_tokenizer, load_model
     from sense_jax.models import get_family

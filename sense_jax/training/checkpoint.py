@@ -55,14 +55,16 @@ def checkpoint_manager(directory: str | os.PathLike, *, save_every: int, keep: i
     return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=ITEMS)
 
 
-def save_checkpoint(mngr, state: TrainState, micro_batches: int, meta: dict) -> bool:
-    """Save step ``state.step`` asynchronously (the caller decides when); False if already saved."""
+def save_checkpoint(mngr, state: TrainState, micro_batches: int, meta: dict, extra: dict | None = None) -> bool:
+    """Save step ``state.step`` asynchronously (the caller decides when); False if already saved.
+
+    ``extra``: more JSON for the ``data`` item (a task run's early-stopping state)."""
     step = int(jax.device_get(state.step))
     if step in mngr.all_steps():
         return False
     return mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave({"micro_batches": int(micro_batches), "step": step}),
+        data=ocp.args.JsonSave({**(extra or {}), "micro_batches": int(micro_batches), "step": step}),
         meta=ocp.args.JsonSave(meta)), force=True)
 
 
@@ -233,6 +235,9 @@ def check_resume(saved: dict, current: dict, where: str) -> None:
     for k, v in (saved.get("student_config") or {}).items():
         if k != "dtype" and v != current["student_config"].get(k):
             refuse(f"student {k}", v, current["student_config"].get(k), "the checkpoint's student")
+    if saved.get("label_vocabulary") not in (None, current.get("label_vocabulary")):
+        old_v, new_v = saved["label_vocabulary"], current.get("label_vocabulary") or {}
+        refuse("labels", old_v.get("names") or "regression", new_v.get("names") or "regression", "the same data")
     if saved.get("has_pooler", current["has_pooler"]) != current["has_pooler"]:
         refuse("a teacher pooler", saved["has_pooler"], current["has_pooler"], "the checkpoint's teacher")
     check_provenance(saved.get("provenance"), f"checkpoint {where}")

@@ -66,6 +66,22 @@ class DistillConfig:
     progress: bool = True            # tqdm progress bar
     tensorboard: bool = True         # also write TensorBoard events when tensorboardX is installed
     plot: bool = True                # write curves.png at the end
+    # Task (fine-tuning, task distillation; sense_jax/task_train.py). task = "" and task_data = "":
+    # plain SKD on train_data, as above.
+    task: str = ""                   # named task (sense_jax.tasks: cola, sst2, mrpc, qqp, stsb, mnli, qnli,
+                                     # rte, wnli, wic, wordnet-lexfile) or "" (your data: text_fields, label_field)
+    task_data: str = ""              # the task's data (sense_jax.tasks.load_split: a directory of train and
+                                     # dev files, a saved DatasetDict; one train file with eval_data the dev file)
+    text_fields: str = ""            # your data: "sentence1[,sentence2]"
+    label_field: str = "label"       # your data: the label field
+    task_regression: bool = False    # your data: real-valued labels (a one-output head, MSE)
+    max_train_examples: int = 0      # a seeded sample of this many training examples (0 = all)
+    max_eval_examples: int = 0       # the same for each dev split (0 = all)
+    objective: str = "skd"           # with a task: skd, task_only, logit_kd, mse; finetune (sense-jax finetune)
+    kd_temperature: float = 2.0      # logit_kd: softmax temperature T (Hinton et al. 2015)
+    kd_alpha: float = 0.5            # logit_kd: weight of the soft loss (1 - kd_alpha on the task loss)
+    sense_replace: bool = False      # the task loss reads the student's states after sense replacement
+    patience: int = 0                # early stopping: dev evaluations without improvement (0 = off)
 
     def __post_init__(self):
         # Every config is checked, also one built directly (the pipeline, tests), not only a loaded one.
@@ -78,13 +94,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "runlocal": dict(steps=20, batch_size=4, max_length=32, warmup_steps=2, learning_rate=1e-3,
                      save_every=10, keep_checkpoints=2, eval_every=10, eval_batches=2,
                      student_layers=2, out_dir="runs/distill-local"),
+    # sense-jax finetune: BERT's fine-tuning recipe (Devlin et al. 2019, A.3: lr 2e-5..5e-5, batch
+    # 32, warmup), evaluated on dev every 100 steps, early stopping after 5 evaluations.
+    "finetune": dict(objective="finetune", learning_rate=5e-5, batch_size=32, steps=1000, warmup_steps=100,
+                     max_length=128, eval_every=100, save_every=100, patience=5, out_dir="runs/finetune"),
 }
 
 # Fields that may change between a run and its resume (everything else must match).
 # Sharding choices may change too: a checkpoint restores onto any mesh.
 RESUMABLE_CHANGES = {"out_dir", "save_every", "keep_checkpoints", "eval_every", "eval_batches",
                      "log_every", "progress", "tensorboard", "plot", "steps", "train_data",
-                     "eval_data", "fsdp", "mesh_data", "mesh_model"}
+                     "eval_data", "fsdp", "mesh_data", "mesh_model", "patience", "task_data",
+                     "max_eval_examples"}
 _FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
 
 
@@ -101,7 +122,20 @@ def _validate(cfg: DistillConfig) -> DistillConfig:
               "student_intermediate_size", "clip_norm", "weight_decay", "skd_weight", "mse_weight",
               "learning_rate", "end_learning_rate", "group_by_length"):
         need(getattr(cfg, k) >= 0, k, "must be >= 0")
-    need(cfg.skd_weight + cfg.mse_weight > 0, "skd_weight", "skd_weight + mse_weight must be > 0")
+    if not cfg.task and not cfg.task_data:
+        need(cfg.skd_weight + cfg.mse_weight > 0, "skd_weight", "skd_weight + mse_weight must be > 0")
+        need(cfg.objective == "skd", "objective", "an objective other than skd needs a task (task=NAME or task_data=DIR)")
+    else:
+        from sense_jax.task_losses import OBJECTIVES
+
+        need(cfg.objective in (*OBJECTIVES, "finetune"), "objective",
+             f"choose {', '.join(OBJECTIVES)} (or finetune, which sense-jax finetune sets)")
+        need(cfg.kd_temperature > 0, "kd_temperature", "must be > 0")
+        need(0.0 <= cfg.kd_alpha <= 1.0, "kd_alpha", "must be in [0, 1]")
+        need(bool(cfg.task) or bool(cfg.text_fields), "text_fields",
+             "your own task data needs text_fields (sentence1[,sentence2]) and label_field")
+    for k in ("patience", "max_train_examples", "max_eval_examples"):
+        need(getattr(cfg, k) >= 0, k, "must be >= 0")
     need(0.0 <= cfg.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
     need(cfg.metric in ("dot", "cos", "l2"), "metric", "choose dot, cos or l2")
     need(cfg.compute_dtype in ("float32", "bfloat16"), "compute_dtype",
@@ -119,7 +153,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     Args:
       path: a ``.json`` / ``.yaml`` / ``.yml`` file holding a mapping of config keys, or None.
       overrides: ``"key=value"`` strings (the CLI's ``--set``), applied last.
-      preset: "default" or "runlocal" (a tiny run).
+      preset: "default", "runlocal" (a tiny run) or "finetune" (sense-jax finetune).
 
     Raises:
       ConfigError: unknown preset, unknown key (named, with the closest known key), a value of

@@ -77,9 +77,21 @@ def make_layout(cfg: DistillConfig, family, student_cfg, teacher_cfg, has_pooler
       ConfigError: the mesh does not fit the device count, or batch_size is not a multiple of
         the data axis.
     """
+    boxed, teacher_boxed = boxed_params(family, student_cfg, teacher_cfg, has_pooler)
+    return layout_for(cfg, boxed, teacher_boxed, tx, devices)
+
+
+def layout_for(cfg: DistillConfig, boxed: dict, teacher_boxed: dict | None, tx: optax.GradientTransformation,
+               devices=None) -> Layout:
+    """:func:`make_layout` of any trained params: ``boxed`` is their abstract pytree with the
+    logical-axis boxes still on (a task run's ``{"student", "head", "adaptor"}``,
+    :mod:`sense_jax.task_train`), ``teacher_boxed`` the teacher's (or None).
+
+    Raises:
+      ConfigError: as :func:`make_layout`.
+    """
     mesh = _mesh(cfg, list(devices if devices is not None else jax.devices()))
     rules = FSDP_RULES if cfg.fsdp else DEFAULT_RULES
-    boxed, teacher_boxed = boxed_params(family, student_cfg, teacher_cfg, has_pooler)
     opt_boxed = _drop_empty_boxes(jax.eval_shape(tx.init, boxed))
     repl = NamedSharding(mesh, P())
     state_sh = TrainState(step=repl, params=params_sharding(boxed, mesh, rules),
@@ -89,5 +101,6 @@ def make_layout(cfg: DistillConfig, family, student_cfg, teacher_cfg, has_pooler
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     return Layout(mesh=mesh, state=state_sh, abstract_state=abstract,
                   batch=NamedSharding(mesh, P(None, "data", None)), eval_batch=NamedSharding(mesh, P("data", None)),
-                  teacher=params_sharding(teacher_boxed, mesh, rules), replicated=repl)
+                  teacher=None if teacher_boxed is None else params_sharding(teacher_boxed, mesh, rules),
+                  replicated=repl)
 

@@ -1,5 +1,8 @@
-"""The SKD training loop: inputs read, the one restore (or a fresh state), steps, held-out
-evaluation, checkpoints, metrics. The parts it ties live beside it in :mod:`sense_jax.training`."""
+"""The training loop of every run: inputs read, the one restore (or a fresh state), steps, held-out
+evaluation, checkpoints, metrics. SKD feeds it passages (:func:`skd_hooks`); fine-tuning and task
+distillation labelled examples, with dev evaluation and early stopping
+(:func:`sense_jax.task_train.prepare_task`), through :class:`LoopHooks`. The parts it ties live
+beside it in :mod:`sense_jax.training`."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -103,9 +106,63 @@ def train(cfg: DistillConfig, *, passages: Sequence[str] | None = None,
     """
     enable_compile_cache()
     log = log or (lambda m: print(m, file=sys.stderr))
-    run_dir = Path(cfg.out_dir)
+    if cfg.task or cfg.task_data:  # fine-tuning or task distillation: labelled examples
+        from sense_jax.task_train import prepare_task
+
+        s, stream, hooks = prepare_task(cfg, sense_dict=sense_dict, log=log)
+        return run(s, stream, hooks, stop_after=stop_after, log=log)
     passages, eval_passages = _passages(cfg, passages, eval_passages)
     s = setup(cfg, sense_dict=sense_dict)
+    stream = PassageStream(passages, s.teacher.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed,
+                           cfg.group_by_length)
+    return run(s, stream, skd_hooks(s, eval_passages), stop_after=stop_after, log=log)
+
+
+@dataclasses.dataclass
+class LoopHooks:
+    """What a kind of run adds to the one training loop (:func:`run`).
+
+    Attributes:
+      evaluate: ``params -> dict`` of held-out figures (an ``eval`` record of metrics.jsonl), or
+        None (no held-out data). SKD: sense accuracy; a task: the dev metrics (sense_jax.task_train).
+      describe: an eval record -> the line logged after each evaluation.
+      after_eval: ``(step, record, state) -> None`` after each evaluation (a task keeps its best
+        checkpoint and counts evaluations without improvement here).
+      stopped: ``() -> bool``: stop now (early stopping); checked before the first step and after
+        each evaluation; the step is then saved, so that a restarted run stops at once too.
+      checkpoint_data: ``() -> dict`` saved in each checkpoint's ``data`` item beside the data
+        position (a task: the early-stopping state).
+      resume: receives a restored checkpoint's ``data`` item before the loop starts.
+      close: called when the run ends, however it ends.
+      postfix: metrics shown on the progress bar; desc: its label.
+    """
+
+    evaluate: Callable[[Any], dict] | None = None
+    describe: Callable[[dict], str] = lambda rec: ""
+    after_eval: Callable[[int, dict, Any], None] | None = None
+    stopped: Callable[[], bool] = lambda: False
+    checkpoint_data: Callable[[], dict] = dict
+    resume: Callable[[dict], None] = lambda data: None
+    close: Callable[[], None] = lambda: None
+    postfix: tuple[str, ...] = ("loss", "accuracy")
+    desc: str = "distill"
+
+
+def skd_hooks(s: Setup, eval_passages: Sequence[str]) -> LoopHooks:
+    """SKD's hooks: held-out sense accuracy on ``eval_passages`` (no evaluation when they are
+    empty, or without a dictionary, the MSE baseline: nothing to score)."""
+    return LoopHooks(
+        evaluate=(lambda params: evaluate(s, params, eval_passages)) if eval_passages and s.eval_step else None,
+        describe=lambda e: f"held-out sense accuracy {e['accuracy']:.4f} ({int(e['tokens'])} tokens)")
+
+
+def run(s: Setup, stream: PassageStream, hooks: LoopHooks, *, stop_after: int | None = None,
+        log: Callable[[str], None] = print) -> TrainResult:
+    """Open (or resume) the run directory of ``s`` and train ``stream``'s batches: what every kind
+    of run shares (checkpoint manager, the resume check and restore, tokenizer and config files,
+    the loop). ``hooks`` (:class:`LoopHooks`) adds evaluation, early stopping and the data a
+    checkpoint carries besides the data position."""
+    cfg, run_dir = s.cfg, Path(s.cfg.out_dir)
     if s.teacher.tokenizer is None:
         raise SenseJaxError(f"teacher {s.meta['teacher_path']}: no tokenizer files")
     # Inputs are valid: only now does the run directory appear.
@@ -122,28 +179,30 @@ def train(cfg: DistillConfig, *, passages: Sequence[str] | None = None,
         else:
             state, data, start = restored
             micro = int(data["micro_batches"])
+            hooks.resume(data)
             log(f"resuming from step {start} ({run_dir / 'checkpoints' / str(start)})")
-        return _loop(s, state, micro, start, passages, eval_passages, mngr, run_dir, stop_after, log,
-                      resumed_from=None if restored is None else start)
+        return _loop(s, state, micro, start, stream, mngr, run_dir, stop_after, log,
+                     None if restored is None else start, hooks)
     finally:
         mngr.wait_until_finished()
         mngr.close()
+        hooks.close()
 
 
-def _loop(s: Setup, state, micro, start, passages, eval_passages, mngr, run_dir, stop_after, log,
-          resumed_from):
+def _loop(s: Setup, state, micro, start, stream, mngr, run_dir, stop_after, log, resumed_from,
+          hooks: LoopHooks):
     cfg = s.cfg
-    stream = PassageStream(passages, s.teacher.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed,
-                           cfg.group_by_length)
     metrics_out = MetricsWriter(run_dir, resumed_from, cfg.tensorboard)
     rows = process_rows(s.layout.batch, (cfg.grad_accum, cfg.batch_size, cfg.max_length), 1)
     last_saved = resumed_from
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
+    if hooks.stopped():  # a run that stopped early, started again
+        end = start
     bar = None
     if cfg.progress and jax.process_index() == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=start, desc="distill", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=start, desc=hooks.desc, dynamic_ncols=True)
 
     def finish_step(step: int, m_dev, t0: float) -> None:
         m = {k: float(v) for k, v in jax.device_get(m_dev).items()}
@@ -158,8 +217,8 @@ def _loop(s: Setup, state, micro, start, passages, eval_passages, mngr, run_dir,
             metrics_out.write(rec)
         if bar is not None:
             bar.update(1)
-            acc = {"acc": f"{m['accuracy']:.3f}"} if "accuracy" in m else {}
-            bar.set_postfix(loss=f"{m['loss']:.4f}", **acc, tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.set_postfix(**{k: f"{m[k]:.4f}" for k in hooks.postfix if k in m},
+                            tok_s=f"{rec['tokens_per_s']:.0f}")
 
     try:
         pending = None  # (step, metrics) of the step whose metrics are not yet read: one step lag
@@ -172,17 +231,25 @@ def _loop(s: Setup, state, micro, start, passages, eval_passages, mngr, run_dir,
                 finish_step(*pending)
             pending = (step, m_dev, t0)
             due_save = step % cfg.save_every == 0 or (step == cfg.steps)
-            due_eval = eval_passages and s.eval_step is not None and (  # no dictionary: nothing to score
-                cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps)
+            due_eval = hooks.evaluate is not None and (cfg.eval_every and step % cfg.eval_every == 0
+                                                       or step == cfg.steps)
             if due_save or due_eval:  # never save or evaluate a state whose loss is unchecked
                 finish_step(*pending)
                 pending = None
+            stop = False
             if due_eval:
-                e = evaluate(s, state.params, eval_passages)
-                metrics_out.write({"kind": "eval", "step": step, **e})
-                log(f"step {step}: held-out sense accuracy {e['accuracy']:.4f} ({int(e['tokens'])} tokens)")
-            if due_save and save_checkpoint(mngr, state, micro, s.meta):
+                rec = {"kind": "eval", "step": step, **hooks.evaluate(state.params)}
+                metrics_out.write(rec)
+                if hooks.after_eval is not None:
+                    hooks.after_eval(step, rec, state)
+                log(f"step {step}: {hooks.describe(rec)}")
+                stop = hooks.stopped()
+                if stop:
+                    log(f"step {step}: stopping early (no dev improvement in {cfg.patience} evaluations)")
+            if (due_save or stop) and save_checkpoint(mngr, state, micro, s.meta, hooks.checkpoint_data()):
                 last_saved = step
+            if stop:
+                break
         if pending is not None:
             finish_step(*pending)
     finally:
@@ -193,4 +260,3 @@ def _loop(s: Setup, state, micro, start, passages, eval_passages, mngr, run_dir,
         plot_curves(metrics_out.records, run_dir / "curves.png")
     return TrainResult(state=state, setup=s, run_dir=run_dir, history=metrics_out.records,
                        resumed_from=resumed_from)
-

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from sense_jax import distill as D
 from sense_jax.errors import ConfigError
@@ -72,6 +72,8 @@ def _student(cfg: DistillConfig, teacher, tpath: str, tparams: dict) -> tuple[An
         sparams, _ = D.split_pooler(jax.device_get(smodel.params))
         scfg = dataclasses.replace(smodel.config, add_pooler=False)
     scfg = dataclasses.replace(scfg, dtype=cfg.compute_dtype)
+    if getattr(scfg, "num_labels", 0):  # the encoder alone: a head is the caller's business
+        scfg = dataclasses.replace(scfg, num_labels=0)
     check_input_length(cfg.max_length, scfg, "config: max_length", f"student {cfg.student}'s", ConfigError,
                        "set max_length <= {limit}")
     return scfg, sparams
@@ -172,7 +174,9 @@ def init_state(s: Setup) -> TrainState:
 
 
 def put_batch(s: Setup, micro_batches: list[dict], sharding: NamedSharding | None = None) -> dict:
-    """Stack micro-batches to [A, b, T] and place them on the mesh as [A, B, T] (B = batch_size).
+    """Stack micro-batches to [A, b, ...] and place them on the mesh as [A, B, ...] (B = batch_size).
+
+    Every array of the micro-batches goes, its sharding ``sharding``'s spec cut to its rank.
 
     ``micro_batches`` hold this process's rows (:func:`~sense_jax.sharding.process_rows` of
     ``sharding``, by default ``s.layout.batch``): all B rows with one process, B / P with P
@@ -180,11 +184,12 @@ def put_batch(s: Setup, micro_batches: list[dict], sharding: NamedSharding | Non
     """
     sharding = sharding or s.layout.batch
     out = {}
-    for k in ("input_ids", "attention_mask", "token_type_ids"):
+    for k in micro_batches[0]:  # the token arrays [b, T]; a task's labels and weights [b]
         a = np.stack([mb[k] for mb in micro_batches])
+        sh = NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[:a.ndim]))
         if jax.process_count() == 1:
-            out[k] = jax.device_put(a, sharding)
+            out[k] = jax.device_put(a, sh)
         else:
-            shape = (a.shape[0], s.cfg.batch_size, a.shape[2])
-            out[k] = jax.make_array_from_process_local_data(sharding, a, shape)
+            shape = (a.shape[0], s.cfg.batch_size, *a.shape[2:])
+            out[k] = jax.make_array_from_process_local_data(sh, a, shape)
     return out

@@ -7,7 +7,7 @@ closed over, never in the state). :mod:`sense_jax.training.setup` jits it once w
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,10 +53,14 @@ INPUT_EMBEDDINGS = ("embeddings", "embed_tokens")
 def frozen_paths(cfg: DistillConfig, params: dict) -> tuple[tuple[str, ...], ...]:
     """Paths of the subtrees of ``params`` that training never changes.
 
-    Always the teacher's pooler (``("pooler",)``, copied into the student for its head); with
-    ``freeze_embeddings`` also the student's input embeddings (``("student", "embeddings")``).
+    Always the teacher's pooler (``("pooler",)``, copied into the student for its head) and, in
+    task distillation, the teacher's classification head (``("head",)``: pooler and classifier;
+    fine-tuning trains its head); with ``freeze_embeddings`` also the student's input embeddings
+    (``("student", "embeddings")``).
     """
     paths = [("pooler",)] if "pooler" in params else []
+    if "head" in params and cfg.objective != "finetune":
+        paths.append(("head",))
     if cfg.freeze_embeddings:
         paths += [("student", k) for k in INPUT_EMBEDDINGS if k in params["student"]]
     return tuple(paths)
@@ -124,67 +128,52 @@ def _step_token_counts(sense_dict, batch: dict) -> tuple[jax.Array, jax.Array]:
     return jnp.maximum((valid[..., 0] & real).sum(), 1).astype(jnp.float32), real_count
 
 
-def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Callable:
-    """The pure step ``step(state, batch, frozen) -> (state, metrics)`` (not yet jitted).
+def make_step(cfg: DistillConfig, loss_fn: Callable, count_fn: Callable, metric_keys: Sequence[str]) -> Callable:
+    """A pure training step ``step(state, batch, frozen) -> (state, metrics)`` around ``loss_fn``.
 
-    Args (of the returned function):
-      state: :class:`TrainState`.
-      batch: dict of [A, B, T] int32 (A = grad_accum micro-batches).
-      frozen: ``(teacher_params, sense_dict)``, read-only; ``sense_dict`` is None when
-        ``skd_weight`` is 0 (the MSE baseline: no dictionary is gathered or scored).
+    The trainer's one update rule, whatever the objective (SKD: :func:`make_train_step`; the task
+    objectives of :mod:`sense_jax.task_train`): gradients only for what trains (the
+    :func:`frozen_paths` subtrees are closed over, so no gradient is built or carried for them,
+    e.g. no [V, D] one with ``freeze_embeddings``; they get zero "gradients" only for the
+    optimizer's tree structure, folded away by XLA); a ``lax.scan`` over the A micro-batches
+    summing their gradients; one optimizer update (:func:`make_optimizer`). A non-finite loss or
+    gradient leaves the state unchanged (``finite`` = 0) and the host stops.
 
-    Gradient accumulation: a ``lax.scan`` over the A micro-batches sums their gradients, then
-    one optimizer update. Each micro-batch divides its per-token sums by the token counts of the
-    *whole step* (tokens with an entry for SKD and accuracy, real tokens for MSE), so the step's
-    loss and gradient are those of one batch of A·B passages, however the tokens fall into
-    micro-batches (averaging each micro-batch's own token mean would weight a token of a short
-    micro-batch more).
+    Args:
+      cfg: the run config.
+      loss_fn: ``(params, micro_batch, frozen, key, counts) -> (loss, metrics)`` for one
+        micro-batch; ``metrics`` holds float32 scalars under ``metric_keys``, summed over the
+        micro-batches (each term divides by the *whole step's* ``counts``, so the step's loss and
+        gradient are those of one batch of A·B rows, however they fall into micro-batches:
+        averaging each micro-batch's own mean would weight a row of a short micro-batch more).
+      count_fn: ``(batch [A, ...], frozen) -> counts`` (float32 scalars): the step's denominators.
+      metric_keys: the keys of ``metrics`` to sum (``loss`` among them).
 
-    Metrics (float32 scalars): loss, skd, mse, accuracy (sense agreement; token means over the
-    step), tokens (with an entry), real_tokens (mask sum), grad_norm, lr, finite (1.0 if the
-    update was applied). Without a dictionary: loss, mse, real_tokens, grad_norm, lr, finite.
-    A non-finite loss or gradient leaves the state unchanged (``finite`` = 0) and the host stops.
+    Returns:
+      ``step`` (not jitted; ``step.traces`` counts its tracings, tests assert one; ``step.tx`` is
+      the optimizer). Its metrics: ``metric_keys`` plus ``grad_norm``, ``lr``, ``finite`` (1.0 if
+      the update was applied), ``real_tokens`` (mask sum).
     """
     tx, schedule = make_optimizer(cfg), make_schedule(cfg)
 
-    def loss_fn(trainable, fixed, mb, teacher_params, sense_dict, key, counts):
-        del key  # no dropout in the student; threaded for stochastic extensions
-        params = merge_frozen(trainable, fixed)
-        teacher = teacher_module.apply({"params": teacher_params}, mb["input_ids"], mb["attention_mask"],
-                                       mb["token_type_ids"])
-        teacher = jax.lax.stop_gradient(teacher)
-        student = _student_forward(student_module, params, mb)
-        if sense_dict is None:  # the MSE baseline (skd_weight = 0)
-            mse = hidden_mse_loss(student, teacher, mb["attention_mask"], counts[1])
-            return cfg.mse_weight * mse, {"loss": cfg.mse_weight * mse, "mse": mse}
-        m = distill_losses(sense_dict, mb["input_ids"], mb["attention_mask"], student, teacher,
-                           skd_weight=cfg.skd_weight, mse_weight=cfg.mse_weight, metric=cfg.metric,
-                           skd_tokens=counts[0], real_tokens=counts[1])
-        return m["loss"], m
+    def micro_loss(trainable, fixed, mb, frozen, key, counts):
+        return loss_fn(merge_frozen(trainable, fixed), mb, frozen, key, counts)
 
-    def step(state: TrainState, batch: dict, frozen: tuple) -> tuple[TrainState, dict]:
-        step.traces += 1  # counts compilations (tests assert one)
-        teacher_params, sense_dict = frozen
+    def step(state: TrainState, batch: dict, frozen) -> tuple[TrainState, dict]:
+        step.traces += 1
         key = jax.random.fold_in(state.rng, state.step)
-        counts = _step_token_counts(sense_dict, batch)
-
-        # Gradients only for what trains: frozen subtrees (the pooler; the input embeddings with
-        # freeze_embeddings) are closed over, so no [V, D] gradient is built or carried, and get
-        # zero "gradients" only for the optimizer's tree structure (folded away by XLA).
+        counts = count_fn(batch, frozen)
         trainable, fixed = split_frozen(state.params, frozen_paths(cfg, state.params))
 
         def micro(carry, xs):
             g_acc, m_acc = carry
             mb, i = xs
-            (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(
-                trainable, fixed, mb, teacher_params, sense_dict, jax.random.fold_in(key, i), counts)
-            g_acc = jax.tree.map(jnp.add, g_acc, g)
-            m_acc = {k: m_acc[k] + m[k] for k in m_acc}
-            return (g_acc, m_acc), None
+            (_, m), g = jax.value_and_grad(micro_loss, has_aux=True)(
+                trainable, fixed, mb, frozen, jax.random.fold_in(key, i), counts)
+            return (jax.tree.map(jnp.add, g_acc, g), {k: m_acc[k] + m[k] for k in m_acc}), None
 
         zeros_g = jax.tree.map(jnp.zeros_like, trainable)
-        names = ("loss", "mse") if sense_dict is None else ("loss", "skd", "mse", "accuracy", "tokens")
-        zeros_m = {k: jnp.zeros((), jnp.float32) for k in names}
+        zeros_m = {k: jnp.zeros((), jnp.float32) for k in metric_keys}
         (grads, metrics), _ = jax.lax.scan(micro, (zeros_g, zeros_m),
                                            (batch, jnp.arange(batch["input_ids"].shape[0])))
         grads = merge_frozen(grads, jax.tree.map(jnp.zeros_like, fixed))
@@ -203,6 +192,44 @@ def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Calla
     step.traces = 0
     step.tx = tx
     return step
+
+
+def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Callable:
+    """The pure SKD step ``step(state, batch, frozen) -> (state, metrics)`` (:func:`make_step`;
+    not yet jitted).
+
+    Args (of the returned function):
+      state: :class:`TrainState`.
+      batch: dict of [A, B, T] int32 (A = grad_accum micro-batches).
+      frozen: ``(teacher_params, sense_dict)``, read-only; ``sense_dict`` is None when
+        ``skd_weight`` is 0 (the MSE baseline: no dictionary is gathered or scored).
+
+    Each micro-batch divides its per-token sums by the token counts of the whole step (tokens
+    with an entry for SKD and accuracy, real tokens for MSE: :func:`_step_token_counts`).
+
+    Metrics (float32 scalars): loss, skd, mse, accuracy (sense agreement; token means over the
+    step), tokens (with an entry), real_tokens (mask sum), grad_norm, lr, finite (1.0 if the
+    update was applied). Without a dictionary: loss, mse, real_tokens, grad_norm, lr, finite.
+    """
+
+    def loss_fn(params, mb, frozen, key, counts):
+        del key  # no dropout in the student; threaded for stochastic extensions
+        teacher_params, sense_dict = frozen
+        teacher = teacher_module.apply({"params": teacher_params}, mb["input_ids"], mb["attention_mask"],
+                                       mb["token_type_ids"])
+        teacher = jax.lax.stop_gradient(teacher)
+        student = _student_forward(student_module, params, mb)
+        if sense_dict is None:  # the MSE baseline (skd_weight = 0)
+            mse = hidden_mse_loss(student, teacher, mb["attention_mask"], counts[1])
+            return cfg.mse_weight * mse, {"loss": cfg.mse_weight * mse, "mse": mse}
+        m = distill_losses(sense_dict, mb["input_ids"], mb["attention_mask"], student, teacher,
+                           skd_weight=cfg.skd_weight, mse_weight=cfg.mse_weight, metric=cfg.metric,
+                           skd_tokens=counts[0], real_tokens=counts[1])
+        return m["loss"], m
+
+    # The setup passes no dictionary exactly when skd_weight is 0 (_load_checked).
+    names = ("loss", "mse") if cfg.skd_weight == 0 else ("loss", "skd", "mse", "accuracy", "tokens")
+    return make_step(cfg, loss_fn, lambda batch, frozen: _step_token_counts(frozen[1], batch), names)
 
 
 def make_eval_step(cfg: DistillConfig, student_module, teacher_module) -> Callable:
