@@ -170,6 +170,7 @@ class TaskPipeline:
                     objective=objective, seed=c.seed, batch_size=c.batch_size, max_length=c.max_length,
                     learning_rate=c.teacher_learning_rate if finetune else c.student_learning_rate,
                     student_layers=c.student_layers, kd_temperature=c.kd_temperature, kd_alpha=c.kd_alpha,
+                    mse_weight=1.0 if objective == "mse" else 0.0,
                     patience=c.patience, progress=c.progress, tensorboard=False, log_every=10,
                     group_by_length=16, keep_checkpoints=2)
         base.update(kw)

@@ -261,6 +261,8 @@ def test_bad_task_inputs_exit_2_with_one_line_and_write_nothing(finetuned, task_
           "--regression"], "train.jsonl:1"),
         (["distill", "--set", f"task_data={task_assets['data']}", "--set", "text_fields=sentence",
           "--set", "objective=hinton"], "objective"),
+        (["distill", "--set", f"task_data={task_assets['data']}", "--set", "text_fields=sentence",
+          "--set", "objective=mse"], "objective=mse needs mse_weight > 0"),
     ]
     for argv, needle in cases:
         rc, cap = _cli([*argv, "--set", "max_length=16"], capsys)

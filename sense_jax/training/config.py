@@ -131,6 +131,8 @@ def _validate(cfg: DistillConfig) -> DistillConfig:
         need(cfg.objective in (*OBJECTIVES, "finetune"), "objective",
              f"choose {', '.join(OBJECTIVES)} (or finetune, which sense-jax finetune sets)")
         need(cfg.kd_temperature > 0, "kd_temperature", "must be > 0")
+        need(cfg.objective != "mse" or cfg.mse_weight > 0, "mse_weight",
+             "objective=mse needs mse_weight > 0 (the weight of the hidden-state MSE beside the task loss)")
         need(0.0 <= cfg.kd_alpha <= 1.0, "kd_alpha", "must be in [0, 1]")
         need(bool(cfg.task) or bool(cfg.text_fields), "text_fields",
              "your own task data needs text_fields (sentence1[,sentence2]) and label_field")
