@@ -4,7 +4,7 @@ Compiling dominates first runs on small inputs (the k-means programs, one per sa
 bucket; the training step, one per length bucket; the extraction forward), so every
 ``sense-jax`` command and the Python entry points that run a job (:class:`~sense_jax.pipeline.Pipeline`,
 :func:`sense_jax.trainer.train`, :func:`sense_jax.extract.extract`,
-:func:`sense_jax.kmeans.build_sense_dictionary`) call :func:`enable_compile_cache`, and a second
+:func:`sense_jax.sense_builder.build_sense_dictionary`) call :func:`enable_compile_cache`, and a second
 run of anything reads its programs from disk instead of compiling them (JAX's persistent
 compilation cache, ``jax_compilation_cache_dir``).
 

@@ -53,7 +53,7 @@ def teacher_fingerprint(params: dict, vocab_size: int | None = None, tokenizer: 
     ``embeddings/word_embeddings/embedding``. The same weights and tokenizer files give the same
     id whether loaded from a transformers directory or a converted one, so a store or dictionary
     records which teacher built it (``meta["teacher_fingerprint"]``, see
-    :func:`sense_jax.distill.check_sense_dict`).
+    :func:`sense_jax.students.check_sense_dict`).
 
     Raises:
       SenseJaxError: no [vocab_size, D] parameter.

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from sense_jax.errors import ConversionError
+from sense_jax.hf_checkpoint import read_safetensors, read_torch_bin
 from sense_jax.io_utils import read_json
 
 _LORA_KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>A|B)(?:\.(?P<name>[^.]+))?\.weight$")
@@ -129,13 +130,11 @@ def _targets_module(target_modules: Any, module: str) -> bool:
 
 
 def _read_adapter_tensors(adapter_dir: Path) -> dict[str, np.ndarray]:
-    from sense_jax.convert import _read_safetensors, _read_torch_bin
-
     st, bn = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"
     if st.is_file():
-        return _read_safetensors(st)
+        return read_safetensors(st)
     if bn.is_file():
-        return _read_torch_bin(bn)
+        return read_torch_bin(bn)
     raise ConversionError(f"{adapter_dir}: no adapter_model.safetensors or adapter_model.bin")
 
 

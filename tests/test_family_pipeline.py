@@ -62,7 +62,7 @@ def _teacher(kind: str, out: Path, vocab: int):
 @pytest.mark.parametrize("kind", ["llama", "deberta"])
 def test_extract_cluster_distill_end_to_end(tmp_path, sentences, kind):
     from sense_jax.extract import extract
-    from sense_jax.kmeans import build_sense_dictionary
+    from sense_jax.sense_builder import build_sense_dictionary
     from sense_jax.store import open_store
     from sense_jax import trainer as T
 

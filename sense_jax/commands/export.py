@@ -21,7 +21,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sense_jax import trainer
-    from sense_jax.convert import METADATA_FILE, export_model
+    from sense_jax.convert import METADATA_FILE
+    from sense_jax.hf_export import export_model
 
     if (Path(args.ckpt) / METADATA_FILE).is_file():  # a converted model, not a run directory
         out = export_model(args.ckpt, args.out, overwrite=args.overwrite)

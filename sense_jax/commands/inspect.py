@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sense_jax.errors import SenseJaxError
-    from sense_jax.inspect import format_senses, token_senses
+    from sense_jax.inspection import format_senses, token_senses
 
     if args.contexts < 0:
         raise SenseJaxError(f"--contexts must be >= 0, got {args.contexts}")

@@ -14,7 +14,7 @@ import optax
 from flax.core import meta
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sense_jax.distill import init_adaptor
+from sense_jax.students import init_adaptor
 from sense_jax.errors import ConfigError
 from sense_jax.sharding import DEFAULT_RULES, FSDP_RULES, make_mesh, params_sharding
 from sense_jax.training.config import DistillConfig

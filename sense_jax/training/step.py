@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from sense_jax.distill import apply_adaptor, distill_losses, hidden_mse_loss
+from sense_jax.losses import distill_losses, hidden_mse_loss
+from sense_jax.students import apply_adaptor
 from sense_jax.sense_dict import gather_senses
 from sense_jax.training.config import DistillConfig
 
