@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from sense_jax.errors import ConfigError, ConversionError
@@ -68,7 +69,7 @@ def resolve_source(src: str | os.PathLike) -> Path:
     if str(src).count("/") > 1 or str(src).startswith((".", "/", "~")):
         raise ConversionError(f"model directory not found: {path}")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # only hub ids need it
 
         return Path(snapshot_download(str(src), allow_patterns=[
             "config.json", "*.safetensors", "*.safetensors.index.json", *TOKENIZER_FILES]))
@@ -314,8 +315,6 @@ def _untie_if_stored_apart(family: ModelFamily, cfg: Any, state: dict[str, np.nd
 
 def save_params(path: Path, params: dict) -> None:
     """Write a params pytree as an Orbax checkpoint at ``path`` (must not exist)."""
-    import orbax.checkpoint as ocp
-
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path.absolute(), params)
         ckptr.wait_until_finished()
@@ -331,8 +330,6 @@ def restore_params(path: Path, abstract: dict, sharding: Any = None) -> dict:
     Raises:
       ConversionError: the checkpoint is missing, partial, or its shapes differ.
     """
-    import orbax.checkpoint as ocp
-
     if sharding is None:
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         sharding = jax.tree.map(lambda _: dev, abstract)

@@ -23,16 +23,35 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import re
+import shutil
+import statistics
+import time
 from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (
+    accuracy_score, adjusted_rand_score, balanced_accuracy_score, f1_score, v_measure_score)
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from sense_jax import wordnet
 from sense_jax.batching import length_bucketed_batches, pad_batch
+from sense_jax.corpus import iter_passages
+from sense_jax.errors import SenseJaxError
+from sense_jax.hf_export import load_adaptor
+from sense_jax.io_utils import atomic_directory, write_json_atomic
+from sense_jax.loading import load_model
 from sense_jax.sense_dict import SenseDictionary, nearest_sense
+from sense_jax.store import open_store
+from sense_jax.students import truncated_student
 
 StatesFn = Callable[[np.ndarray, np.ndarray], jax.Array]
 EVAL_MAX_LENGTH = 128  # tokens per evaluated text: WordNet examples and definitions fit
@@ -162,8 +181,6 @@ def wsi_items(tokenizer, max_per_lemma: int = 40, max_lemmas: int | None = None,
     Raises:
       SenseJaxError: the tokenizer has no offset mapping (not a fast tokenizer).
     """
-    from sense_jax.errors import SenseJaxError
-
     if not getattr(tokenizer, "is_fast", False):
         raise SenseJaxError(f"WSI items need a fast tokenizer (offset mappings); got {type(tokenizer).__name__}")
     synsets = {s.id: s for s in wordnet.load_synsets()}
@@ -233,8 +250,6 @@ def sense_ids_at_targets(queries: Encoded, sense_dict: SenseDictionary, items: l
 
 def wsi_scores(items: list[WsiItem], sense_ids: list[np.ndarray]) -> dict:
     """Mean ARI and V-measure over lemmas (scikit-learn)."""
-    from sklearn.metrics import adjusted_rand_score, v_measure_score
-
     ari = [adjusted_rand_score(it.labels, s) for it, s in zip(items, sense_ids)]
     vm = [v_measure_score(it.labels, s) for it, s in zip(items, sense_ids)]
     return {"ari": float(np.mean(ari)), "v_measure": float(np.mean(vm)), "lemmas": len(items),
@@ -254,8 +269,6 @@ def wic_pairs(items: list[WsiItem], max_pairs_per_lemma: int = 30, seed: int = 0
 
 def wic_scores(items: list[WsiItem], sense_ids: list[np.ndarray], pairs) -> dict:
     """Balanced accuracy of "same sense id" as a predictor of "same synset"."""
-    from sklearn.metrics import balanced_accuracy_score
-
     y = [items[l].labels[i] == items[l].labels[j] for l, i, j in pairs]
     p = [sense_ids[l][i] == sense_ids[l][j] for l, i, j in pairs]
     return {"balanced_accuracy": float(balanced_accuracy_score(y, p)), "pairs": len(pairs),
@@ -264,11 +277,6 @@ def wic_scores(items: list[WsiItem], sense_ids: list[np.ndarray], pairs) -> dict
 
 def classification_scores(train_x, train_y, test_x, test_y, seed: int = 0) -> dict:
     """Logistic-regression probe on standardised features: accuracy and macro-F1 (scikit-learn)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=0.5, random_state=seed))
     clf.fit(train_x, train_y)
     pred = clf.predict(test_x)
@@ -443,8 +451,6 @@ def _fmt(x) -> str:
 
 
 def json_dumps(obj) -> str:
-    import json
-
     return json.dumps(obj, indent=2, sort_keys=True)
 
 
@@ -452,8 +458,6 @@ def json_dumps(obj) -> str:
 
 def _jit_states(module, params, adaptor: dict | None = None) -> StatesFn:
     """``(ids, mask) -> [B, T, D_teacher]``: a model, then optionally a torch-layout linear adaptor."""
-    import jax.numpy as jnp
-
     w = None if adaptor is None else (jnp.asarray(adaptor["weight"]), jnp.asarray(adaptor["bias"]))
 
     @jax.jit
@@ -467,11 +471,6 @@ def _jit_states(module, params, adaptor: dict | None = None) -> StatesFn:
 def build_variants(teacher_dir, senses_dir, senses_k1_dir, skd_dir=None, mse_dir=None,
                    student_layers: int = 2) -> tuple[dict[str, Variant], SenseDictionary, dict]:
     """The seven variants of the report from pipeline outputs; also returns the loaded models."""
-    import dataclasses as dc
-
-    from sense_jax.distill import load_adaptor, truncated_student
-    from sense_jax.loading import load_model
-
     teacher = load_model(teacher_dir)
     sd, sd1 = SenseDictionary.load(senses_dir), SenseDictionary.load(senses_k1_dir)
     t_states = _jit_states(teacher.module, teacher.params)
@@ -489,7 +488,7 @@ def build_variants(teacher_dir, senses_dir, senses_k1_dir, skd_dir=None, mse_dir
         mse = load_model(mse_dir)
         variants["mse_student"] = Variant("mse_student", _jit_states(mse.module, mse.params, load_adaptor(mse_dir)))
         models["mse_student"] = mse
-    tcfg, tparams = truncated_student(dc.replace(teacher.config, add_pooler=False),
+    tcfg, tparams = truncated_student(dataclasses.replace(teacher.config, add_pooler=False),
                                       {k: v for k, v in teacher.params.items() if k != "pooler"}, student_layers)
     variants["truncated_student"] = Variant("truncated_student",
                                             _jit_states(teacher.family.make_module(tcfg), tparams))
@@ -505,9 +504,6 @@ def param_bytes(params) -> tuple[int, int]:
 def measure_speed(variants: dict[str, Variant], token_ids: list[list[int]], pad_id: int,
                   batch_size: int = 64, reps: int = 3) -> dict:
     """Inference tokens/s of each variant on the same passages (compile excluded, median of reps)."""
-    import statistics
-    import time
-
     n_tokens = sum(len(t) for t in token_ids)
     out = {}
     for name, v in variants.items():
@@ -523,11 +519,10 @@ def measure_speed(variants: dict[str, Variant], token_ids: list[list[int]], pad_
 
 def plot_token_senses(store, sense_dict: SenseDictionary, token_id: int, label: str, path) -> None:
     """A 2-D PCA projection of a token's sampled contexts, coloured by nearest sense (PNG)."""
-    import matplotlib
+    import matplotlib  # only the plots need it (heavy); the non-interactive backend, set before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.decomposition import PCA
 
     x = np.asarray(store.token_vectors(token_id), np.float32)
     ids = np.full((len(x), 1), token_id, np.int32)
@@ -567,11 +562,6 @@ def write_report(report_dir, *, teacher_dir, senses_dir, senses_k1_dir, store_di
       config: the run's settings, copied into the report as they are.
       timings: seconds per stage, copied into the report.
     """
-    from pathlib import Path
-
-    from sense_jax.io_utils import atomic_directory, write_json_atomic
-    from sense_jax.store import open_store
-
     skd, mse = (d if d is not None and Path(d).is_dir() else None for d in (skd_student, mse_student))
     variants, sd, models = build_variants(teacher_dir, senses_dir, senses_k1_dir, skd, mse, student_layers)
     tok = models["teacher"].tokenizer
@@ -587,7 +577,6 @@ def write_report(report_dir, *, teacher_dir, senses_dir, senses_k1_dir, store_di
     size["store"] = {"vectors": int(store.vectors.shape[0]),
                      "bytes": int(sum(p.stat().st_size for p in Path(store.path).iterdir()))}
     report["size"] = size
-    from sense_jax.corpus import iter_passages
 
     lines = list(iter_passages(corpus))  # the passages as extraction read them
     rng = np.random.default_rng(suite.seed)
@@ -602,8 +591,6 @@ def write_report(report_dir, *, teacher_dir, senses_dir, senses_k1_dir, store_di
     with atomic_directory(report_dir, overwrite=True) as tmp:
         for run, path in (curves or {}).items():
             if Path(path).exists():
-                import shutil
-
                 shutil.copy2(path, tmp / f"curves_{run}.png")
         vocab = tok.get_vocab()
         counts = np.asarray(store.n_samples())

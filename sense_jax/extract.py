@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from sense_jax.compile_cache import enable_compile_cache
 from sense_jax.corpus import CorpusStats, PassageHasher, corpus_files, iter_passages, quick_fingerprint
 from sense_jax.errors import SenseJaxError
 from sense_jax.extract_forward import forward_stage
@@ -64,10 +65,12 @@ from sense_jax.extract_job import (IDENTITY_KEYS, WORK_SUFFIX, Counted, Job, exi
                                    fail_point, load_counted, prepare_work_dir, save_counted, work_dir)
 from sense_jax.fingerprints import config_hash, teacher_fingerprint, tokenizer_hash
 from sense_jax.io_utils import replace_directory
+from sense_jax.loading import Model, load_model
 from sense_jax.multiprocess import allgather_many, barrier, broadcast_ints, process_info
 from sense_jax.provenance import provenance
 # the sampling's old home: kept importable from here
 from sense_jax.sampling import POSITION_BITS, SAMPLER, BottomK, occurrence_keys  # noqa: F401
+from sense_jax.sharding import make_mesh
 from sense_jax.store import STORE_DTYPES, complete_store
 from sense_jax.tokenizing import flatten, make_encoder, max_length_for
 
@@ -219,9 +222,6 @@ def extract(model_or_path: Any, corpus_path: str | os.PathLike, out: str | os.Pa
         writable, or an existing store at ``out`` made with another teacher / seed / settings.
         An existing complete store is never modified unless ``overwrite``.
     """
-    from sense_jax.compile_cache import enable_compile_cache
-    from sense_jax.sharding import make_mesh
-
     enable_compile_cache()
 
     if isinstance(n_per_token, bool) or not isinstance(n_per_token, (int, np.integer)) or n_per_token < 1:
@@ -282,8 +282,6 @@ def extract(model_or_path: Any, corpus_path: str | os.PathLike, out: str | os.Pa
 def _load_teacher(model_or_path: Any, compute_dtype: str | None):
     """(the teacher Model in ``compute_dtype``, its name: a local directory's absolute path, or
     the id as given)."""
-    from sense_jax.loading import Model, load_model
-
     if compute_dtype not in (None, "float32", "bfloat16"):
         raise SenseJaxError(f"unknown compute dtype {compute_dtype!r}; choose float32 or bfloat16")
     if isinstance(model_or_path, Model):

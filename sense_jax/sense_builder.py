@@ -27,12 +27,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
+from sense_jax.compile_cache import enable_compile_cache
 from sense_jax.errors import SenseJaxError
 from sense_jax.fingerprints import store_fingerprint
 from sense_jax.kmeans import (_bad_rows, _bad_rows_message, _batched, _uniforms_by_id, map_batch_size,
                               n_local_trials, validate_k, validate_loop)
 from sense_jax.provenance import provenance
+from sense_jax.sense_dict import METRICS, STORAGE_DTYPES, SenseDictionary, source_record, teacher_mismatch
+from sense_jax.store import Store, open_store
+
 
 def bucket_size(n: int, minimum: int = 16) -> int:
     """Padded sample count for a token with ``n`` samples: the smallest ``minimum * sqrt(2)^i``
@@ -127,8 +132,6 @@ class ClusterSettings:
         return "--" + field.replace("_", "-") if self.option_names else field
 
     def __post_init__(self):
-        from sense_jax.sense_dict import METRICS, STORAGE_DTYPES
-
         object.__setattr__(self, "k", validate_k(self.k, adaptive=self.adaptive, k_min=self.k_min))
         if self.loop is not None:
             validate_loop(self.loop)
@@ -221,9 +224,6 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
 def build_with_settings(store, settings: ClusterSettings, *, seed: int = 0, base=None, devices=None,
                         progress: bool = True):
     """:func:`build_sense_dictionary` with already validated ``settings``."""
-    from sense_jax.compile_cache import enable_compile_cache
-    from sense_jax.store import Store, open_store
-
     enable_compile_cache()
     settings = dataclasses.replace(settings, loop=validate_loop(settings.loop))
     if not isinstance(store, Store):
@@ -241,8 +241,6 @@ def build_with_settings(store, settings: ClusterSettings, *, seed: int = 0, base
 
 def _check_base(store, base) -> None:
     """Refuse adding ``store`` to a ``base`` dictionary of another width, vocabulary or teacher."""
-    from sense_jax.sense_dict import teacher_mismatch
-
     V, D = store.vocab_size, store.hidden_size
     if base is not None and (base.hidden_size != D or base.vocab_size != V):
         raise SenseJaxError(f"cannot add store {store.path} (width {D}, vocabulary {V}) to a dictionary "
@@ -429,8 +427,6 @@ class ChunkRunner:
         programs already keep every core busy and a loader thread only competes with them
         (measured 1.3x slower on 2 cores), so waves are gathered in turn.
         """
-        from tqdm.auto import tqdm
-
         waves = self._waves()
         overlap = self.devices[0].platform != "cpu"
         big = self.part.big
@@ -467,8 +463,6 @@ def assemble(store, senses: dict, inertia: dict, part: Partition, s: ClusterSett
     """The dictionary of ``senses`` (token id -> (senses, counts)) with its metadata, cast to
     ``s.dtype``; equal senses of a token (equal samples kept as senses, centres a narrower dtype
     makes equal) are merged into one."""
-    from sense_jax.sense_dict import SenseDictionary, source_record
-
     V, D = store.vocab_size, store.hidden_size
     counts_per_token = np.zeros(V, np.int64)
     for t, (c, _) in senses.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 HELP = ("export a distilled student (run directory or checkpoints/) or a converted model directory "
         "to a transformers model directory")
@@ -18,8 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    # The library (JAX, models) is imported when the command runs: `sense-jax --help` imports every command module.
     from sense_jax import trainer
     from sense_jax.convert import METADATA_FILE
     from sense_jax.hf_export import export_model

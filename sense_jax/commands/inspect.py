@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from sense_jax.errors import SenseJaxError
+
 HELP = "show a token's senses, each with the corpus contexts nearest to it"
 
 
@@ -19,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sense_jax.errors import SenseJaxError
+    # The library (JAX, models) is imported when the command runs: `sense-jax --help` imports every command module.
     from sense_jax.inspection import format_senses, token_senses
 
     if args.contexts < 0:

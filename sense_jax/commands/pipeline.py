@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+
+from sense_jax.errors import ConfigError
 
 HELP = "run the whole method end to end (resumable): convert, extract, cluster, distill, evaluate"
 
@@ -19,10 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-
-    from sense_jax.errors import ConfigError
+    # The library (JAX, models) is imported when the command runs: `sense-jax --help` imports every command module.
     from sense_jax.pipeline import STAGES, Pipeline, load_pipeline_config
 
     cfg = load_pipeline_config(args.config, args.overrides, args.out)

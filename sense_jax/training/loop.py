@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
+from tqdm.auto import tqdm
 
 from sense_jax.compile_cache import enable_compile_cache
 from sense_jax.convert import copy_tokenizer_files
@@ -141,8 +142,6 @@ def _loop(s: Setup, state, micro, start, passages, eval_passages, mngr, run_dir,
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
     bar = None
     if cfg.progress and jax.process_index() == 0:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=cfg.steps, initial=start, desc="distill", dynamic_ncols=True)
 
     def finish_step(step: int, m_dev, t0: float) -> None:

