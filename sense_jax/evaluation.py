@@ -593,8 +593,8 @@ def write_report(report_dir, *, teacher_dir, senses_dir, senses_k1_dir, store_di
             if Path(path).exists():
                 shutil.copy2(path, tmp / f"curves_{run}.png")
         vocab = tok.get_vocab()
-        counts = np.asarray(store.n_samples())
-        words = [w for w in POLYSEMOUS if w in vocab and counts[vocab[w]] >= 30][:3]
+        n_samples = np.asarray(store.n_samples())
+        words = [w for w in POLYSEMOUS if w in vocab and n_samples[vocab[w]] >= 30][:3]
         for w in words:
             plot_token_senses(store, sd, vocab[w], w, tmp / f"senses_{w}.png")
         report["plots"] = sorted(p.name for p in tmp.glob("*.png"))

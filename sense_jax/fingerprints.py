@@ -99,7 +99,7 @@ def config_hash(config: Any) -> str:
 
 
 def store_fingerprint(store) -> str:
-    """sha256 of the store's metadata and offsets/counts arrays (identifies the sample set cheaply).
+    """sha256 of the store's metadata and offsets/occurrences arrays (identifies the sample set cheaply).
 
     The metadata's ``provenance`` (library versions, devices) is left out: the same samples
     extracted on another machine or device count are the same store.
@@ -107,6 +107,6 @@ def store_fingerprint(store) -> str:
     meta = {k: v for k, v in store.meta.items() if k != "provenance"}
     h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     h.update(np.ascontiguousarray(store.offsets, np.int64).tobytes())
-    h.update(np.ascontiguousarray(store.counts, np.int64).tobytes())
+    h.update(np.ascontiguousarray(store.occurrences, np.int64).tobytes())
     h.update(str(store.vectors.shape).encode())
     return h.hexdigest()

@@ -111,7 +111,7 @@ def token_senses(token: str, sense_dict_dir, store_dir, *, corpus=None, teacher=
 
     senses = [{"index": k, "assigned": n, "contexts": [(s, mark(p, pos)) for s, p, pos in lst]}
               for k, (n, lst) in chosen.items()]
-    return {"token": token, "token_id": tid, "samples": len(x), "occurrences": int(store.counts[tid]),
+    return {"token": token, "token_id": tid, "samples": len(x), "occurrences": int(store.occurrences[tid]),
             "metric": metric, "senses": senses}
 
 

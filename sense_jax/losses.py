@@ -35,8 +35,8 @@ def skd_loss(codebook: jax.Array, valid: jax.Array, student: jax.Array, teacher:
       teacher: [B, T, D] teacher hidden states (gradients are stopped).
       token_mask: [B, T] int/bool, 1 for real tokens (the attention mask).
       metric: sense score, "dot" (the paper's), "cos" or "l2" (see :func:`sense_scores`).
-      denominator: float32 scalar, the token count the sums are divided by; default this batch's
-        counted tokens (at least 1). Gradient accumulation passes the whole step's count, so that
+      denominator: float32 scalar, the number of tokens the sums are divided by; default this
+        batch's tokens with an entry (at least 1). Gradient accumulation passes the whole step's, so that
         the micro-batches' terms add up to the step's token mean.
 
     Returns:
@@ -90,9 +90,9 @@ def distill_losses(sense_dict: SenseDictionary, input_ids: jax.Array, attention_
       sense_dict: the teacher's dictionary (V and D must match the teacher).
       input_ids, attention_mask: [B, T] int.
       student: [B, T, D] adapted student states; teacher: [B, T, D] teacher states.
-      skd_tokens, real_tokens: float32 scalars, the counts of tokens with an entry and of real
+      skd_tokens, real_tokens: float32 scalars, the numbers of tokens with an entry and of real
         tokens that SKD (and accuracy) and MSE are averaged over; default this batch's. A step
-        of several micro-batches passes the whole step's counts (see :func:`skd_loss`).
+        of several micro-batches passes the whole step's totals (see :func:`skd_loss`).
 
     Returns:
       dict of float32 scalars: ``loss``, ``skd``, ``mse``, ``accuracy``, ``tokens``.

@@ -464,10 +464,10 @@ def assemble(store, senses: dict, inertia: dict, part: Partition, s: ClusterSett
     ``s.dtype``; equal senses of a token (equal samples kept as senses, centres a narrower dtype
     makes equal) are merged into one."""
     V, D = store.vocab_size, store.hidden_size
-    counts_per_token = np.zeros(V, np.int64)
+    senses_per_token = np.zeros(V, np.int64)
     for t, (c, _) in senses.items():
-        counts_per_token[t] = c.shape[0]
-    new_offsets = np.concatenate([[0], np.cumsum(counts_per_token)])
+        senses_per_token[t] = c.shape[0]
+    new_offsets = np.concatenate([[0], np.cumsum(senses_per_token)])
     order = sorted(senses)
     centres = np.concatenate([senses[t][0] for t in order] or [np.zeros((0, D), np.float32)])
     counts = np.concatenate([senses[t][1] for t in order] or [np.zeros(0, np.int64)])

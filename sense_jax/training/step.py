@@ -113,7 +113,7 @@ def _student_forward(student_module, params, batch):
     return apply_adaptor(params["adaptor"], h)
 
 
-def _step_token_counts(sense_dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+def _step_denominators(sense_dict, batch: dict) -> tuple[jax.Array, jax.Array]:
     """``(tokens with a dictionary entry, real tokens)`` of a whole step's [A, B, T] batch, each
     at least 1 (float32): the denominators of SKD / accuracy and of MSE. Without a dictionary
     the first is the second (unused)."""
@@ -135,7 +135,7 @@ def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Calla
         ``skd_weight`` is 0 (the MSE baseline: no dictionary is gathered or scored).
 
     Gradient accumulation: a ``lax.scan`` over the A micro-batches sums their gradients, then
-    one optimizer update. Each micro-batch divides its per-token sums by the token counts of the
+    one optimizer update. Each micro-batch divides its per-token sums by the token totals of the
     *whole step* (tokens with an entry for SKD and accuracy, real tokens for MSE), so the step's
     loss and gradient are those of one batch of A·B passages, however the tokens fall into
     micro-batches (averaging each micro-batch's own token mean would weight a token of a short
@@ -148,7 +148,7 @@ def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Calla
     """
     tx, schedule = make_optimizer(cfg), make_schedule(cfg)
 
-    def loss_fn(trainable, fixed, mb, teacher_params, sense_dict, key, counts):
+    def loss_fn(trainable, fixed, mb, teacher_params, sense_dict, key, denominators):
         del key  # no dropout in the student; threaded for stochastic extensions
         params = merge_frozen(trainable, fixed)
         teacher = teacher_module.apply({"params": teacher_params}, mb["input_ids"], mb["attention_mask"],
@@ -156,18 +156,18 @@ def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Calla
         teacher = jax.lax.stop_gradient(teacher)
         student = _student_forward(student_module, params, mb)
         if sense_dict is None:  # the MSE baseline (skd_weight = 0)
-            mse = hidden_mse_loss(student, teacher, mb["attention_mask"], counts[1])
+            mse = hidden_mse_loss(student, teacher, mb["attention_mask"], denominators[1])
             return cfg.mse_weight * mse, {"loss": cfg.mse_weight * mse, "mse": mse}
         m = distill_losses(sense_dict, mb["input_ids"], mb["attention_mask"], student, teacher,
                            skd_weight=cfg.skd_weight, mse_weight=cfg.mse_weight, metric=cfg.metric,
-                           skd_tokens=counts[0], real_tokens=counts[1])
+                           skd_tokens=denominators[0], real_tokens=denominators[1])
         return m["loss"], m
 
     def step(state: TrainState, batch: dict, frozen: tuple) -> tuple[TrainState, dict]:
         step.traces += 1  # counts compilations (tests assert one)
         teacher_params, sense_dict = frozen
         key = jax.random.fold_in(state.rng, state.step)
-        counts = _step_token_counts(sense_dict, batch)
+        denominators = _step_denominators(sense_dict, batch)
 
         # Gradients only for what trains: frozen subtrees (the pooler; the input embeddings with
         # freeze_embeddings) are closed over, so no [V, D] gradient is built or carried, and get
@@ -178,7 +178,7 @@ def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Calla
             g_acc, m_acc = carry
             mb, i = xs
             (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(
-                trainable, fixed, mb, teacher_params, sense_dict, jax.random.fold_in(key, i), counts)
+                trainable, fixed, mb, teacher_params, sense_dict, jax.random.fold_in(key, i), denominators)
             g_acc = jax.tree.map(jnp.add, g_acc, g)
             m_acc = {k: m_acc[k] + m[k] for k in m_acc}
             return (g_acc, m_acc), None
