@@ -233,3 +233,59 @@ def test_the_lazy_api_resolves_every_name():
         assert getattr(sense_jax, name) is not None
     with pytest.raises(AttributeError):
         sense_jax.no_such_name
+
+
+def test_no_library_module_shadows_the_standard_library():
+    """``sense_jax/inspect.py`` became ``inspection.py``: a script run from inside the package (its
+    directory first on sys.path) imported it for the standard library's ``inspect``. The
+    subcommands' modules keep their subcommand's name (imported by full name only)."""
+    clash = sorted(str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")
+                   if p.stem in sys.stdlib_module_names and p.parent.name != "commands")
+    assert clash == []
+
+
+def test_old_import_paths_reexport_the_moved_names():
+    """``sense_jax.distill`` (split into losses, students, hf_export) and the names that moved
+    out of ``sense_jax.convert`` keep working, as the same objects."""
+    from sense_jax import convert, distill, fingerprints, hf_checkpoint, hf_export, losses, students
+
+    assert distill.skd_loss is losses.skd_loss and distill.distill_losses is losses.distill_losses
+    assert distill.truncated_student is students.truncated_student
+    assert distill.check_sense_dict is students.check_sense_dict
+    assert distill.export_hf is hf_export.export_hf and distill.load_adaptor is hf_export.load_adaptor
+    assert distill.teacher_fingerprint is fingerprints.teacher_fingerprint
+    assert convert.read_hf_state_dict is hf_checkpoint.read_hf_state_dict
+    assert set(distill.__all__) <= set(dir(distill))
+
+
+def test_store_occurrences_are_the_counts_file(tmp_path):
+    """``Store.occurrences`` (the glossary's term) reads ``counts.npy``, the file's name of
+    version 1, unchanged; ``Store.counts`` stays an alias."""
+    import numpy as np
+
+    from sense_jax.store import open_store, write_store
+
+    occurrences = np.array([0, 7, 2], np.int64)
+    path = write_store(tmp_path / "s", np.ones((3, 2), np.float32), [0, 0, 2, 3], occurrences,
+                       np.zeros((3, 2)), {"teacher": "synthetic"})
+    np.testing.assert_array_equal(np.load(path / "counts.npy"), occurrences)
+    store = open_store(path)
+    np.testing.assert_array_equal(store.occurrences, occurrences)
+    assert store.counts is store.occurrences
+
+
+def test_counting_pass_keeps_its_file_names(tmp_path):
+    """A work directory saved before ``Counted.counts`` became ``occurrences`` still resumes:
+    the file is ``counts.npy`` either way."""
+    import numpy as np
+
+    from sense_jax.extract_job import Counted, load_counted, save_counted
+
+    c = Counted(np.array([3, 0, 1], np.int64), np.array([0, 2], np.int32), np.array([0, 1], np.int64),
+                np.array([1, 4], np.int32), np.array([5, 6], np.int32), {"passages": 2})
+    save_counted(tmp_path / "counted", c)
+    assert sorted(p.name for p in (tmp_path / "counted").iterdir()) == [
+        "counts.npy", "lengths.npy", "passage.npy", "position.npy", "stats.json", "tok.npy"]
+    back = load_counted(tmp_path / "counted")
+    np.testing.assert_array_equal(back.occurrences, c.occurrences)
+    assert back.stats == {"passages": 2}
