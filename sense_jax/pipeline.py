@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from sense_jax import benchmarks as B
-from sense_jax import evaluation, trainer, wordnet
+from sense_jax import evaluation, report, trainer, wordnet
 from sense_jax.benchmarks.common import load_bench_model, render_markdown
 from sense_jax.compile_cache import enable_compile_cache
 from sense_jax.config import load_config
@@ -280,7 +280,7 @@ class Pipeline:
         config["corpus"] = cfg.corpus or f"WordNet 3.0 definitions ({cfg.n_glosses} of 117,659)"
         suite = evaluation.SuiteConfig(max_lemmas=cfg.eval_max_lemmas or None, n_train=cfg.eval_train,
                                        n_test=cfg.eval_test, seed=cfg.seed)
-        evaluation.write_report(
+        report.write_report(
             self.report_dir, teacher_dir=self.teacher_dir, senses_dir=self.senses_dir,
             senses_k1_dir=self.senses_k1_dir, store_dir=self.store_dir, corpus=self.corpus_path(),
             skd_student=self.out / "skd_student", mse_student=self.out / "mse_student",
