@@ -43,7 +43,7 @@ def bucket_size(n: int, minimum: int = 16) -> int:
     """Padded sample count for a token with ``n`` samples: the smallest ``minimum * sqrt(2)^i``
     (rounded up to a multiple of 8) that holds ``n``.
 
-    Token counts are Zipfian, so padding everyone to the largest count would waste ~10x; these
+    Samples per token are Zipfian, so padding everyone to the largest would waste ~10x; these
     geometric buckets waste at most ~45% and on average under 20%, with two compiled shapes per
     octave (16, 24, 32, 48, 64, 96, 128, 184, 256, 368, 512, 728, 1024 for ``minimum=16``).
     """
@@ -163,8 +163,8 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
     """Cluster every token of an extraction store into senses (METHOD §1).
 
     Tokens with ``n_t <= k`` samples keep their samples as senses (no clustering). The others
-    are grouped by padded sample count (:func:`bucket_size`) so padding stays small under
-    Zipfian counts, and each bucket is clustered in chunks by the program of
+    are grouped by padded number of samples (:func:`bucket_size`) so padding stays small under
+    Zipfian samples per token, and each bucket is clustered in chunks by the program of
     :func:`kmeans_detailed`. Chunks run in waves of at most ``memory_budget / 4`` bytes of
     padded points, gathered from the (memory-mapped) store; on accelerators the next wave is
     gathered while one runs.

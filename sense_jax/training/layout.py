@@ -71,7 +71,7 @@ def make_layout(cfg: DistillConfig, family, student_cfg, teacher_cfg, has_pooler
 
     The optimizer state's shardings come from its own abstract init on the *boxed* params: each
     moment ([S, D] mu / nu of a kernel) carries its param's logical names, everything else
-    (counts, empty states) is replicated.
+    (optax's step ``count``, empty states) is replicated.
 
     Raises:
       ConfigError: the mesh does not fit the device count, or batch_size is not a multiple of
