@@ -109,7 +109,7 @@ def bench_ours(model_dir, sd, batches, overrides=()) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from sense_jax import trainer as T
-    from sense_jax.distill import distill_losses
+    from sense_jax.losses import distill_losses
 
     B, L = batches[0]["input_ids"].shape
     cfg = T.load_config(None, [f"teacher={model_dir}", "student=truncate", "student_layers=2",

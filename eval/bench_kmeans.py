@@ -163,6 +163,7 @@ def main() -> int:
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     import jax.numpy as jnp
     from sense_jax import kmeans as km
+    from sense_jax import sense_builder as sb
     from sense_jax.sense_dict import nearest_sense
     from sense_jax.store import open_store, write_store
 
@@ -197,20 +198,20 @@ def main() -> int:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     store = open_store(write_store(tmp / "store", vectors, offsets, counts,
                                    np.zeros((len(vectors), 2)), {"teacher": "all-MiniLM-L6-v2"}))
-    build = lambda: km.build_sense_dictionary(store, K, seed=args.seed, max_iter=args.max_iter,
+    build = lambda: sb.build_sense_dictionary(store, K, seed=args.seed, max_iter=args.max_iter,
                                               loop=args.loop, progress=False)
     sd, t_cold = timed(build)
     inertia_ours = sd.meta["stats"]["mean_inertia"]
     child = ("import time, jax; jax.config.update('jax_num_cpu_devices', %d); "
              "jax.config.update('jax_compilation_cache_dir', %r); "
              "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0); "
-             "from sense_jax.kmeans import build_sense_dictionary as b; from sense_jax.store import open_store as o; "
+             "from sense_jax.sense_builder import build_sense_dictionary as b; from sense_jax.store import open_store as o; "
              "s = o(%r); t = time.perf_counter(); b(s, %d, seed=%d, max_iter=%d, loop=%r, progress=False); "
              "print(time.perf_counter() - t)") % (args.cpu_devices, str(tmp / "xla_cache"), str(tmp / "store"),
                                                   K, args.seed, args.max_iter, args.loop)
     t_cached = float(subprocess.run([sys.executable, "-c", child], check=True, capture_output=True,
                                     text=True, env=dict(os.environ, JAX_PLATFORMS="cpu")).stdout.split()[-1])
-    padded = sum(km.bucket_size(int(c), minimum=max(16, K + 1)) for c in n[n > K])
+    padded = sum(sb.bucket_size(int(c), minimum=max(16, K + 1)) for c in n[n > K])
     print(f"padding: {padded / n[n > K].sum():.2f}x the real samples (vs "
           f"{len(clustered) * n.max() / n[n > K].sum():.1f}x if padded to the max)")
 
@@ -244,7 +245,7 @@ def main() -> int:
 
     print("\n== codebook build (all tokens, K=%d, iteration cap %d; best of %d rounds) ==" % (K, args.max_iter, args.rounds))
     print(f"ours (jax, warm)      {t_ours:8.2f} s   mean inertia {inertia_ours:10.3f}")
-    print(f"ours (jax, cold)      {t_cold:8.2f} s   (including compiling {len(km._COMPILED)} XLA programs, "
+    print(f"ours (jax, cold)      {t_cold:8.2f} s   (including compiling {len(sb._COMPILED)} XLA programs, "
           "one per (chunk, bucket) shape)")
     print(f"ours (jax, new proc.) {t_cached:8.2f} s   (fresh process, persistent XLA compilation cache filled)")
     print(f"baselines: best of default OpenMP threads and OMP_NUM_THREADS=1 -> {threads}")
@@ -267,7 +268,7 @@ def main() -> int:
 
     # --- Lloyd step GFLOP/s vs plain matmul --------------------------------------------------------
     # One device, tokens one after another (lax.map), as the CPU program runs them.
-    T, N = 64, km.bucket_size(args.max_samples)
+    T, N = 64, sb.bucket_size(args.max_samples)
     rng = np.random.default_rng(0)
     x = jax.device_put(rng.normal(size=(T, N, D)).astype(np.float32), jax.devices()[0])
     mask = jnp.ones((T, N), bool)

@@ -31,9 +31,10 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     from sense_jax import evaluation as ev
+    from sense_jax import report
     from sense_jax.io_utils import write_json_atomic
 
-    variants, sd, models = ev.build_variants(args.teacher, args.senses, args.senses_k1, args.skd, args.mse,
+    variants, sd, models = report.build_variants(args.teacher, args.senses, args.senses_k1, args.skd, args.mse,
                                              args.student_layers)
     report = ev.run_suite(variants, sd, models["teacher"].tokenizer,
                           ev.SuiteConfig(max_lemmas=args.max_lemmas or None, n_train=args.n_train,

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from sense_jax.errors import SenseJaxError
 
 # Subcommand name -> module. Later stages add one line each.
 COMMANDS = {
@@ -46,9 +49,7 @@ def add_compile_cache_arguments(p: argparse.ArgumentParser) -> None:
 def setup_compile_cache(args: argparse.Namespace) -> None:
     """Apply the compile-cache options for this process and whatever it starts (through
     ``SENSE_JAX_COMPILE_CACHE``, which the library's own calls read)."""
-    import os
-
-    from sense_jax.compile_cache import ENV, enable_compile_cache
+    from sense_jax.compile_cache import ENV, enable_compile_cache  # imports JAX: not for --help
 
     if getattr(args, "no_compile_cache", False):
         os.environ[ENV] = "0"
@@ -75,7 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from sense_jax.errors import SenseJaxError
 
     try:
         setup_compile_cache(args)

@@ -4,7 +4,7 @@ Compiling dominates first runs on small inputs (the k-means programs, one per sa
 bucket; the training step, one per length bucket; the extraction forward), so every
 ``sense-jax`` command and the Python entry points that run a job (:class:`~sense_jax.pipeline.Pipeline`,
 :func:`sense_jax.trainer.train`, :func:`sense_jax.extract.extract`,
-:func:`sense_jax.kmeans.build_sense_dictionary`) call :func:`enable_compile_cache`, and a second
+:func:`sense_jax.sense_builder.build_sense_dictionary`) call :func:`enable_compile_cache`, and a second
 run of anything reads its programs from disk instead of compiling them (JAX's persistent
 compilation cache, ``jax_compilation_cache_dir``).
 
@@ -33,6 +33,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
+
 ENV = "SENSE_JAX_COMPILE_CACHE"
 OFF = ("", "0", "off", "false", "no", "none")
 MIN_COMPILE_SECS = 0.1  # jax's default (1 s) would skip most k-means bucket programs (~0.3-1 s)
@@ -55,7 +57,6 @@ def resolve_cache_dir(path: str | os.PathLike | None = None) -> Path | None:
     if ENV in os.environ:
         value = os.environ[ENV].strip()
         return None if value.lower() in OFF else Path(value).expanduser()
-    import jax
 
     if jax.config.jax_compilation_cache_dir:
         return Path(jax.config.jax_compilation_cache_dir)
@@ -77,8 +78,6 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
     compiled (a cache already opened elsewhere is closed and this one opened). A directory that
     cannot be created is not an error: JAX then warns and compiles as without a cache.
     """
-    import jax
-
     where = resolve_cache_dir(path)
     if where is None:
         disable_compile_cache()
@@ -99,8 +98,6 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
 def disable_compile_cache() -> None:
     """Turn the persistent compilation cache off for this process (later programs are compiled,
     not read or written), whatever JAX's own setting."""
-    import jax
-
     _reset_open_cache(None)
     jax.config.update("jax_enable_compilation_cache", False)
 
@@ -109,10 +106,8 @@ def _reset_open_cache(where: str | None) -> None:
     # JAX decides once per process, at the first compile, whether the cache is on, and opens its
     # directory once; moving the directory or turning the cache back on afterwards needs that
     # state cleared (jax._src: there is no public API for it).
-    import jax
-
     try:
-        from jax._src import compilation_cache as cc
+        from jax._src import compilation_cache as cc  # private, may move: imported where it is guarded
 
         if where is None:  # turning it off: forget that the cache was found on
             stale = cc._cache_checked and cc._cache_used

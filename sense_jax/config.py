@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
 
+import yaml
+
 from sense_jax.errors import ConfigError
 
 C = TypeVar("C")
@@ -76,8 +78,6 @@ def read_config_file(path: str | os.PathLike) -> dict:
     yaml_file = p.suffix in (".yaml", ".yml")
     try:
         if yaml_file:
-            import yaml
-
             data = yaml.safe_load(text) or {}
         else:
             data = json.loads(text)

@@ -28,11 +28,15 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from sense_jax.errors import ConfigError, ConversionError
-from sense_jax.io_utils import atomic_directory, read_json, write_json_atomic
+from sense_jax.hf_checkpoint import read_hf_config, read_hf_state_dict  # noqa: F401  (also named here)
+from sense_jax.io_utils import atomic_directory, write_json_atomic
+from sense_jax.lora import merge_lora
 from sense_jax.models import ModelFamily, get_family
+from sense_jax.models.heads import abstract_head_params, head_labels_for
 
 FORMAT_VERSION = 1
 METADATA_FILE = "sense_jax.json"
@@ -65,7 +69,7 @@ def resolve_source(src: str | os.PathLike) -> Path:
     if str(src).count("/") > 1 or str(src).startswith((".", "/", "~")):
         raise ConversionError(f"model directory not found: {path}")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # only hub ids need it
 
         return Path(snapshot_download(str(src), allow_patterns=[
             "config.json", "*.safetensors", "*.safetensors.index.json", *TOKENIZER_FILES]))
@@ -73,98 +77,6 @@ def resolve_source(src: str | os.PathLike) -> Path:
         raise ConversionError(
             f"{src!r} is not a local directory and could not be fetched from the hub "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-
-
-def read_hf_config(model_dir: Path) -> dict:
-    """transformers' ``config.json`` of ``model_dir`` as a dict (ConversionError if absent/invalid)."""
-    try:
-        return read_json(model_dir / "config.json", "config.json")
-    except ConversionError:
-        raise
-    except Exception as e:
-        raise ConversionError(str(e)) from None
-
-
-def _weight_files(model_dir: Path) -> list[Path]:
-    """The weight files of ``model_dir``, preferring safetensors; checks index files' shards."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = model_dir / index_name
-        if index.exists():
-            weight_map = read_json(index, "index file").get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise ConversionError(f"{index}: no 'weight_map' object")
-            files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not (model_dir / f).is_file()]
-            if missing:
-                raise ConversionError(f"{index} lists shard(s) that are missing: {missing}")
-            return [model_dir / f for f in files]
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (model_dir / name).is_file():
-            return [model_dir / name]
-    raise ConversionError(
-        f"{model_dir}: no weights found (expected model.safetensors, "
-        "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json)")
-
-
-# safetensors dtypes numpy lacks (bf16: every Llama / Mistral / Qwen2 release). Importing
-# ml_dtypes registers them with numpy; they are widened to float32 on read, as _read_torch_bin does.
-_WIDEN = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
-
-
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    import ml_dtypes  # noqa: F401  (lets safetensors' numpy backend return bf16 / fp8 arrays)
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="np") as f:
-            out = {}
-            for k in f.keys():
-                v = f.get_tensor(k)
-                out[k] = v.astype(np.float32) if v.dtype.name in _WIDEN else v
-            return out
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise ConversionError(f"{path}: not a readable safetensors file ({e}); "
-                              "it may be truncated or corrupt") from None
-
-
-def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError:
-        raise ConversionError(
-            f"{path}: a PyTorch .bin checkpoint needs torch to read (pip install torch); "
-            "or convert it to model.safetensors") from None
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConversionError(f"{path}: could not be read as a PyTorch checkpoint with "
-                              f"weights_only=True ({type(e).__name__}: {e})") from None
-    out = {}
-    for k, v in state.items():
-        if v.dtype == torch.bfloat16:
-            v = v.float()
-        out[k] = v.numpy()
-    return out
-
-
-def read_hf_state_dict(model_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Path]]:
-    """All tensors of a checkpoint, and the file each came from.
-
-    Returns:
-      (state, file_of): name -> numpy array (dtype as stored), name -> source file.
-
-    Raises:
-      ConversionError: missing, corrupt or truncated files, shards missing from an index, or a
-        .bin checkpoint without torch installed.
-    """
-    state: dict[str, np.ndarray] = {}
-    file_of: dict[str, Path] = {}
-    for path in _weight_files(model_dir):
-        tensors = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch_bin(path)
-        for k, v in tensors.items():
-            state[k] = v
-            file_of[k] = path
-    return state, file_of
 
 
 # --- Mapping names and values -----------------------------------------------------------------
@@ -187,8 +99,6 @@ def abstract_model_params(family: ModelFamily, cfg: Any) -> dict:
     """:func:`abstract_params` of the encoder plus, when ``cfg`` has one, its sequence
     classification head's (:func:`sense_jax.models.heads.abstract_head_params`; the BERT and
     DeBERTa pooler is one entry, shared): every parameter a converted directory stores."""
-    from sense_jax.models.heads import abstract_head_params
-
     return {**abstract_params(family, cfg), **abstract_head_params(cfg)}
 
 
@@ -288,7 +198,7 @@ def params_to_hf(family: ModelFamily, params: dict) -> dict[str, np.ndarray]:
     The inverse of :func:`hf_to_params`: ``params_to_hf(hf_to_params(sd)) == sd`` bit for bit
     (minus skipped buffers and heads). Every param is named, task heads included (a decoder's
     ``lm_head``); a writer of a base-model directory leaves out ``family.head_params`` and states
-    float32 in its config.json (:func:`sense_jax.distill.export_hf`).
+    float32 in its config.json (:func:`sense_jax.hf_export.export_hf`).
     """
     out = {}
     for path, value in traverse_util.flatten_dict(params, sep="/").items():
@@ -356,8 +266,6 @@ def load_hf(src: str | os.PathLike, *, adapter: Any = None,
     state, file_of = read_hf_state_dict(model_dir)
     adapters_info = []
     if adapter is not None:
-        from sense_jax.lora import merge_lora
-
         for a in ([adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter)):
             state, info = merge_lora(state, a, family)
             adapters_info.append(info)
@@ -372,8 +280,6 @@ def load_hf(src: str | os.PathLike, *, adapter: Any = None,
     if hasattr(cfg, "adapt_to_checkpoint"):
         cfg = cfg.adapt_to_checkpoint(base)
     if hasattr(cfg, "num_labels"):  # a *ForSequenceClassification checkpoint keeps its head
-        from sense_jax.models.heads import head_labels_for
-
         cfg = dataclasses.replace(cfg, num_labels=head_labels_for(hf_config, cfg.model_type))
     cfg = apply_config_overrides(cfg, config_overrides)
     params, skipped = hf_to_params(family, cfg, state, file_of)
@@ -409,8 +315,6 @@ def _untie_if_stored_apart(family: ModelFamily, cfg: Any, state: dict[str, np.nd
 
 def save_params(path: Path, params: dict) -> None:
     """Write a params pytree as an Orbax checkpoint at ``path`` (must not exist)."""
-    import orbax.checkpoint as ocp
-
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path.absolute(), params)
         ckptr.wait_until_finished()
@@ -426,8 +330,6 @@ def restore_params(path: Path, abstract: dict, sharding: Any = None) -> dict:
     Raises:
       ConversionError: the checkpoint is missing, partial, or its shapes differ.
     """
-    import orbax.checkpoint as ocp
-
     if sharding is None:
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         sharding = jax.tree.map(lambda _: dev, abstract)
@@ -500,57 +402,3 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
     """
     converted, model_dir = load_hf(src, adapter=adapter, config_overrides=config_overrides)
     return write_converted(out, converted, model_dir, source=str(src), overwrite=overwrite)
-
-
-# --- Back to transformers ---------------------------------------------------------------------
-
-def export_model(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write a model directory (``sense-jax convert`` output, or a transformers directory) back
-    as a transformers directory, atomically.
-
-    A model with a sequence classification head (``cfg.num_labels`` > 0) is written as its
-    ``*ForSequenceClassification`` class (:data:`sense_jax.models.heads.HEAD_TYPES`): the base
-    model's tensors under the class's prefix (``bert.``, ``roberta.``, ``deberta.``, ``model.``),
-    the head's beside them, names from the family's conversion table; ``config.json`` is the
-    source's (``id2label`` / ``label2id`` / ``problem_type`` kept) with the architecture, float32
-    ``dtype`` and, when the source's ``id2label`` does not have ``num_labels`` entries,
-    transformers' default ``LABEL_i`` names. ``AutoModelForSequenceClassification`` loads it with
-    the same logits. A model without a head is written as its base model
-    (:func:`sense_jax.distill.export_hf`).
-
-    Raises:
-      SenseJaxError: ``out`` exists and not ``overwrite``; see :func:`sense_jax.load_model`.
-    """
-    from safetensors.numpy import save_file
-
-    from sense_jax.io_utils import atomic_directory
-    from sense_jax.loading import load_model
-    from sense_jax.models.heads import head_type
-
-    model = load_model(src)
-    family, cfg = model.family, model.config
-    tok_dir = model.path if any((model.path / f).is_file() for f in TOKENIZER_FILES) else None
-    if model.head_params is None:
-        from sense_jax.distill import export_hf
-
-        return export_hf(out, family, cfg, jax.device_get(model.params), model.hf_config,
-                         tokenizer_dir=tok_dir, overwrite=overwrite)
-    ht = head_type(cfg)
-    params = {k: v for k, v in jax.device_get(model.params).items() if k not in family.head_params}
-    params.update(jax.device_get(model.head_params))
-    state = {(n if n.startswith(ht.outside_base) else ht.base_prefix + n): np.ascontiguousarray(v)
-             for n, v in params_to_hf(family, params).items()}
-    hf_config = {k: v for k, v in model.hf_config.items() if not k.startswith("_")}
-    hf_config.update(dataclasses.replace(cfg, dtype="float32").to_hf())
-    hf_config.update(architectures=[ht.architecture], dtype="float32", torch_dtype="float32")
-    id2label = hf_config.get("id2label")
-    if not isinstance(id2label, dict) or len(id2label) != cfg.num_labels:
-        hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
-        hf_config["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        with open(tmp / "config.json", "w", encoding="utf-8") as f:
-            json.dump(hf_config, f, indent=2, sort_keys=True)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tok_dir is not None:
-            copy_tokenizer_files(tok_dir, tmp)
-    return Path(out)

@@ -23,15 +23,22 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import re
 from collections import Counter, defaultdict
 from typing import Callable
 
 import jax
 import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (
+    accuracy_score, adjusted_rand_score, balanced_accuracy_score, f1_score, v_measure_score)
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from sense_jax import wordnet
 from sense_jax.batching import length_bucketed_batches, pad_batch
+from sense_jax.errors import SenseJaxError
 from sense_jax.sense_dict import SenseDictionary, nearest_sense
 
 StatesFn = Callable[[np.ndarray, np.ndarray], jax.Array]
@@ -162,8 +169,6 @@ def wsi_items(tokenizer, max_per_lemma: int = 40, max_lemmas: int | None = None,
     Raises:
       SenseJaxError: the tokenizer has no offset mapping (not a fast tokenizer).
     """
-    from sense_jax.errors import SenseJaxError
-
     if not getattr(tokenizer, "is_fast", False):
         raise SenseJaxError(f"WSI items need a fast tokenizer (offset mappings); got {type(tokenizer).__name__}")
     synsets = {s.id: s for s in wordnet.load_synsets()}
@@ -233,8 +238,6 @@ def sense_ids_at_targets(queries: Encoded, sense_dict: SenseDictionary, items: l
 
 def wsi_scores(items: list[WsiItem], sense_ids: list[np.ndarray]) -> dict:
     """Mean ARI and V-measure over lemmas (scikit-learn)."""
-    from sklearn.metrics import adjusted_rand_score, v_measure_score
-
     ari = [adjusted_rand_score(it.labels, s) for it, s in zip(items, sense_ids)]
     vm = [v_measure_score(it.labels, s) for it, s in zip(items, sense_ids)]
     return {"ari": float(np.mean(ari)), "v_measure": float(np.mean(vm)), "lemmas": len(items),
@@ -254,8 +257,6 @@ def wic_pairs(items: list[WsiItem], max_pairs_per_lemma: int = 30, seed: int = 0
 
 def wic_scores(items: list[WsiItem], sense_ids: list[np.ndarray], pairs) -> dict:
     """Balanced accuracy of "same sense id" as a predictor of "same synset"."""
-    from sklearn.metrics import balanced_accuracy_score
-
     y = [items[l].labels[i] == items[l].labels[j] for l, i, j in pairs]
     p = [sense_ids[l][i] == sense_ids[l][j] for l, i, j in pairs]
     return {"balanced_accuracy": float(balanced_accuracy_score(y, p)), "pairs": len(pairs),
@@ -264,11 +265,6 @@ def wic_scores(items: list[WsiItem], sense_ids: list[np.ndarray], pairs) -> dict
 
 def classification_scores(train_x, train_y, test_x, test_y, seed: int = 0) -> dict:
     """Logistic-regression probe on standardised features: accuracy and macro-F1 (scikit-learn)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=0.5, random_state=seed))
     clf.fit(train_x, train_y)
     pred = clf.predict(test_x)
@@ -443,173 +439,4 @@ def _fmt(x) -> str:
 
 
 def json_dumps(obj) -> str:
-    import json
-
     return json.dumps(obj, indent=2, sort_keys=True)
-
-
-# --- variants from pipeline outputs, size, speed, plots, the report ---------------------------
-
-def _jit_states(module, params, adaptor: dict | None = None) -> StatesFn:
-    """``(ids, mask) -> [B, T, D_teacher]``: a model, then optionally a torch-layout linear adaptor."""
-    import jax.numpy as jnp
-
-    w = None if adaptor is None else (jnp.asarray(adaptor["weight"]), jnp.asarray(adaptor["bias"]))
-
-    @jax.jit
-    def f(params, ids, mask):
-        h = module.apply({"params": params}, ids, mask).astype(jnp.float32)
-        return h if w is None else h @ w[0].T + w[1]
-
-    return lambda ids, mask: f(params, ids, mask)
-
-
-def build_variants(teacher_dir, senses_dir, senses_k1_dir, skd_dir=None, mse_dir=None,
-                   student_layers: int = 2) -> tuple[dict[str, Variant], SenseDictionary, dict]:
-    """The seven variants of the report from pipeline outputs; also returns the loaded models."""
-    import dataclasses as dc
-
-    from sense_jax.distill import load_adaptor, truncated_student
-    from sense_jax.loading import load_model
-
-    teacher = load_model(teacher_dir)
-    sd, sd1 = SenseDictionary.load(senses_dir), SenseDictionary.load(senses_k1_dir)
-    t_states = _jit_states(teacher.module, teacher.params)
-    variants = {"teacher": Variant("teacher", t_states),
-                "teacher_senses": Variant("teacher_senses", t_states, sd),
-                "teacher_one_sense": Variant("teacher_one_sense", t_states, sd1)}
-    models = {"teacher": teacher}
-    if skd_dir is not None:
-        skd = load_model(skd_dir)
-        s_states = _jit_states(skd.module, skd.params, load_adaptor(skd_dir))
-        variants["skd_student_senses"] = Variant("skd_student_senses", s_states, sd)
-        variants["skd_student"] = Variant("skd_student", s_states)
-        models["skd_student"] = skd
-    if mse_dir is not None:
-        mse = load_model(mse_dir)
-        variants["mse_student"] = Variant("mse_student", _jit_states(mse.module, mse.params, load_adaptor(mse_dir)))
-        models["mse_student"] = mse
-    tcfg, tparams = truncated_student(dc.replace(teacher.config, add_pooler=False),
-                                      {k: v for k, v in teacher.params.items() if k != "pooler"}, student_layers)
-    variants["truncated_student"] = Variant("truncated_student",
-                                            _jit_states(teacher.family.make_module(tcfg), tparams))
-    return variants, sd, models
-
-
-def param_bytes(params) -> tuple[int, int]:
-    """(parameter count, bytes) of a pytree."""
-    leaves = jax.tree.leaves(params)
-    return int(sum(x.size for x in leaves)), int(sum(x.size * x.dtype.itemsize for x in leaves))
-
-
-def measure_speed(variants: dict[str, Variant], token_ids: list[list[int]], pad_id: int,
-                  batch_size: int = 64, reps: int = 3) -> dict:
-    """Inference tokens/s of each variant on the same passages (compile excluded, median of reps)."""
-    import statistics
-    import time
-
-    n_tokens = sum(len(t) for t in token_ids)
-    out = {}
-    for name, v in variants.items():
-        encode(v, token_ids, pad_id, batch_size)  # compile every shape
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            encode(v, token_ids, pad_id, batch_size)
-            times.append(time.perf_counter() - t)
-        out[name] = {"tokens_per_s": n_tokens / statistics.median(times), "tokens": n_tokens}
-    return out
-
-
-def plot_token_senses(store, sense_dict: SenseDictionary, token_id: int, label: str, path) -> None:
-    """A 2-D PCA projection of a token's sampled contexts, coloured by nearest sense (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.decomposition import PCA
-
-    x = np.asarray(store.token_vectors(token_id), np.float32)
-    ids = np.full((len(x), 1), token_id, np.int32)
-    k = np.asarray(nearest_sense(sense_dict, ids, x[:, None, :])[0][:, 0])
-    pca = PCA(n_components=2, random_state=0).fit(x)
-    xy = pca.transform(x)
-    c = pca.transform(sense_dict.token_senses(token_id).astype(np.float32))
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    sc = ax.scatter(xy[:, 0], xy[:, 1], c=k, cmap="tab10", s=8, alpha=0.7)
-    ax.scatter(c[:, 0], c[:, 1], c=np.arange(len(c)), cmap="tab10", marker="X", s=120, edgecolors="black")
-    ax.set_title(f"{label!r}: {len(x)} contexts, {len(c)} senses (PCA)")
-    ax.set_xticks([]); ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-POLYSEMOUS = ("bank", "plant", "spring", "bat", "crane", "seal", "match", "bass", "pitch", "light")
-
-
-def write_report(report_dir, *, teacher_dir, senses_dir, senses_k1_dir, store_dir, corpus,
-                 skd_student=None, mse_student=None, curves: dict | None = None, student_layers: int = 2,
-                 suite: SuiteConfig = SuiteConfig(), speed_sentences: int = 512, config: dict | None = None,
-                 timings: dict | None = None, log=print) -> None:
-    """Evaluate a pipeline's outputs and write report.json, report.md and PNGs atomically.
-
-    Args:
-      report_dir: the report directory (replaced as a whole).
-      teacher_dir, senses_dir, senses_k1_dir, store_dir, corpus: the teacher, the K-sense and
-        one-sense dictionaries, the extraction store and the corpus it was extracted from.
-      skd_student, mse_student: exported students (transformers dirs + adaptor); one that is
-        None or absent is left out of the report.
-      curves: ``{"skd": path to curves.png, ...}``; those that exist are copied as ``curves_<run>.png``.
-      student_layers: L of the truncated-student baseline.
-      suite: the WordNet suite's settings (``max_length`` is replaced by the models' limit).
-      speed_sentences: passages of ``corpus`` (chosen with ``suite.seed``) for tokens/s.
-      config: the run's settings, copied into the report as they are.
-      timings: seconds per stage, copied into the report.
-    """
-    from pathlib import Path
-
-    from sense_jax.io_utils import atomic_directory, write_json_atomic
-    from sense_jax.store import open_store
-
-    skd, mse = (d if d is not None and Path(d).is_dir() else None for d in (skd_student, mse_student))
-    variants, sd, models = build_variants(teacher_dir, senses_dir, senses_k1_dir, skd, mse, student_layers)
-    tok = models["teacher"].tokenizer
-    length = eval_max_length(models.values())
-    report = run_suite(variants, sd, tok, dataclasses.replace(suite, max_length=length), log=log)
-    store = open_store(store_dir)
-    size = {}
-    for name, m in models.items():
-        n, b = param_bytes(m.params)
-        size[name] = {"params": n, "bytes": b, "layers": m.config.num_hidden_layers}
-    size["sense_dictionary"] = {"senses": int(sd.centres.shape[0]), "bytes": sd.nbytes(),
-                                "tokens": int((np.asarray(sd.n_senses) > 0).sum())}
-    size["store"] = {"vectors": int(store.vectors.shape[0]),
-                     "bytes": int(sum(p.stat().st_size for p in Path(store.path).iterdir()))}
-    report["size"] = size
-    from sense_jax.corpus import iter_passages
-
-    lines = list(iter_passages(corpus))  # the passages as extraction read them
-    rng = np.random.default_rng(suite.seed)
-    sample = [lines[i] for i in sorted(rng.choice(len(lines), min(speed_sentences, len(lines)), replace=False))]
-    ids = tok(sample, truncation=True, max_length=length)["input_ids"]
-    speed_variants = {k: v for k, v in variants.items()
-                      if k in ("teacher", "teacher_senses", "skd_student", "skd_student_senses")}
-    report["speed"] = measure_speed(speed_variants, ids, tok.pad_token_id or 0)
-    report["config"] = dict(config or {})
-    report["timings_s"] = dict(timings or {})
-
-    with atomic_directory(report_dir, overwrite=True) as tmp:
-        for run, path in (curves or {}).items():
-            if Path(path).exists():
-                import shutil
-
-                shutil.copy2(path, tmp / f"curves_{run}.png")
-        vocab = tok.get_vocab()
-        counts = np.asarray(store.n_samples())
-        words = [w for w in POLYSEMOUS if w in vocab and counts[vocab[w]] >= 30][:3]
-        for w in words:
-            plot_token_senses(store, sd, vocab[w], w, tmp / f"senses_{w}.png")
-        report["plots"] = sorted(p.name for p in tmp.glob("*.png"))
-        write_json_atomic(tmp / "report.json", report)
-        (tmp / "report.md").write_text(render_markdown(report), encoding="utf-8")

@@ -21,7 +21,7 @@ Pipeline.
   1. Counting pass: tokenise (teacher's fast tokenizer, truncated to the model's length), count
      occurrences per token, keep a streaming bottom-N; no teacher forward. Special tokens are
      excluded with ``tokenizer.all_special_ids``. Processes split the chunks of passages and merge
-     counts and candidates with ``process_allgather``.
+     occurrences and candidates with ``process_allgather``.
   2. Plan: rows of the store are the kept occurrences sorted by (token, passage, position); only
      passages holding a kept occurrence are forwarded (the rest are skipped and counted).
   3. Forward pass: windows of consecutive passages; inside a window, passages are sorted by
@@ -40,7 +40,7 @@ after a kill at any point continues from the last finished window and writes the
 In multi-process runs ``OUT`` must be on a filesystem shared by all processes; only process 0
 writes.
 
-Determinism. The sample (offsets, counts, sources) depends only on the corpus, tokenizer, N and
+Determinism. The sample (offsets, occurrences, sources) depends only on the corpus, tokenizer, N and
 seed. The vectors' last bits also depend on each row's padded length, hence on ``batch_size``
 and ``window_passages`` (kept in ``OUT.partial/job.json``, so a resumed run uses the same), but
 not on the number of devices or processes.
@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from sense_jax.compile_cache import enable_compile_cache
 from sense_jax.corpus import CorpusStats, PassageHasher, corpus_files, iter_passages, quick_fingerprint
 from sense_jax.errors import SenseJaxError
 from sense_jax.extract_forward import forward_stage
@@ -64,10 +65,12 @@ from sense_jax.extract_job import (IDENTITY_KEYS, WORK_SUFFIX, Counted, Job, exi
                                    fail_point, load_counted, prepare_work_dir, save_counted, work_dir)
 from sense_jax.fingerprints import config_hash, teacher_fingerprint, tokenizer_hash
 from sense_jax.io_utils import replace_directory
+from sense_jax.loading import Model, load_model
 from sense_jax.multiprocess import allgather_many, barrier, broadcast_ints, process_info
 from sense_jax.provenance import provenance
 # the sampling's old home: kept importable from here
 from sense_jax.sampling import POSITION_BITS, SAMPLER, BottomK, occurrence_keys  # noqa: F401
+from sense_jax.sharding import make_mesh
 from sense_jax.store import STORE_DTYPES, complete_store
 from sense_jax.tokenizing import flatten, make_encoder, max_length_for
 
@@ -91,7 +94,7 @@ def _count_pass(corpus, text_field, tokenizer, max_length, special_ids, V, n, se
     stats = CorpusStats()
     hasher = PassageHasher()
     sampler = BottomK(V, n, seed)
-    counts = np.zeros(V, np.int64)
+    occurrences = np.zeros(V, np.int64)
     special = np.asarray(sorted(special_ids), np.int32)
     local_lengths: list[tuple[int, np.ndarray]] = []
     truncated = 0
@@ -109,7 +112,7 @@ def _count_pass(corpus, text_field, tokenizer, max_length, special_ids, V, n, se
         if (flat[keep] >= V).any():
             raise SenseJaxError(f"tokenizer produced id {int(flat[keep].max())} >= the model's "
                                 f"vocab_size {V}")
-        counts[:] += np.bincount(flat[keep], minlength=V)
+        occurrences[:] += np.bincount(flat[keep], minlength=V)
         sampler.add(flat[keep], passage[keep], position[keep])
 
     texts: list[str] = []
@@ -136,9 +139,9 @@ def _count_pass(corpus, text_field, tokenizer, max_length, special_ids, V, n, se
     lengths = np.zeros(n_passages, np.int32)
     for first, ls in local_lengths:
         lengths[first:first + len(ls)] = ls
-    if nproc > 1:  # merge counts, lengths and candidates (bottom-k of the union of bottom-ks)
-        parts = allgather_many([counts, lengths, np.array([truncated], np.int64), tok, passage, position])
-        counts = np.sum([p[0] for p in parts], axis=0)
+    if nproc > 1:  # merge occurrences, lengths and candidates (bottom-k of the union of bottom-ks)
+        parts = allgather_many([occurrences, lengths, np.array([truncated], np.int64), tok, passage, position])
+        occurrences = np.sum([p[0] for p in parts], axis=0)
         lengths = np.max([p[1] for p in parts], axis=0).astype(np.int32)
         truncated = int(sum(int(p[2][0]) for p in parts))
         merged = BottomK(V, n, seed)
@@ -148,7 +151,7 @@ def _count_pass(corpus, text_field, tokenizer, max_length, special_ids, V, n, se
     out_stats = stats.as_dict()
     out_stats["truncated"] = int(truncated)
     out_stats["fingerprint"] = hasher.hexdigest()
-    return Counted(counts, tok, passage, position, lengths, out_stats)
+    return Counted(occurrences, tok, passage, position, lengths, out_stats)
 
 
 def _counting_stage(job: Job, corpus, text_field, tokenizer, L, special_ids, V, n, seed,
@@ -219,9 +222,6 @@ def extract(model_or_path: Any, corpus_path: str | os.PathLike, out: str | os.Pa
         writable, or an existing store at ``out`` made with another teacher / seed / settings.
         An existing complete store is never modified unless ``overwrite``.
     """
-    from sense_jax.compile_cache import enable_compile_cache
-    from sense_jax.sharding import make_mesh
-
     enable_compile_cache()
 
     if isinstance(n_per_token, bool) or not isinstance(n_per_token, (int, np.integer)) or n_per_token < 1:
@@ -282,8 +282,6 @@ def extract(model_or_path: Any, corpus_path: str | os.PathLike, out: str | os.Pa
 def _load_teacher(model_or_path: Any, compute_dtype: str | None):
     """(the teacher Model in ``compute_dtype``, its name: a local directory's absolute path, or
     the id as given)."""
-    from sense_jax.loading import Model, load_model
-
     if compute_dtype not in (None, "float32", "bfloat16"):
         raise SenseJaxError(f"unknown compute dtype {compute_dtype!r}; choose float32 or bfloat16")
     if isinstance(model_or_path, Model):
@@ -349,13 +347,13 @@ def _summary(c: Counted, n: int) -> dict:
         "empty_skipped": int(s["empty_skipped"]),
         "malformed_skipped": int(s["malformed_skipped"]),
         "undecodable_replaced": int(s["undecodable_replaced"]),
-        # what the reader changed (sense_jax.corpus); absent in counts saved by older releases
+        # what the reader changed (sense_jax.corpus); absent in counting passes saved by older releases
         **{k: int(s.get(k, 0)) for k in ("bom_stripped", "crlf_line_endings", "cr_line_endings",
                                          "separators_replaced")},
         "truncated": int(s["truncated"]),
-        "tokens_seen": int(c.counts.sum()),
-        "distinct_tokens": int((c.counts > 0).sum()),
-        "tokens_at_cap": int((c.counts >= n).sum()),
+        "tokens_seen": int(c.occurrences.sum()),
+        "distinct_tokens": int((c.occurrences > 0).sum()),
+        "tokens_at_cap": int((c.occurrences >= n).sum()),
         "samples": int(len(c.tok)),
         "passages_forwarded": int(needed),
         "passages_skipped": int(s["passages"] - needed),

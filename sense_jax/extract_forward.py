@@ -232,10 +232,10 @@ def _plan_store(job: Job, c: Counted, hidden_size: int, dtype: str):
     store_dir = job.work / "store"
     (planned,) = broadcast_ints([int(store_dir.is_dir()) if job.proc == 0 else 0])
     if job.proc == 0 and not planned:
-        V = len(c.counts)
+        V = len(c.occurrences)
         offsets = np.zeros(V + 1, np.int64)
         offsets[1:] = np.cumsum(np.bincount(c.tok, minlength=V))
-        StoreWriter.plan(store_dir, offsets, c.counts.astype(np.int64),
+        StoreWriter.plan(store_dir, offsets, c.occurrences.astype(np.int64),
                          np.stack([c.passage, c.position.astype(np.int64)], axis=1), hidden_size, dtype)
         fail_point("planned", 0)
     barrier("sense_jax.extract.planned")

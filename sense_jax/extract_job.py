@@ -58,9 +58,9 @@ class Job:
 
 @dataclasses.dataclass
 class Counted:
-    """The counting pass's result: per-token counts and the kept sample (bottom-N)."""
+    """The counting pass's result: each token's occurrences and the kept sample (bottom-N)."""
 
-    counts: np.ndarray      # [V] int64
+    occurrences: np.ndarray  # [V] int64 occurrences of each token in the corpus
     tok: np.ndarray         # [S] int32 kept token, sorted (token, passage, position)
     passage: np.ndarray     # [S] int64
     position: np.ndarray    # [S] int32
@@ -68,21 +68,26 @@ class Counted:
     stats: dict
 
 
+# File name -> field. The occurrences keep their file name of older releases (counts.npy), so that
+# a run interrupted before the change resumes.
+_COUNTED_FILES = {"counts": "occurrences", "tok": "tok", "passage": "passage", "position": "position",
+                  "lengths": "lengths"}
+
+
 def save_counted(path: Path, c: Counted) -> None:
     """Save ``c`` as ``.npy`` arrays and ``stats.json`` in a new directory ``path`` (atomic rename)."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in ("counts", "tok", "passage", "position", "lengths"):
-        np.save(tmp / f"{name}.npy", getattr(c, name))
+    for name, field in _COUNTED_FILES.items():
+        np.save(tmp / f"{name}.npy", getattr(c, field))
     write_json_atomic(tmp / "stats.json", c.stats)
     os.replace(tmp, path)
 
 
 def load_counted(path: Path) -> Counted:
     """The :class:`Counted` saved by :func:`save_counted` at ``path``."""
-    arrays = {name: np.load(path / f"{name}.npy", allow_pickle=False)
-              for name in ("counts", "tok", "passage", "position", "lengths")}
+    arrays = {field: np.load(path / f"{name}.npy", allow_pickle=False) for name, field in _COUNTED_FILES.items()}
     return Counted(stats=read_json(path / "stats.json"), **arrays)
 
 

@@ -53,7 +53,7 @@ def teacher_fingerprint(params: dict, vocab_size: int | None = None, tokenizer: 
     ``embeddings/word_embeddings/embedding``. The same weights and tokenizer files give the same
     id whether loaded from a transformers directory or a converted one, so a store or dictionary
     records which teacher built it (``meta["teacher_fingerprint"]``, see
-    :func:`sense_jax.distill.check_sense_dict`).
+    :func:`sense_jax.students.check_sense_dict`).
 
     Raises:
       SenseJaxError: no [vocab_size, D] parameter.
@@ -99,7 +99,7 @@ def config_hash(config: Any) -> str:
 
 
 def store_fingerprint(store) -> str:
-    """sha256 of the store's metadata and offsets/counts arrays (identifies the sample set cheaply).
+    """sha256 of the store's metadata and offsets/occurrences arrays (identifies the sample set cheaply).
 
     The metadata's ``provenance`` (library versions, devices) is left out: the same samples
     extracted on another machine or device count are the same store.
@@ -107,6 +107,6 @@ def store_fingerprint(store) -> str:
     meta = {k: v for k, v in store.meta.items() if k != "provenance"}
     h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     h.update(np.ascontiguousarray(store.offsets, np.int64).tobytes())
-    h.update(np.ascontiguousarray(store.counts, np.int64).tobytes())
+    h.update(np.ascontiguousarray(store.occurrences, np.int64).tobytes())
     h.update(str(store.vectors.shape).encode())
     return h.hexdigest()

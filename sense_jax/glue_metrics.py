@@ -24,6 +24,8 @@ import numpy as np
 import scipy.stats
 import sklearn.metrics
 
+from sense_jax.tasks import get_task
+
 __all__ = ["METRICS", "compute_metrics", "task_metrics", "split_metrics", "main_metric"]
 
 
@@ -119,8 +121,6 @@ def task_metrics(task, predictions, labels) -> dict[str, float]:
     Raises:
       ConfigError: unknown task name.
     """
-    from sense_jax.tasks import get_task
-
     spec = get_task(task)
     return compute_metrics(spec.metrics, predictions, labels, regression=spec.vocabulary.regression)
 
@@ -135,8 +135,6 @@ def split_metrics(task, by_split: Mapping[str, tuple]) -> dict[str, float]:
     Args:
       by_split: split name -> (predictions, labels).
     """
-    from sense_jax.tasks import get_task
-
     spec = get_task(task)
     out = {}
     for split, (p, y) in by_split.items():
@@ -151,6 +149,4 @@ def split_metrics(task, by_split: Mapping[str, tuple]) -> dict[str, float]:
 
 def main_metric(task) -> str:
     """The metric that model selection (early stopping) watches, on ``get_task(task).dev_splits[0]``."""
-    from sense_jax.tasks import get_task
-
     return get_task(task).main_metric

@@ -536,19 +536,3 @@ def batched_kmeans(x, mask, k: int, *, key, max_iter: int = 100, tol: float = 1e
     r = kmeans_detailed(x, mask, k, key=key, max_iter=max_iter, tol=tol, adaptive=adaptive,
                         k_min=k_min, init=init, check_finite=check_finite, loop=loop, spherical=spherical)
     return KMeansResult(r["centres"], r["n_senses"], r["assignments"], r["inertia"])
-
-
-# The sense-dictionary driver moved to sense_jax.sense_builder and the store fingerprint to
-# sense_jax.fingerprints; their old names here stay importable (resolved lazily: sense_builder
-# imports this module).
-_MOVED = {"build_sense_dictionary": "sense_jax.sense_builder", "bucket_size": "sense_jax.sense_builder",
-          "default_chunk_tokens": "sense_jax.sense_builder", "_COMPILED": "sense_jax.sense_builder",
-          "store_fingerprint": "sense_jax.fingerprints"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

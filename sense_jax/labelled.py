@@ -290,7 +290,7 @@ def _dataset_rows(path: Path, split: str | None, needed, label_field) -> tuple[I
     if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         raise DataError(f"{path}: not a saved datasets directory (no dataset_dict.json or state.json)")
     try:
-        import datasets
+        import datasets  # optional: only saved datasets need it
     except ImportError:
         raise DataError(f"{path}: reading a saved dataset needs the 'datasets' package (pip install datasets)") from None
     obj = datasets.load_from_disk(str(path))

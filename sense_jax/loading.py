@@ -11,6 +11,7 @@ from typing import Any, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from transformers import AutoTokenizer
 
 from sense_jax import convert as _convert
 from sense_jax.errors import ConfigError, ConversionError, SenseJaxError
@@ -161,10 +162,6 @@ def compute_dtype(dtype: Any) -> str:
 
 
 def _load_tokenizer(path: Path):
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:  # pragma: no cover - transformers is a runtime requirement
-        return None
     if not any((path / f).exists() for f in _convert.TOKENIZER_FILES):
         return None
     try:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from sense_jax.errors import ConversionError
+from sense_jax.hf_checkpoint import read_safetensors, read_torch_bin
 from sense_jax.io_utils import read_json
 
 _LORA_KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>A|B)(?:\.(?P<name>[^.]+))?\.weight$")
@@ -129,13 +130,11 @@ def _targets_module(target_modules: Any, module: str) -> bool:
 
 
 def _read_adapter_tensors(adapter_dir: Path) -> dict[str, np.ndarray]:
-    from sense_jax.convert import _read_safetensors, _read_torch_bin
-
     st, bn = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"
     if st.is_file():
-        return _read_safetensors(st)
+        return read_safetensors(st)
     if bn.is_file():
-        return _read_torch_bin(bn)
+        return read_torch_bin(bn)
     raise ConversionError(f"{adapter_dir}: no adapter_model.safetensors or adapter_model.bin")
 
 
@@ -157,6 +156,60 @@ def _resolve_base_name(module_weight: str, state: dict, family) -> str | None:
             if c in renamed:
                 return renamed[c]
     return None
+
+
+def _split_adapter_tensors(adapter_dir: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """The adapter's tensors as (module -> {"A": lora_A, "B": lora_B}, other tensors by base name).
+
+    Raises:
+      ConversionError: a tensor of an unsupported kind (LoRA on embeddings, DoRA, a lora_B
+        bias), or no lora_A / lora_B tensor at all.
+    """
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    extra: dict[str, np.ndarray] = {}
+    for key, value in _read_adapter_tensors(adapter_dir).items():
+        name = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+        if any(u in name for u in _UNSUPPORTED_KEYS):
+            raise ConversionError(f"{adapter_dir}: tensor {key!r} is not supported "
+                                  "(LoRA on embeddings / DoRA)")
+        m = _LORA_KEY.match(name)
+        if m:
+            pairs.setdefault(m.group("mod"), {})[m.group("ab")] = value
+        elif ".lora_" in name:
+            raise ConversionError(f"{adapter_dir}: tensor {key!r} is not supported (only lora_A / "
+                                  "lora_B weights; a lora_B bias needs lora_bias)")
+        else:
+            # Trained biases (bias="all" / "lora_only") and modules_to_save replace the base
+            # tensors. PEFT saves the bias of an adapted layer under its wrapped base layer:
+            # <module>.base_layer.bias is the base model's <module>.bias.
+            extra[name.replace(".base_layer.", ".")] = value
+    if not pairs:
+        raise ConversionError(f"{adapter_dir}: adapter weights hold no lora_A/lora_B tensors")
+    return pairs, extra
+
+
+def _replace_tensors(merged: dict, extra: dict[str, np.ndarray], state: dict, family, adapter_dir: Path,
+                     mismatch: str) -> list[str]:
+    """Put the adapter's trained biases and ``modules_to_save`` tensors in place of the base ones
+    (in ``merged``), as ``merge_and_unload`` leaves them; returns the task-head tensors skipped.
+
+    Raises:
+      ConversionError: a tensor without a counterpart in the base checkpoint, or of another shape.
+    """
+    ignored = [re.compile(p) for p in (family.ignored if family is not None else ())]
+    skipped = []
+    for name, value in extra.items():
+        base = _resolve_base_name(name, state, family)
+        if base is None and any(p.search(_strip(name, family)) for p in ignored):
+            skipped.append(name)  # a task head (modules_to_save of a SEQ_CLS adapter): not converted
+            continue
+        if base is None or tuple(state[base].shape) != tuple(value.shape):
+            raise ConversionError(f"{adapter_dir}: tensor {name!r} "
+                                  + ("has no counterpart in the base checkpoint" if base is None else
+                                     f"has shape {tuple(value.shape)}, base {tuple(state[base].shape)}")
+                                  + mismatch)
+        merged[base] = value.astype(np.float32)
+    return skipped
 
 
 def merge_lora(state: dict[str, np.ndarray], adapter_dir: str | os.PathLike,
@@ -199,27 +252,7 @@ def merge_lora(state: dict[str, np.ndarray], adapter_dir: str | os.PathLike,
     mismatch = (f" (the adapter was trained on {base_id!r}; its base model does not match this "
                 "checkpoint)" if base_id else " (the adapter's base model does not match this checkpoint)")
 
-    tensors = _read_adapter_tensors(adapter_dir)
-    pairs: dict[str, dict[str, np.ndarray]] = {}
-    extra: dict[str, np.ndarray] = {}
-    for key, value in tensors.items():
-        name = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
-        if any(u in name for u in _UNSUPPORTED_KEYS):
-            raise ConversionError(f"{adapter_dir}: tensor {key!r} is not supported "
-                                  "(LoRA on embeddings / DoRA)")
-        m = _LORA_KEY.match(name)
-        if m:
-            pairs.setdefault(m.group("mod"), {})[m.group("ab")] = value
-        elif ".lora_" in name:
-            raise ConversionError(f"{adapter_dir}: tensor {key!r} is not supported (only lora_A / "
-                                  "lora_B weights; a lora_B bias needs lora_bias)")
-        else:
-            # Trained biases (bias="all" / "lora_only") and modules_to_save replace the base
-            # tensors. PEFT saves the bias of an adapted layer under its wrapped base layer:
-            # <module>.base_layer.bias is the base model's <module>.bias.
-            extra[name.replace(".base_layer.", ".")] = value
-    if not pairs:
-        raise ConversionError(f"{adapter_dir}: adapter weights hold no lora_A/lora_B tensors")
+    pairs, extra = _split_adapter_tensors(adapter_dir)
 
     merged = dict(state)
     modules = []
@@ -253,19 +286,7 @@ def merge_lora(state: dict[str, np.ndarray], adapter_dir: str | os.PathLike,
         if absent:
             raise ConversionError(f"{where}: target_modules {absent} name no module of the base "
                                   f"checkpoint{mismatch}")
-    ignored = [re.compile(p) for p in (family.ignored if family is not None else ())]
-    skipped = []
-    for name, value in extra.items():
-        base = _resolve_base_name(name, state, family)
-        if base is None and any(p.search(_strip(name, family)) for p in ignored):
-            skipped.append(name)  # a task head (modules_to_save of a SEQ_CLS adapter): not converted
-            continue
-        if base is None or tuple(state[base].shape) != tuple(value.shape):
-            raise ConversionError(f"{adapter_dir}: tensor {name!r} "
-                                  + ("has no counterpart in the base checkpoint" if base is None else
-                                     f"has shape {tuple(value.shape)}, base {tuple(state[base].shape)}")
-                                  + mismatch)
-        merged[base] = value.astype(np.float32)
+    skipped = _replace_tensors(merged, extra, state, family, adapter_dir, mismatch)
     return merged, {"adapter": str(adapter_dir), "base_model_name_or_path": base_id, "r": r_default,
                     "lora_alpha": alpha_default, "use_rslora": rslora, "merged_modules": len(modules),
                     "replaced_tensors": sorted(set(extra) - set(skipped)), "skipped_tensors": sorted(skipped)}

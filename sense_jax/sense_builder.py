@@ -27,18 +27,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
+from sense_jax.compile_cache import enable_compile_cache
 from sense_jax.errors import SenseJaxError
 from sense_jax.fingerprints import store_fingerprint
 from sense_jax.kmeans import (_bad_rows, _bad_rows_message, _batched, _uniforms_by_id, map_batch_size,
                               n_local_trials, validate_k, validate_loop)
 from sense_jax.provenance import provenance
+from sense_jax.sense_dict import METRICS, STORAGE_DTYPES, SenseDictionary, source_record, teacher_mismatch
+from sense_jax.store import Store, open_store
+
 
 def bucket_size(n: int, minimum: int = 16) -> int:
     """Padded sample count for a token with ``n`` samples: the smallest ``minimum * sqrt(2)^i``
     (rounded up to a multiple of 8) that holds ``n``.
 
-    Token counts are Zipfian, so padding everyone to the largest count would waste ~10x; these
+    Samples per token are Zipfian, so padding everyone to the largest would waste ~10x; these
     geometric buckets waste at most ~45% and on average under 20%, with two compiled shapes per
     octave (16, 24, 32, 48, 64, 96, 128, 184, 256, 368, 512, 728, 1024 for ``minimum=16``).
     """
@@ -127,8 +132,6 @@ class ClusterSettings:
         return "--" + field.replace("_", "-") if self.option_names else field
 
     def __post_init__(self):
-        from sense_jax.sense_dict import METRICS, STORAGE_DTYPES
-
         object.__setattr__(self, "k", validate_k(self.k, adaptive=self.adaptive, k_min=self.k_min))
         if self.loop is not None:
             validate_loop(self.loop)
@@ -160,8 +163,8 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
     """Cluster every token of an extraction store into senses (METHOD §1).
 
     Tokens with ``n_t <= k`` samples keep their samples as senses (no clustering). The others
-    are grouped by padded sample count (:func:`bucket_size`) so padding stays small under
-    Zipfian counts, and each bucket is clustered in chunks by the program of
+    are grouped by padded number of samples (:func:`bucket_size`) so padding stays small under
+    Zipfian samples per token, and each bucket is clustered in chunks by the program of
     :func:`kmeans_detailed`. Chunks run in waves of at most ``memory_budget / 4`` bytes of
     padded points, gathered from the (memory-mapped) store; on accelerators the next wave is
     gathered while one runs.
@@ -221,9 +224,6 @@ def build_sense_dictionary(store, k: int, *, seed: int = 0, adaptive: str | None
 def build_with_settings(store, settings: ClusterSettings, *, seed: int = 0, base=None, devices=None,
                         progress: bool = True):
     """:func:`build_sense_dictionary` with already validated ``settings``."""
-    from sense_jax.compile_cache import enable_compile_cache
-    from sense_jax.store import Store, open_store
-
     enable_compile_cache()
     settings = dataclasses.replace(settings, loop=validate_loop(settings.loop))
     if not isinstance(store, Store):
@@ -241,8 +241,6 @@ def build_with_settings(store, settings: ClusterSettings, *, seed: int = 0, base
 
 def _check_base(store, base) -> None:
     """Refuse adding ``store`` to a ``base`` dictionary of another width, vocabulary or teacher."""
-    from sense_jax.sense_dict import teacher_mismatch
-
     V, D = store.vocab_size, store.hidden_size
     if base is not None and (base.hidden_size != D or base.vocab_size != V):
         raise SenseJaxError(f"cannot add store {store.path} (width {D}, vocabulary {V}) to a dictionary "
@@ -429,8 +427,6 @@ class ChunkRunner:
         programs already keep every core busy and a loader thread only competes with them
         (measured 1.3x slower on 2 cores), so waves are gathered in turn.
         """
-        from tqdm.auto import tqdm
-
         waves = self._waves()
         overlap = self.devices[0].platform != "cpu"
         big = self.part.big
@@ -467,13 +463,11 @@ def assemble(store, senses: dict, inertia: dict, part: Partition, s: ClusterSett
     """The dictionary of ``senses`` (token id -> (senses, counts)) with its metadata, cast to
     ``s.dtype``; equal senses of a token (equal samples kept as senses, centres a narrower dtype
     makes equal) are merged into one."""
-    from sense_jax.sense_dict import SenseDictionary, source_record
-
     V, D = store.vocab_size, store.hidden_size
-    counts_per_token = np.zeros(V, np.int64)
+    senses_per_token = np.zeros(V, np.int64)
     for t, (c, _) in senses.items():
-        counts_per_token[t] = c.shape[0]
-    new_offsets = np.concatenate([[0], np.cumsum(counts_per_token)])
+        senses_per_token[t] = c.shape[0]
+    new_offsets = np.concatenate([[0], np.cumsum(senses_per_token)])
     order = sorted(senses)
     centres = np.concatenate([senses[t][0] for t in order] or [np.zeros((0, D), np.float32)])
     counts = np.concatenate([senses[t][1] for t in order] or [np.zeros(0, np.int64)])

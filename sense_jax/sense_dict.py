@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import struct
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from sense_jax.errors import SenseJaxError
 from sense_jax.io_utils import atomic_directory, read_json, write_json_atomic
@@ -312,8 +314,6 @@ class SenseDictionary:
         Raises:
           SenseJaxError: unknown dtype; ``out`` exists and not ``overwrite``.
         """
-        from safetensors.numpy import save_file
-
         sd = self.astype(dtype) if dtype is not None else self
         tensors = {"centres": np.ascontiguousarray(np.asarray(sd.centres)),
                    "offsets": np.asarray(sd.offsets, np.int64),
@@ -333,8 +333,6 @@ class SenseDictionary:
           SenseJaxError: missing, truncated or inconsistent files (names the file), or a
             ``format_version`` newer than this sense_jax reads.
         """
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
         if not path.is_dir():
             raise SenseJaxError(f"sense dictionary not found: {path}")

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sense_jax.errors import SenseJaxError
+
 # Logical axis -> mesh axis. None = replicated.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", "data"),
@@ -105,8 +107,6 @@ def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...], axis: i
       SenseJaxError: the process's rows are not one contiguous block (a mesh whose data axis
         interleaves processes; :func:`make_mesh` orders devices by process).
     """
-    from sense_jax.errors import SenseJaxError
-
     n = global_shape[axis]
     spans = {(i[axis].start or 0, n if i[axis].stop is None else i[axis].stop)
              for i in sharding.addressable_devices_indices_map(tuple(global_shape)).values()}

@@ -4,7 +4,8 @@ Layout of a store directory (every array a plain ``.npy``, memory-mapped on read
 
     vectors.npy   [S, D]  float32 | float16 | bfloat16 (stored as its uint16 bit pattern)
     offsets.npy   [V + 1] int64   token t's samples are rows offsets[t]:offsets[t + 1]
-    counts.npy    [V]     int64   occurrences of token t in the corpus (not only the kept ones)
+    counts.npy    [V]     int64   occurrences of token t in the corpus (not only the kept ones;
+                                  ``Store.occurrences``: the file keeps its name of version 1)
     sources.npy   [S, 2]  int64   (passage index, token position) of each kept vector
     meta.json             teacher, layer, dtype, n_per_token, seed, corpus fingerprint, ...
     COMPLETE              written last; a store without it is incomplete and refused
@@ -43,16 +44,21 @@ class Store:
 
     Attributes:
       vectors: [S, D] samples in the stored dtype (bfloat16 via ml_dtypes).
-      offsets: [V + 1] int64. counts: [V] int64. sources: [S, 2] int64.
+      offsets: [V + 1] int64. occurrences: [V] int64 (``counts.npy``). sources: [S, 2] int64.
       meta: the store's metadata dict.
     """
 
     path: Path
     vectors: np.ndarray
     offsets: np.ndarray
-    counts: np.ndarray
+    occurrences: np.ndarray
     sources: np.ndarray
     meta: dict
+
+    @property
+    def counts(self) -> np.ndarray:
+        """The old name of :attr:`occurrences` (and still the file's: ``counts.npy``)."""
+        return self.occurrences
 
     @property
     def vocab_size(self) -> int:
@@ -109,21 +115,22 @@ def open_store(path: str | os.PathLike) -> Store:
     if dtype == "bfloat16":
         vectors = vectors.view(ml_dtypes.bfloat16)
     offsets = _load_npy(path / "offsets.npy", mmap=False)
-    counts = _load_npy(path / "counts.npy", mmap=False)
+    occurrences = _load_npy(path / "counts.npy", mmap=False)
     sources = _load_npy(path / "sources.npy")
     S = vectors.shape[0]
     if offsets.ndim != 1 or offsets[0] != 0 or offsets[-1] != S or np.any(np.diff(offsets) < 0):
         raise SenseJaxError(f"{path / 'offsets.npy'} is inconsistent with vectors.npy ({S} rows)")
-    if counts.shape != (offsets.shape[0] - 1,) or sources.shape != (S, 2):
+    if occurrences.shape != (offsets.shape[0] - 1,) or sources.shape != (S, 2):
         raise SenseJaxError(f"{path}: counts.npy / sources.npy shapes do not match offsets.npy")
-    return Store(path, vectors, offsets, counts, sources, meta)
+    return Store(path, vectors, offsets, occurrences, sources, meta)
 
 
 def write_store(out: str | os.PathLike, vectors: np.ndarray, offsets: np.ndarray,
-                counts: np.ndarray, sources: np.ndarray, meta: dict[str, Any],
+                occurrences: np.ndarray, sources: np.ndarray, meta: dict[str, Any],
                 *, overwrite: bool = False) -> Path:
     """Write a complete store from in-memory arrays, atomically (small stores, tests).
 
+    ``occurrences`` [V]: each token's occurrences in the corpus (written as ``counts.npy``).
     ``meta["dtype"]`` selects the stored dtype (default float32). Extraction streams large
     stores into the same layout without holding them in RAM.
     """
@@ -139,7 +146,7 @@ def write_store(out: str | os.PathLike, vectors: np.ndarray, offsets: np.ndarray
     with atomic_directory(out, overwrite=overwrite) as tmp:
         np.save(tmp / "vectors.npy", vectors)
         np.save(tmp / "offsets.npy", np.asarray(offsets, np.int64))
-        np.save(tmp / "counts.npy", np.asarray(counts, np.int64))
+        np.save(tmp / "counts.npy", np.asarray(occurrences, np.int64))
         np.save(tmp / "sources.npy", np.asarray(sources, np.int64).reshape(-1, 2))
         write_json_atomic(tmp / "meta.json", meta)
         (tmp / COMPLETE_MARKER).write_text("ok\n")
@@ -159,12 +166,12 @@ class StoreWriter:
         self.vectors = open_memmap(self.path / "vectors.npy", mode="r+")
 
     @staticmethod
-    def plan(path: str | os.PathLike, offsets: np.ndarray, counts: np.ndarray, sources: np.ndarray,
+    def plan(path: str | os.PathLike, offsets: np.ndarray, occurrences: np.ndarray, sources: np.ndarray,
              hidden_size: int, dtype: str) -> Path:
         """Create the store directory ``path`` with its index arrays and zero vectors.
 
         Args:
-          offsets: [V + 1] int64. counts: [V] int64. sources: [S, 2] int64 (see the module
+          offsets: [V + 1] int64. occurrences: [V] int64. sources: [S, 2] int64 (see the module
             docstring); ``vectors.npy`` gets [S, hidden_size] zeros of ``dtype`` (bfloat16 as
             uint16 bit patterns).
 
@@ -175,7 +182,7 @@ class StoreWriter:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         np.save(tmp / "offsets.npy", offsets)
-        np.save(tmp / "counts.npy", counts)
+        np.save(tmp / "counts.npy", occurrences)
         np.save(tmp / "sources.npy", sources)
         np_dtype = np.uint16 if dtype == "bfloat16" else STORE_DTYPES[dtype]
         open_memmap(tmp / "vectors.npy", mode="w+", dtype=np_dtype,

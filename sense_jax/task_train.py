@@ -17,13 +17,47 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import logging
+import os
+import time
+import types
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from safetensors.numpy import save_file
 
-from sense_jax.errors import SenseJaxError
+from sense_jax.batching import bucket_length
+from sense_jax.convert import copy_tokenizer_files, params_to_hf
+from sense_jax.errors import ConfigError, SenseJaxError
+from sense_jax.fingerprints import teacher_fingerprint, tokenizer_fingerprint
+from sense_jax.glue_metrics import compute_metrics
+from sense_jax.hf_export import export_hf
+from sense_jax.io_utils import atomic_directory, write_json_atomic
+from sense_jax.labelled import VOCABULARY_FILE, LabelVocabulary
+from sense_jax.loading import _load_tokenizer, load_model
+from sense_jax.losses import hidden_mse_loss, skd_loss
+from sense_jax.models import check_input_length, get_family
+from sense_jax.models.heads import abstract_head_params, head_logits, head_type, init_head_params
+from sense_jax.provenance import check_provenance, provenance
+from sense_jax.sense_dict import SenseDictionary, gather_senses, nearest_sense
+from sense_jax.sharding import process_rows
+from sense_jax.students import (apply_adaptor, check_sense_dict, dictionary_fingerprint, init_adaptor,
+                                split_pooler)
+from sense_jax.task_losses import EarlyStopping, task_objective
+from sense_jax.tasks import get_task, load_split, load_task
+from sense_jax.training.checkpoint import _short
 from sense_jax.training.data import PassageStream
+from sense_jax.training.export import _config_from_dict
+from sense_jax.training.layout import layout_for
+from sense_jax.training.hooks import LoopHooks
+from sense_jax.training.setup import Setup, _student, _teacher_path
+from sense_jax.training.step import make_step
 
 BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -122,7 +156,6 @@ def eval_batches(tokenizer: Any, texts: Sequence[Sequence[str]], labels: np.ndar
     ``indices`` [n <= B] say which examples the first n rows are (scatter predictions back with
     them). The last batch's extra rows repeat a real example with weight 0.
     """
-    from sense_jax.batching import bucket_length
 
     lengths = example_lengths(tokenizer, texts, max_length)
     order = np.argsort(lengths, kind="stable")
@@ -148,12 +181,10 @@ def eval_batches(tokenizer: Any, texts: Sequence[Sequence[str]], labels: np.ndar
 TASK_METRICS = ("loss", "task", "accuracy", "kd", "skd", "sense_accuracy", "mse", "examples", "tokens")
 
 
-def task_counts(batch: dict, frozen: dict) -> dict:
-    """Denominators of one step [A, B, ...]: counted examples, tokens with a sense entry (SKD), real
-    tokens (MSE); each at least 1."""
-    import jax.numpy as jnp
+def task_denominators(batch: dict, frozen: dict) -> dict:
+    """The denominators of one step [A, B, ...]: examples (weight 1), tokens with a sense entry
+    (SKD), real tokens (MSE); each at least 1 (float32)."""
 
-    from sense_jax.sense_dict import gather_senses
 
     real = batch["attention_mask"].astype(bool)
     out = {"examples": jnp.maximum(batch["weights"].sum(), 1.0).astype(jnp.float32),
@@ -168,9 +199,7 @@ def task_counts(batch: dict, frozen: dict) -> dict:
 def student_states(student_module, params: dict, batch: dict):
     """The student's states at the head's width [B, T, D] float32: ``A(h_student)`` with an
     adaptor, else the encoder's own last hidden states."""
-    import jax.numpy as jnp
 
-    from sense_jax.distill import apply_adaptor
 
     h = student_module.apply({"params": params["student"]}, batch["input_ids"], batch["attention_mask"],
                              batch["token_type_ids"])
@@ -182,13 +211,12 @@ def replace_by_senses(sense_dict, input_ids, states, metric: str):
     (chosen by the state itself); the others are kept. The centres are constants, so a task
     loss on the result trains the student only through tokens without an entry (the [CLS]
     token a BERT pooler reads among them), as the reference recipe does."""
-    from sense_jax.sense_dict import nearest_sense
 
     return nearest_sense(sense_dict, input_ids, states, metric=metric)[1]
 
 
 def make_task_loss(cfg: Any, student_module, teacher_module, head_fn: Callable) -> Callable:
-    """``loss_fn(params, micro_batch, frozen, key, counts) -> (loss, metrics)`` of a task run
+    """``loss_fn(params, micro_batch, frozen, key, denominators) -> (loss, metrics)`` of a task run
     (for :func:`sense_jax.training.step.make_step`).
 
     Args:
@@ -205,20 +233,15 @@ def make_task_loss(cfg: Any, student_module, teacher_module, head_fn: Callable) 
     task_only or fine-tuning), under ``stop_gradient``; the teacher's logits (logit_kd) come
     from its own head (``frozen["teacher_head"]``) on its own states.
 
-    Metrics (sums over the step's micro-batches, each divided by the step's counts): loss, task,
+    Metrics (sums over the step's micro-batches, each divided by the step's denominators): loss, task,
     accuracy (task accuracy; 0 for regression), kd, skd, sense_accuracy, mse, examples, tokens.
     """
-    import jax
-    import jax.numpy as jnp
 
-    from sense_jax.distill import hidden_mse_loss, skd_loss
-    from sense_jax.sense_dict import gather_senses
-    from sense_jax.task_losses import task_objective
 
     objective = "task_only" if cfg.objective == "finetune" else cfg.objective  # fine-tuning: the task alone
     uses_teacher = objective in ("skd", "mse", "logit_kd")
 
-    def loss_fn(params, mb, frozen, key, counts):
+    def loss_fn(params, mb, frozen, key, denominators):
         del key  # no dropout: threaded for stochastic extensions
         senses = frozen.get("senses")
         states = student_states(student_module, params, mb)
@@ -232,18 +255,18 @@ def make_task_loss(cfg: Any, student_module, teacher_module, head_fn: Callable) 
                 {"params": frozen["teacher"]}, mb["input_ids"], mb["attention_mask"], mb["token_type_ids"]))
             if objective == "skd":
                 codebook, valid = gather_senses(senses, mb["input_ids"])
-                s = skd_loss(codebook, valid, states, t, mb["attention_mask"], cfg.metric, counts["skd_tokens"])
+                s = skd_loss(codebook, valid, states, t, mb["attention_mask"], cfg.metric, denominators["skd_tokens"])
                 parts.update(skd=s["skd"], sense_accuracy=s["accuracy"], tokens=s["tokens"])
             elif objective == "mse":
-                parts["mse"] = hidden_mse_loss(states, t, mb["attention_mask"], counts["real_tokens"])
+                parts["mse"] = hidden_mse_loss(states, t, mb["attention_mask"], denominators["real_tokens"])
             else:
                 teacher_logits = head_fn(frozen["teacher_head"], t, mb["attention_mask"], mb["input_ids"])
         out = task_objective(objective, logits, mb["labels"], teacher_logits=teacher_logits,
                              skd=parts["skd"], mse=parts["mse"], skd_weight=cfg.skd_weight,
                              mse_weight=cfg.mse_weight, kd_temperature=cfg.kd_temperature,
-                             kd_alpha=cfg.kd_alpha, weights=mb["weights"], denominator=counts["examples"])
+                             kd_alpha=cfg.kd_alpha, weights=mb["weights"], denominator=denominators["examples"])
         out.update(parts)
-        # ``examples`` and ``tokens`` are counts (not divided): their sums are the step's counts.
+        # ``examples`` and ``tokens`` are not divided: their sums are the step's totals.
         return out["loss"], {k: out[k] for k in TASK_METRICS}
 
     return loss_fn
@@ -301,8 +324,6 @@ def metric_key(metric: str, split: str, n_splits: int) -> str:
 
 
 def _read_custom_split(cfg: Any, split: str, vocabulary):
-    from sense_jax.errors import ConfigError
-    from sense_jax.tasks import load_split
 
     path = cfg.task_data
     if split != "train" and Path(path).is_file():
@@ -340,7 +361,6 @@ def load_task_data(cfg: Any, vocabulary=None, with_train: bool = True) -> TaskDa
         field, a label outside the vocabulary, string labels for a regression target (file and
         line named).
     """
-    from sense_jax.tasks import get_task, load_task
 
     train = None
     if cfg.task:
@@ -367,7 +387,6 @@ def load_task_data(cfg: Any, vocabulary=None, with_train: bool = True) -> TaskDa
 
 def recorded_vocabulary(model_dir: str | Path):
     """The label vocabulary recorded beside a fine-tuned model (``label_vocabulary.json``), or None."""
-    from sense_jax.labelled import VOCABULARY_FILE, LabelVocabulary
 
     f = Path(model_dir) / VOCABULARY_FILE
     return LabelVocabulary.load(f) if f.is_file() else None
@@ -392,18 +411,7 @@ def task_setup(cfg: Any, data: TaskData, *, sense_dict=None, devices=None):
       ConfigError: a head whose ``num_labels`` differs from the data's, a teacher without a head
         for distillation, a missing dictionary, and :func:`sense_jax.training.setup.setup`'s checks.
     """
-    import jax
 
-    from sense_jax import distill as D
-    from sense_jax.errors import ConfigError
-    from sense_jax.loading import load_model
-    from sense_jax.training.layout import layout_for
-    from sense_jax.training.setup import Setup, _student, _teacher_path
-    from sense_jax.training.step import make_step
-    from sense_jax.models import check_input_length
-    from sense_jax.models.heads import abstract_head_params, head_logits, init_head_params
-    from sense_jax.provenance import check_provenance, provenance
-    from sense_jax.sense_dict import SenseDictionary
 
     finetune = cfg.objective == "finetune"
     tpath = _teacher_path(cfg)
@@ -422,8 +430,8 @@ def task_setup(cfg: Any, data: TaskData, *, sense_dict=None, devices=None):
     head_cfg = dataclasses.replace(tcfg, num_labels=n_labels, add_pooler=False)
     head = (jax.device_get(teacher.head_params) if teacher.head_params is not None
             else init_head_params(head_cfg, cfg.seed))
-    fp_v1 = D.teacher_fingerprint(teacher.params, tcfg.vocab_size)
-    fp = D.teacher_fingerprint(teacher.params, tcfg.vocab_size, teacher.tokenizer) \
+    fp_v1 = teacher_fingerprint(teacher.params, tcfg.vocab_size)
+    fp = teacher_fingerprint(teacher.params, tcfg.vocab_size, teacher.tokenizer) \
         if teacher.tokenizer is not None else fp_v1
     if sense_dict is None and cfg.senses:
         sense_dict = SenseDictionary.load(cfg.senses)
@@ -431,10 +439,10 @@ def task_setup(cfg: Any, data: TaskData, *, sense_dict=None, devices=None):
         raise ConfigError(f"config: senses (the sense dictionary directory) is required by "
                           f"{'objective=skd' if cfg.objective == 'skd' else 'sense_replace=true'}")
     if sense_dict is not None:
-        D.check_sense_dict(sense_dict, tcfg, fingerprint=fp, teacher_path=tpath,
+        check_sense_dict(sense_dict, tcfg, fingerprint=fp, teacher_path=tpath,
                            source=cfg.senses or "sense dictionary", embedding_fingerprint=fp_v1)
         check_provenance(sense_dict.meta.get("provenance"), f"sense dictionary {cfg.senses or ''}".strip())
-    tparams, _ = D.split_pooler(jax.device_get(teacher.params))  # the head holds the pooler
+    tparams, _ = split_pooler(jax.device_get(teacher.params))  # the head holds the pooler
     enc_cfg = dataclasses.replace(tcfg, add_pooler=False, num_labels=0)
     if finetune:
         scfg, sparams = dataclasses.replace(enc_cfg, dtype=cfg.compute_dtype), tparams
@@ -442,14 +450,15 @@ def task_setup(cfg: Any, data: TaskData, *, sense_dict=None, devices=None):
     else:
         scfg, sparams = _student(cfg, teacher, tpath, tparams)
         params = {"student": sparams, "head": head,
-                  "adaptor": D.init_adaptor(scfg.hidden_size, tcfg.hidden_size, seed=cfg.seed)}
+                  "adaptor": init_adaptor(scfg.hidden_size, tcfg.hidden_size, seed=cfg.seed)}
     student_module = family.make_module(scfg)
     teacher_module = family.make_module(enc_cfg)
     head_fn = functools.partial(head_logits, dataclasses.replace(head_cfg, dtype=cfg.compute_dtype))
-    raw = make_step(cfg, make_task_loss(cfg, student_module, teacher_module, head_fn), task_counts, TASK_METRICS)
+    raw = make_step(cfg, make_task_loss(cfg, student_module, teacher_module, head_fn), task_denominators,
+                    TASK_METRICS)
     boxed = {"student": family.abstract_params(scfg, boxed=True), "head": abstract_head_params(head_cfg, boxed=True)}
     if "adaptor" in params:
-        boxed["adaptor"] = jax.eval_shape(lambda: D.init_adaptor(scfg.hidden_size, tcfg.hidden_size, boxed=True))
+        boxed["adaptor"] = jax.eval_shape(lambda: init_adaptor(scfg.hidden_size, tcfg.hidden_size, boxed=True))
     uses_teacher = cfg.objective in ("skd", "mse", "logit_kd")
     teacher_boxed = family.abstract_params(dataclasses.replace(enc_cfg, dtype=cfg.compute_dtype), boxed=True)
     layout = layout_for(cfg, boxed, teacher_boxed, raw.tx, devices)
@@ -477,9 +486,9 @@ def task_setup(cfg: Any, data: TaskData, *, sense_dict=None, devices=None):
             "head_config": dataclasses.asdict(head_cfg),
             "label_vocabulary": data.vocabulary.to_json(), "task": data.name, "metrics": list(data.metrics),
             "teacher_fingerprint": fp, "embedding_fingerprint": fp_v1,
-            "tokenizer_fingerprint": (D.tokenizer_fingerprint(teacher.tokenizer)
+            "tokenizer_fingerprint": (tokenizer_fingerprint(teacher.tokenizer)
                                       if teacher.tokenizer is not None else None),
-            "dictionary_fingerprint": D.dictionary_fingerprint(sense_dict) if sense_dict is not None else None,
+            "dictionary_fingerprint": dictionary_fingerprint(sense_dict) if sense_dict is not None else None,
             "dictionary_shape": ({"vocab_size": sense_dict.vocab_size, "hidden_size": sense_dict.hidden_size,
                                   "senses": int(sense_dict.centres.shape[0]), "k_max": sense_dict.k_max}
                                  if sense_dict is not None else {}),
@@ -492,7 +501,6 @@ def task_setup(cfg: Any, data: TaskData, *, sense_dict=None, devices=None):
 
 def _cut(sharding, ndim: int):
     """``sharding`` with its PartitionSpec cut to ``ndim`` axes (labels [A, B] beside [A, B, T])."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     return NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[:ndim]))
 
@@ -512,11 +520,8 @@ def evaluate_split(s, params, data, *, batch_size: int | None = None, timing_pas
       "seconds": forward time of the timed batches, "warm_tokens": their real tokens}`` (numpy /
       floats; multi-host: every process gets all).
     """
-    import time
 
-    import jax
 
-    from sense_jax.sharding import process_rows
 
     cfg = s.cfg
     B = batch_size or cfg.batch_size
@@ -566,7 +571,6 @@ def evaluate_task(s, params, data: TaskData, *, timing_pass: bool = False) -> di
     ``tokens_per_s`` of the forward (both variants, real tokens only; with ``timing_pass`` a
     second, compiled pass over every batch, else the batches of an already compiled shape, and
     no figure when there were none)."""
-    from sense_jax.glue_metrics import compute_metrics
 
     regression = data.vocabulary.regression
     rec: dict[str, float] = {}
@@ -594,7 +598,6 @@ BEST_DIR = "best"
 def best_manager(run_dir: Path, create: bool = True):
     """The Orbax manager of ``run_dir/best``: the params of the best dev evaluation so far (one
     step kept), items ``params`` and ``meta`` (the run's meta plus ``best``: step, metric, value)."""
-    import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create, enable_async_checkpointing=False,
                                            read_only=not create, save_interval_steps=0)
@@ -603,15 +606,12 @@ def best_manager(run_dir: Path, create: bool = True):
 
 
 def task_hooks(s, data: TaskData, log: Callable[[str], None]):
-    """The loop's hooks for a task run (:class:`sense_jax.training.loop.LoopHooks`): dev evaluation
+    """The loop's hooks for a task run (:class:`sense_jax.training.hooks.LoopHooks`): dev evaluation
     every ``eval_every`` steps (and at the end) with the task's metrics; each new best dev
     figure (the main metric of the first dev split) saves the params to ``best/``; after
     ``patience`` evaluations without a new best the run stops; the early-stopping state goes into
     every checkpoint and comes back on resume."""
-    import orbax.checkpoint as ocp
 
-    from sense_jax.task_losses import EarlyStopping
-    from sense_jax.training.loop import LoopHooks
 
     es = EarlyStopping(patience=s.cfg.patience, mode="max")
     key = data.main_metric
@@ -661,7 +661,6 @@ def prepare_task(cfg: Any, *, sense_dict=None, log: Callable[[str], None] = prin
 
     The label vocabulary recorded beside the teacher (a fine-tuned model's
     ``label_vocabulary.json``) is the one the data must fit."""
-    from sense_jax.training.setup import _teacher_path
 
     vocab = recorded_vocabulary(_teacher_path(cfg))
     data = load_task_data(cfg, vocabulary=vocab)
@@ -683,16 +682,8 @@ def restore_best(run_dir: str | Path) -> tuple[dict, dict]:
     Raises:
       SenseJaxError: no ``best/`` (the run evaluated nothing yet) or it cannot be read.
     """
-    import jax
-    import orbax.checkpoint as ocp
 
-    from sense_jax.distill import init_adaptor
-    from sense_jax.models import get_family
-    from sense_jax.models.heads import abstract_head_params
-    from sense_jax.training.checkpoint import _short
-    from sense_jax.training.export import _config_from_dict
 
-    import logging
 
     run_dir = Path(run_dir)
     if not (run_dir / BEST_DIR).is_dir():
@@ -733,8 +724,6 @@ def classifier_state_dict(family, cfg: Any, encoder_params: dict, head_params: d
     """transformers' ``*ForSequenceClassification`` state dict of an encoder and its head: the
     base model's tensors under the class's prefix (``bert.``), the head's beside them
     (:data:`sense_jax.models.heads.HEAD_TYPES`), names from the family's conversion table."""
-    from sense_jax.convert import params_to_hf
-    from sense_jax.models.heads import head_type
 
     ht = head_type(cfg)
     params = {k: v for k, v in encoder_params.items() if k not in family.head_params}
@@ -747,7 +736,6 @@ def classifier_hf_config(teacher_hf_config: dict, cfg: Any, vocabulary) -> dict:
     """config.json of an exported classifier: the teacher's, with ``cfg``'s sizes, the
     ``*ForSequenceClassification`` architecture, float32, the label vocabulary as ``id2label`` /
     ``label2id`` and ``problem_type`` (regression or single-label classification)."""
-    from sense_jax.models.heads import head_type
 
     out = {k: v for k, v in teacher_hf_config.items() if not k.startswith("_")}
     out.update(dataclasses.replace(cfg, dtype="float32").to_hf())
@@ -775,16 +763,8 @@ def export_task(run_dir: str | Path, out: str | Path, *, overwrite: bool = False
     Raises:
       SenseJaxError: no best checkpoint, or ``out`` exists without ``overwrite``.
     """
-    import json
 
-    from safetensors.numpy import save_file
 
-    from sense_jax.convert import copy_tokenizer_files, params_to_hf
-    from sense_jax.distill import export_hf
-    from sense_jax.io_utils import atomic_directory, write_json_atomic
-    from sense_jax.labelled import VOCABULARY_FILE, LabelVocabulary
-    from sense_jax.models import get_family
-    from sense_jax.provenance import provenance
 
     run_dir = Path(run_dir)
     params, meta = restore_best(run_dir)
@@ -806,7 +786,6 @@ def export_task(run_dir: str | Path, out: str | Path, *, overwrite: bool = False
             vocab.save(tmp / VOCABULARY_FILE)
             write_json_atomic(tmp / TASK_META_FILE, info)
         return Path(out)
-    import os
 
     head = dict(params["head"])
     with atomic_directory(out, overwrite=overwrite) as tmp:
@@ -839,17 +818,9 @@ def load_classifier(source: str | Path, *, senses: str | None = None, batch_size
     Raises:
       SenseJaxError: neither a task run nor a model with a head; a dictionary of another model.
     """
-    import types
 
-    import jax
 
-    from sense_jax.distill import check_sense_dict, split_pooler
-    from sense_jax.loading import _load_tokenizer, load_model
-    from sense_jax.models import get_family
-    from sense_jax.models.heads import head_logits
-    from sense_jax.sense_dict import SenseDictionary
 
-    from sense_jax.labelled import LabelVocabulary
 
     source = Path(source)
     vocabulary = recorded_vocabulary(source) if source.is_dir() else None

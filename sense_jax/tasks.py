@@ -41,6 +41,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from sense_jax import wordnet
 from sense_jax.errors import ConfigError, DataError
 from sense_jax.labelled import LabelledData, LabelVocabulary, from_rows, read_labelled
 
@@ -136,8 +137,6 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
 
 
 def _lexnames() -> tuple[str, ...]:
-    from sense_jax import wordnet
-
     return tuple(sorted({s.lexname for s in wordnet.load_synsets()}))
 
 
@@ -279,6 +278,7 @@ def _mark(tokens: list[str], index: int, markers) -> str:
 
 def _wic_official_rows(data: Path, gold: Path, markers) -> Iterator[tuple[str, dict]]:
     # The benchmark's reader checks the five fields, the index pair and the gold file's length.
+    # Imported here: the benchmarks are a layer above the data (tests/test_layers.py).
     from sense_jax.benchmarks import wic as wic_benchmark
 
     for n, p in enumerate(wic_benchmark.read_wic(data, gold), 1):
@@ -375,8 +375,6 @@ def read_wordnet_lexfile(split: str = "train", *, seed: int = 0, dev_fraction: f
     Raises:
       ConfigError: unknown split or source, dev_fraction outside (0, 1), max_examples < 1.
     """
-    from sense_jax import wordnet
-
     if split not in ("train", "dev"):
         raise ConfigError(f"task wordnet-lexfile has no split {split!r} (splits: train, dev)")
     if source not in ("definition", "example"):

@@ -14,8 +14,8 @@ from sense_jax.training.config import PRESETS, RESUMABLE_CHANGES, DistillConfig,
 from sense_jax.training.data import PassageStream, read_passages, split_held_out, tokenize
 from sense_jax.training.export import export_checkpoint
 from sense_jax.training.layout import Layout, layout_for, make_layout
-from sense_jax.training.loop import (
-    LoopHooks, TrainingDiverged, TrainResult, evaluate, run, skd_hooks, steps_for_epochs, train)
+from sense_jax.training.hooks import LoopHooks
+from sense_jax.training.loop import TrainingDiverged, TrainResult, evaluate, run, skd_hooks, steps_for_epochs, train
 from sense_jax.training.metrics import MetricsWriter, plot_curves
 from sense_jax.training.setup import Setup, init_state, put_batch, setup
 from sense_jax.training.step import (

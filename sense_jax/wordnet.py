@@ -16,6 +16,8 @@ import hashlib
 from functools import lru_cache
 from pathlib import Path
 
+from sense_jax.errors import SenseJaxError
+
 DATA_DIR = Path(__file__).resolve().parent / "data" / "wordnet"
 
 
@@ -101,8 +103,6 @@ def write_gloss_corpus(out: str | Path, max_glosses: int | None = None,
     n = len(synsets) if max_glosses is None else max_glosses
     n_held = heldout[1] if heldout else 0
     if n + n_held > len(synsets):
-        from sense_jax.errors import SenseJaxError
-
         raise SenseJaxError(f"asked for {n} + {n_held} definitions; WordNet 3.0 has {len(synsets)}")
     parts = [(out, synsets[:n])] + ([(heldout[0], synsets[n:n + n_held])] if heldout else [])
     for path, chosen in parts:

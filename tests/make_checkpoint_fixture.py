@@ -75,7 +75,7 @@ def make_teacher(out: Path, sentences: list[str]) -> None:
 def main(root: str) -> None:
     import sense_jax
     from sense_jax import trainer as T
-    from sense_jax.distill import teacher_fingerprint
+    from sense_jax.fingerprints import teacher_fingerprint
     from skd_helpers import make_sense_dict
 
     root = Path(root)

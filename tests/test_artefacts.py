@@ -39,8 +39,8 @@ def test_refused_training_config_creates_no_run_directory(tmp_path):
 
 
 def test_inspect_refuses_a_dictionary_built_from_another_store(tmp_path):
-    from sense_jax.inspect import token_senses
-    from sense_jax.kmeans import build_sense_dictionary
+    from sense_jax.inspection import token_senses
+    from sense_jax.sense_builder import build_sense_dictionary
     from sense_jax.store import open_store, write_store
 
     def store(name, seed):

@@ -40,7 +40,7 @@ def tiny(tiny_dir) -> common.BenchModel:
 
 def tiny_dict(bm, out: Path, words=("bank", "bass", "plant", "car", "cat"), k=3, fingerprint=None) -> Path:
     """A dictionary with k random senses for each word's token (the fixtures' words)."""
-    from sense_jax.distill import teacher_fingerprint
+    from sense_jax.fingerprints import teacher_fingerprint
     from sense_jax.sense_dict import SenseDictionary
 
     vocab = bm.tokenizer.get_vocab()
@@ -129,7 +129,7 @@ def test_dictionaries_of_either_fingerprint_version_and_students_are_accepted(ti
     an adaptor is scored with its teacher's dictionary whatever teacher layer that was read from."""
     import dataclasses
 
-    from sense_jax.distill import teacher_fingerprint
+    from sense_jax.fingerprints import teacher_fingerprint
 
     V = int(tiny.model.config.vocab_size)
     v2 = teacher_fingerprint(tiny.model.params, V, tiny.tokenizer)

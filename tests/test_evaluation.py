@@ -138,7 +138,7 @@ def test_inspect_looks_a_word_up_as_it_appears_in_text(minilm_dir):
     vocabulary, not the text-initial piece ``bank``; WordPiece lookups are unchanged."""
     from transformers import AutoTokenizer
 
-    from sense_jax.inspect import _token_id
+    from sense_jax.inspection import _token_id
 
     synsets = {s.id for s in wordnet.load_synsets() if "bank" in s.lemmas}
     tok = _byte_level_bpe([e.text for e in wordnet.load_examples() if e.synset_id in synsets])

@@ -219,7 +219,7 @@ def test_minilm_store_matches_tokenizer_counts_and_pytorch(minilm_dir, sentences
         for t in row:
             if t not in special:
                 counts[t] += 1
-    np.testing.assert_array_equal(st.counts, counts)
+    np.testing.assert_array_equal(st.occurrences, counts)
     np.testing.assert_array_equal(st.n_samples(), np.minimum(counts, N))
     assert not set(st.token_ids().tolist()) & special
     # every kept row is an occurrence of its token, rows ordered by (passage, position)

@@ -62,7 +62,7 @@ def _teacher(kind: str, out: Path, vocab: int):
 @pytest.mark.parametrize("kind", ["llama", "deberta"])
 def test_extract_cluster_distill_end_to_end(tmp_path, sentences, kind):
     from sense_jax.extract import extract
-    from sense_jax.kmeans import build_sense_dictionary
+    from sense_jax.sense_builder import build_sense_dictionary
     from sense_jax.store import open_store
     from sense_jax import trainer as T
 
@@ -86,7 +86,7 @@ def test_extract_cluster_distill_end_to_end(tmp_path, sentences, kind):
     ids = [tok(s)["input_ids"] for s in sentences]
     counts = np.bincount(np.concatenate(ids), minlength=len(tok))
     counts[[tok.bos_token_id, tok.eos_token_id]] = 0
-    np.testing.assert_array_equal(store.counts, counts)
+    np.testing.assert_array_equal(store.occurrences, counts)
     np.testing.assert_array_equal(n, np.minimum(counts, 8))
     # A stored vector is the teacher's state at its (passage, position), run alone, unpadded.
     t = int(np.argmax(n))

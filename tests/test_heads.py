@@ -25,6 +25,7 @@ from transformers import (AutoModelForSequenceClassification, BertConfig, BertFo
 from conftest import save_random_model
 from sense_jax import cli
 from sense_jax import convert as cv
+from sense_jax.hf_export import export_model
 from sense_jax import load_model
 from sense_jax.errors import SenseJaxError
 
@@ -101,7 +102,7 @@ def test_converted_head_matches_transformers_and_exports_back(tmp_path, case):
     assert np.abs(got - want).max() < 1e-4, name
     assert model.hf_config.get("problem_type") == config.problem_type  # regression stays regression
 
-    back = cv.export_model(out, tmp_path / "hf_back")
+    back = export_model(out, tmp_path / "hf_back")
     exported = json.loads((back / "config.json").read_text())
     assert exported["architectures"] == [CASES[name][0].__name__]
     assert exported["id2label"] == {str(k): v for k, v in config.id2label.items()}
@@ -168,7 +169,7 @@ def test_model_without_a_head_refuses_logits_by_directory_and_exports_as_its_bas
     assert model.head_params is None
     with pytest.raises(SenseJaxError, match=r"base: no sequence classification head \(architectures BertModel\)"):
         model.logits(np.ones((1, 4), np.int32), np.ones((1, 4), np.int32))
-    back = cv.export_model(src, tmp_path / "back")  # exported as the base model it is
+    back = export_model(src, tmp_path / "back")  # exported as the base model it is
     assert json.loads((back / "config.json").read_text())["architectures"] == ["BertModel"]
     state, exported = load_file(str(src / "model.safetensors")), load_file(str(back / "model.safetensors"))
     assert sorted(exported) == sorted(k for k in state if not k.endswith("position_ids"))

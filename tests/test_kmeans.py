@@ -16,8 +16,8 @@ from sklearn.metrics import adjusted_rand_score
 
 from sense_jax.cli import main
 from sense_jax.errors import SenseJaxError
-from sense_jax.kmeans import (batched_kmeans, bucket_size, build_sense_dictionary, kmeans_detailed,
-                              map_batch_size)
+from sense_jax.kmeans import batched_kmeans, kmeans_detailed, map_batch_size
+from sense_jax.sense_builder import bucket_size, build_sense_dictionary
 from sense_jax.sense_dict import SenseDictionary
 from sense_jax.store import open_store, write_store
 
@@ -341,7 +341,7 @@ def test_dictionary_bytes_do_not_depend_on_device_count_or_chunking(built, tmp_p
     sd.save(tmp_path / "one")
     build_sense_dictionary(store, K_DRIVER, seed=SEED, progress=False, chunk_tokens=1).save(tmp_path / "small")
     code = ("import jax; jax.config.update('jax_num_cpu_devices', 2); assert len(jax.devices()) == 2; "
-            "from sense_jax.kmeans import build_sense_dictionary as b; from sense_jax.store import open_store; "
+            "from sense_jax.sense_builder import build_sense_dictionary as b; from sense_jax.store import open_store; "
             f"b(open_store({str(store.path)!r}), {K_DRIVER}, seed={SEED}, progress=False).save({str(tmp_path / 'two')!r})")
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     ref = (tmp_path / "one" / "senses.safetensors").read_bytes()
@@ -528,7 +528,7 @@ def test_add_to_refuses_another_teacher_and_lists_every_source(tmp_path, capsys)
                  "--seed", "9", *common]) == 0
     m = SenseDictionary.load(tmp_path / "M")
     a, a2 = open_store(tmp_path / "a"), open_store(tmp_path / "a2")
-    from sense_jax.kmeans import store_fingerprint
+    from sense_jax.fingerprints import store_fingerprint
     src = m.meta["sources"]
     assert [s["store_fingerprint"] for s in src] == [store_fingerprint(a), store_fingerprint(a2)]
     assert [s["seed"] for s in src] == [4, 9] and [s["tokens"] for s in src] == [22, 20]

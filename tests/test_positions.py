@@ -111,7 +111,7 @@ def short_teacher(tmp_path_factory, minilm_dir, sentences):
     """A tiny BERT with MiniLM's vocabulary and only 64 positions, its dictionary and a corpus."""
     from skd_helpers import make_sense_dict, make_teacher
 
-    from sense_jax.distill import teacher_fingerprint
+    from sense_jax.fingerprints import teacher_fingerprint
 
     d = tmp_path_factory.mktemp("short")
     teacher = sense_jax.load_model(make_teacher(d / "teacher", minilm_dir, max_position_embeddings=64))

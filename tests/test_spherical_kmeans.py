@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from sense_jax.kmeans import batched_kmeans, build_sense_dictionary
+from sense_jax.kmeans import batched_kmeans
+from sense_jax.sense_builder import build_sense_dictionary
 from sense_jax.store import open_store, write_store
 
 

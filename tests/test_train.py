@@ -31,7 +31,7 @@ from sense_jax import trainer as T  # noqa: E402
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, minilm_dir, sentences):
     """Tiny teacher dir, its sense dictionary on disk (with the teacher's fingerprint)."""
-    from sense_jax.distill import teacher_fingerprint
+    from sense_jax.fingerprints import teacher_fingerprint
 
     d = tmp_path_factory.mktemp("skd")
     teacher = sense_jax.load_model(make_teacher(d / "teacher", minilm_dir))
@@ -323,7 +323,7 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(assets, tmp
 
 def _senses_of(teacher_dir: Path, sentences, out: Path, hidden_size: int = 32, seed: int = 0) -> Path:
     """A dictionary recording ``teacher_dir``'s fingerprint (as if built from it), saved to ``out``."""
-    from sense_jax.distill import teacher_fingerprint
+    from sense_jax.fingerprints import teacher_fingerprint
 
     t = sense_jax.load_model(teacher_dir)
     fp = teacher_fingerprint(t.params, 30522, t.tokenizer)

@@ -43,7 +43,7 @@ def _by_path(tree) -> dict[tuple, object]:
 @pytest.mark.parametrize("freeze", [False, True])
 def test_optimizer_moments_are_sharded_like_their_params(freeze):
     teacher = sense_jax.load_model(FIXTURE / "teacher")
-    from sense_jax.distill import split_pooler, truncated_student
+    from sense_jax.students import split_pooler, truncated_student
 
     scfg, _ = truncated_student(teacher.config, split_pooler(jax.device_get(teacher.params))[0], 1)
     cfg = T.DistillConfig(fsdp=True, freeze_embeddings=freeze, batch_size=1)

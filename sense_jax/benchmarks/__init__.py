@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 
+from sense_jax.errors import SenseJaxError
+
 TASKS = ("scws", "wic", "coarsewsd20", "wordsim", "wsd")
 
 
@@ -33,8 +35,8 @@ def evaluate(task: str, data, model, senses=None, layer: int | None = None, **op
       SenseJaxError: unknown task, bad data (file and line named), a dictionary of another
         teacher or layer.
     """
+    # Here, not at the top: `sense-jax --help` reads TASKS, and common imports JAX and the models.
     from sense_jax.benchmarks import common
-    from sense_jax.errors import SenseJaxError
 
     if task not in TASKS:
         raise SenseJaxError(f"unknown benchmark {task!r}; choose from {TASKS}")

@@ -25,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import accuracy_score, f1_score
 
 from sense_jax.benchmarks import common as C
 
@@ -110,8 +111,6 @@ def sense_map_predict(k_train: np.ndarray, y_train: np.ndarray, k_test: np.ndarr
 
 def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, batch_size: int = 32) -> dict:
     """Mean over words of test accuracy and macro-F1 (x 100) of every variant (see module doc)."""
-    from sklearn.metrics import accuracy_score, f1_score
-
     per_word: dict[str, dict] = {}
     coverage = {"words": 0, "test": 0, "train": 0, "not_covered": 0}
     for wd in word_dirs(data):

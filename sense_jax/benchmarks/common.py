@@ -25,14 +25,25 @@ into vectors, applied the same way by every benchmark:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
+from sense_jax.batching import length_bucketed_batches, pad_batch
 from sense_jax.errors import SenseJaxError
+from sense_jax.fingerprints import teacher_fingerprint
+from sense_jax.hf_export import load_adaptor
+from sense_jax.io_utils import read_json
+from sense_jax.loading import load_model
+from sense_jax.sense_dict import SenseDictionary, nearest_sense
 
 METRICS = ("dot", "cos", "l2")
 
@@ -93,11 +104,6 @@ class BenchModel:
     embedding_fingerprint: str | None = None
 
     def __post_init__(self):
-        import functools
-
-        import jax
-        import jax.numpy as jnp
-
         module, n_layers, layer = self.model.module, self.num_layers, self.layer
         w = None if self.adaptor is None else (jnp.asarray(self.adaptor["weight"], jnp.float32),
                                                jnp.asarray(self.adaptor["bias"], jnp.float32))
@@ -130,9 +136,6 @@ class BenchModel:
 
     def embedding_matrix(self) -> np.ndarray:
         """The input-embedding matrix [V, D_model] float32 (the ``static`` variant's rows)."""
-        import jax
-        from flax import traverse_util
-
         V = int(self.model.config.vocab_size)
         flat = traverse_util.flatten_dict(self.model.params, sep="/")
         key = next((k for k in sorted(flat) if np.ndim(flat[k]) == 2 and np.shape(flat[k])[0] == V), None)
@@ -156,11 +159,6 @@ def load_bench_model(path: str | os.PathLike, layer: int | None = None) -> Bench
       SenseJaxError: unreadable model, no tokenizer, layer out of range, or ``layer`` other than the
         last for a student with an adaptor (the adaptor maps last-layer states only).
     """
-    from sense_jax.distill import load_adaptor
-    from sense_jax.fingerprints import teacher_fingerprint
-    from sense_jax.io_utils import read_json
-    from sense_jax.loading import load_model
-
     model = load_model(path)
     if model.tokenizer is None or not getattr(model.tokenizer, "is_fast", False):
         raise SenseJaxError(f"{path}: a fast tokenizer (offset mapping) is needed for benchmarks")
@@ -193,8 +191,6 @@ def load_senses(path: str | os.PathLike, bm: BenchModel):
       SenseJaxError: naming the dictionary and the field that differs (width, vocabulary size,
         teacher fingerprint, layer).
     """
-    from sense_jax.sense_dict import SenseDictionary
-
     sd = SenseDictionary.load(path)
     meta = sd.meta
     D = int(bm.adaptor["bias"].shape[0]) if bm.adaptor is not None else int(bm.model.config.hidden_size)
@@ -281,10 +277,6 @@ def encode_targets(bm: BenchModel, targets: Sequence[Target], batch_size: int = 
     Returns:
       :class:`WordStates` (one entry per target, in order).
     """
-    import hashlib
-
-    from sense_jax.batching import length_bucketed_batches, pad_batch
-
     key = hashlib.sha256(repr([(tuple(t.words), t.start, t.end) for t in targets] + [max_length]).encode()).hexdigest()
     if key in bm._cache:
         return bm._cache[key]
@@ -333,8 +325,6 @@ def lookup(sense_dict, ids: np.ndarray, hidden: np.ndarray, metric: str,
     Returns:
       sense index [M] int32 (-1 without entry), replaced [M, D] float32, has_entry [M] bool.
     """
-    from sense_jax.sense_dict import nearest_sense
-
     M = len(ids)
     D = hidden.shape[-1] if hidden.ndim == 2 else sense_dict.hidden_size
     k, rep, has = np.full(M, -1, np.int32), np.zeros((M, D), np.float32), np.zeros(M, bool)

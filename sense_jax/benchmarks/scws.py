@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from sense_jax.benchmarks import common as C
+from sense_jax.benchmarks.wordsim import spearman
 
 # p(sense | context) temperature over cosines. Chosen on WiC train (never on SCWS) with the default
 # MiniLM teacher and dictionary by eval/choose_temperature.py: the AvgSimC similarity thresholded
@@ -119,8 +120,6 @@ def pair_prototypes(ws: C.WordStates, ctx: np.ndarray, sense_dict, n: int,
 def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, temperature: float = TEMPERATURE,
              batch_size: int = 32) -> dict:
     """Spearman x 100 of every similarity (see the module doc) against the mean rating."""
-    from sense_jax.benchmarks.wordsim import spearman
-
     if not temperature > 0:
         raise C.SenseJaxError(f"temperature must be > 0, got {temperature}")
     pairs = read_scws(data)

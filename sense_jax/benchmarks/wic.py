@@ -18,8 +18,10 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import accuracy_score, roc_curve
 
 from sense_jax.benchmarks import common as C
+from sense_jax.benchmarks import scws
 
 REFERENCE = {"random": 50.0, "ELMo": 57.7, "context2vec": 59.3, "BERT-large (supervised)": 65.5,
              "SenseBERT-large": 72.1, "LMMS (dev)": 68.2}
@@ -84,8 +86,6 @@ def best_threshold(sim: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     Candidates are scikit-learn's ROC thresholds (every distinct score, plus one above all); the
     accuracy of each is ``(TPR * P + (1 - FPR) * N) / (P + N)``.
     """
-    from sklearn.metrics import roc_curve
-
     y = np.asarray(y, bool)
     P, N = int(y.sum()), int((~y).sum())
     if P == 0 or N == 0:
@@ -102,8 +102,6 @@ def similarities(bm: C.BenchModel, sense_dict, pairs: list[WicPair], batch_size:
     occurrence is not covered). ``avg_sim_c`` / ``max_sim_c``: SCWS's context-weighted sense
     similarities (:func:`sense_jax.benchmarks.scws.multi_prototype`) at ``temperature``
     (default :data:`sense_jax.benchmarks.scws.TEMPERATURE`)."""
-    from sense_jax.benchmarks import scws
-
     ws = C.encode_targets(bm, [p.a for p in pairs] + [p.b for p in pairs], batch_size)
     n = len(pairs)
     h = C.contextual_vectors(ws)
@@ -130,8 +128,6 @@ def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, split: s
     Raises:
       BenchmarkDataError: missing or malformed files; a split without gold labels.
     """
-    from sklearn.metrics import accuracy_score
-
     sets = {}
     for name in dict.fromkeys((tune_split, split)):
         data_file, gold_file = split_files(data, name)

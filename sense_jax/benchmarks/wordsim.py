@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import spearmanr
 
 from sense_jax.benchmarks import common as C
 
@@ -109,8 +110,6 @@ def word_vectors(bm: C.BenchModel, sense_dict, words: list[str], batch_size: int
 
 def spearman(x, y) -> float:
     """Spearman's rho x 100 (scipy); NaN with fewer than 2 pairs."""
-    from scipy.stats import spearmanr
-
     if len(x) < 2:
         return float("nan")
     return 100 * float(spearmanr(x, y).statistic)

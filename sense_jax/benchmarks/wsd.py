@@ -19,11 +19,14 @@ no synset of that part of speech get no answer (``coverage``).
 from __future__ import annotations
 
 import dataclasses
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 
+from sense_jax import wordnet
 from sense_jax.benchmarks import common as C
+from sense_jax.wordnet import load_sense_keys
 
 POS_TYPES = {"NOUN": ("n",), "VERB": ("v",), "ADJ": ("a", "s"), "ADV": ("r",)}
 SS_TYPE = {"1": "n", "2": "v", "3": "a", "4": "r", "5": "s"}
@@ -58,8 +61,6 @@ def read_xml(path: str | Path) -> list[Instance]:
       BenchmarkDataError: not XML of the framework's layout (file and line), an instance without
         id, lemma or pos, or a pos outside NOUN/VERB/ADJ/ADV.
     """
-    import xml.etree.ElementTree as ET
-
     path = Path(path)
     if not path.is_file():
         raise C.data_error(path, None, "file not found")
@@ -97,8 +98,6 @@ def read_gold(path: str | Path, instances: list[Instance]) -> dict[str, set[str]
       BenchmarkDataError: a line without a key, an id not in the XML, or a sense key not in
         WordNet 3.0 (file, line and key).
     """
-    from sense_jax.wordnet import load_sense_keys
-
     keys = load_sense_keys()
     ids = {i.id for i in instances}
     gold = {}
@@ -133,8 +132,6 @@ _INDEX: dict | None = None
 def _candidate_index() -> dict:
     global _INDEX
     if _INDEX is None:
-        from sense_jax.wordnet import load_sense_keys
-
         index: dict = {}
         for key, (sid, n) in load_sense_keys().items():
             lemma, _, rest = key.partition("%")
@@ -165,8 +162,6 @@ _EX: dict | None = None
 def _examples() -> dict:
     global _EX, _SYN
     if _EX is None:
-        from sense_jax import wordnet
-
         _SYN = {s.id: s for s in wordnet.load_synsets()}
         ex: dict = {}
         for e in wordnet.load_examples():

@@ -25,7 +25,7 @@ def initialize(args: argparse.Namespace) -> None:
     nothing without ``--distributed`` / ``--coordinator``."""
     if not (args.distributed or args.coordinator):
         return
-    import jax
+    import jax  # not at the top: `sense-jax --help` imports this module
 
     kw = {k: v for k, v in (("coordinator_address", args.coordinator),
                             ("num_processes", args.num_processes),

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+from pathlib import Path
+
+from sense_jax.errors import SenseJaxError
 
 HELP = "cluster each token's stored hidden states into senses (k-means) -> a sense dictionary"
 
@@ -46,11 +51,7 @@ def use_cpu_devices(n: int | None) -> None:
     Raises:
       SenseJaxError: n < 1, or JAX's backends were initialised before the call.
     """
-    import os
-
-    import jax
-
-    from sense_jax.errors import SenseJaxError
+    import jax  # not at the top: `sense-jax --help` imports this module
 
     if n is not None and n < 1:
         raise SenseJaxError(f"--cpu-devices must be >= 1, got {n}")
@@ -64,10 +65,7 @@ def use_cpu_devices(n: int | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import math
-    from pathlib import Path
-
-    from sense_jax.errors import SenseJaxError
+    # The library (JAX, models) is imported when the command runs: `sense-jax --help` imports every command module.
     from sense_jax.sense_builder import ClusterSettings, build_with_settings
     from sense_jax.sense_dict import SenseDictionary
     from sense_jax.store import open_store

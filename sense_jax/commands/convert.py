@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import warnings
+
+from sense_jax.io_utils import read_json
 
 HELP = "convert a transformers checkpoint (directory or hub id) to a sense_jax model directory"
 
@@ -21,10 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import warnings
-
+    # The library (JAX, models) is imported when the command runs: `sense-jax --help` imports every command module.
     from sense_jax.convert import ConversionNote, convert
-    from sense_jax.io_utils import read_json
 
     overrides = {}
     if args.bidirectional:

@@ -8,6 +8,8 @@ Multi-host: the same command on every host with ``--distributed`` (see ``_distri
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from typing import Sequence
 
@@ -26,9 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-
+    # The library (JAX, models) is imported when the command runs: `sense-jax --help` imports every command module.
     from sense_jax import trainer
 
     cfg = trainer.load_config(args.config, args.overrides, preset=args.preset)
@@ -64,6 +64,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m train.distill ARGS`` = ``sense-jax distill ARGS``."""
-    from sense_jax.cli import main as cli_main
+    from sense_jax.cli import main as cli_main  # the CLI imports this module: not at the top
 
     return cli_main(["distill", *(argv if argv is not None else sys.argv[1:])])

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from sense_jax.benchmarks import TASKS
+from sense_jax.errors import SenseJaxError
+from sense_jax.io_utils import write_json_atomic
+
 HELP = "score a model (and a sense dictionary) on a public benchmark: scws, wic, coarsewsd20, wordsim, wsd"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from sense_jax.benchmarks import TASKS
-
     p.add_argument("task", choices=TASKS, help="benchmark")
     p.add_argument("--data", required=True, help="the benchmark's file or folder (layout: see the README)")
     p.add_argument("--model", required=True,
@@ -27,10 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The library (JAX, models) is imported when the command runs: `sense-jax --help` imports every command module.
     from sense_jax.benchmarks import evaluate
     from sense_jax.benchmarks.common import render_markdown
-    from sense_jax.errors import SenseJaxError
-    from sense_jax.io_utils import write_json_atomic
 
     if args.batch_size < 1:
         raise SenseJaxError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -9,6 +9,11 @@ given, and the forward's tokens/s (``sense_jax.task_train.evaluate_task``).
 from __future__ import annotations
 
 import argparse
+import json
+import types
+
+from sense_jax.errors import ConfigError
+from sense_jax.io_utils import write_json_atomic
 
 HELP = "score a classifier (task run or model with a head) on a task's dev split, with and without senses"
 
@@ -30,11 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import types
-
-    from sense_jax.errors import ConfigError
-    from sense_jax.io_utils import write_json_atomic
+    # The library (JAX, models) is imported when the command runs: `sense-jax --help` imports every command module.
     from sense_jax.task_train import evaluate_task, load_classifier, load_task_data
 
     if args.batch_size < 1 or args.max_length < 2:

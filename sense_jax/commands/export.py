@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 HELP = ("export a distilled student (run directory or checkpoints/) or a converted model directory "
         "to a transformers model directory")
@@ -19,10 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    # The library (JAX, models) is imported when the command runs: `sense-jax --help` imports every command module.
     from sense_jax import trainer
-    from sense_jax.convert import METADATA_FILE, export_model
+    from sense_jax.convert import METADATA_FILE
+    from sense_jax.hf_export import export_model
 
     if (Path(args.ckpt) / METADATA_FILE).is_file():  # a converted model, not a run directory
         out = export_model(args.ckpt, args.out, overwrite=args.overwrite)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sense_jax.commands import _distributed
+from sense_jax.io_utils import read_json
 
 HELP = "sample teacher hidden states per token id over a corpus into an extraction store"
 
@@ -38,12 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The library (JAX, models) is imported when the command runs: `sense-jax --help` imports every command module.
     import jax
 
     _distributed.initialize(args)
 
     from sense_jax.extract import extract, summary_lines
-    from sense_jax.io_utils import read_json
 
     out = extract(args.model, args.corpus, args.out, n_per_token=args.n_per_token, seed=args.seed,
                   batch_size=args.batch_size, dtype=args.dtype, layer=args.layer,

@@ -12,6 +12,11 @@ At the end the best checkpoint is exported to ``OUT/model``: a transformers dire
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from sense_jax.errors import ConfigError
 
 HELP = "fine-tune a model with a classification head on labelled data (then: distill --set task=...)"
 
@@ -36,39 +41,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     """The run config: the ``finetune`` preset, the file, the positional arguments and flags,
     then ``--set`` (which wins)."""
-    from sense_jax import trainer
+    from sense_jax import trainer  # the library when the command runs (see run)
 
     given = [f"teacher={args.model}", f"task_data={args.data}", f"out_dir={args.out}",
              f"task={args.task}", f"text_fields={args.text_fields}", f"label_field={args.label_field}",
              f"task_regression={str(args.regression).lower()}"]
     cfg = trainer.load_config(args.config, [*given, *args.overrides], preset="finetune")
     if cfg.objective != "finetune":
-        from sense_jax.errors import ConfigError
-
         raise ConfigError(f"config: objective={cfg.objective!r}: sense-jax finetune trains objective=finetune "
                           "(task distillation is sense-jax distill --set task=...)")
     if not cfg.task and not cfg.text_fields:
-        from sense_jax.errors import ConfigError
-
         raise ConfigError("give --task NAME, or --text-fields FIELD[,FIELD] (and --label-field) for your own data")
     return cfg
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-    from pathlib import Path
-
     cfg = config_from_args(args)
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
         return 0
+    # The library (JAX, models) is imported when the command runs: `sense-jax --help` imports every command module.
+    import jax
+
     from sense_jax import trainer
     from sense_jax.task_train import export_task
 
     result = trainer.train(cfg)
-    import jax
-
     if jax.process_index() != 0:
         return 0
     out = export_task(cfg.out_dir, Path(cfg.out_dir) / "model", overwrite=True)

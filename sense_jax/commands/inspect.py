@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from sense_jax.errors import SenseJaxError
+
 HELP = "show a token's senses, each with the corpus contexts nearest to it"
 
 
@@ -19,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sense_jax.errors import SenseJaxError
-    from sense_jax.inspect import format_senses, token_senses
+    # The library (JAX, models) is imported when the command runs: `sense-jax --help` imports every command module.
+    from sense_jax.inspection import format_senses, token_senses
 
     if args.contexts < 0:
         raise SenseJaxError(f"--contexts must be >= 0, got {args.contexts}")

@@ -7,32 +7,40 @@ the task's texts -> extract -> cluster -> task-distil the students -> evaluate."
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+
+from sense_jax.config import read_config_file
+from sense_jax.errors import ConfigError
 
 HELP = "run the whole method end to end (resumable): convert, extract, cluster, distill, evaluate"
 
+DEFAULT_STAGES = ("convert", "corpus", "extract", "cluster", "distill", "evaluate")
+TASK_STAGES = ("finetune", "corpus", "extract", "cluster", "distill", "evaluate")
+# Keys that make a run the task recipe (sense_jax.task_pipeline.TaskPipelineConfig).
+TASK_KEYS = ("task", "task_data", "text_fields")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="JSON or YAML file of PipelineConfig keys")
+    p.add_argument("--config", metavar="FILE", help="JSON or YAML file of PipelineConfig keys "
+                                                    "(TaskPipelineConfig keys with a task)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key (repeatable); unknown keys are refused")
-    p.add_argument("--out", help="output directory (default runs/pipeline)")
+                   help="override one config key (repeatable); unknown keys are refused; task=NAME runs "
+                        "the task recipe (finetune, extract, cluster, task distillation, evaluate)")
+    p.add_argument("--out", help="output directory (default runs/pipeline; with a task runs/task)")
     p.add_argument("--stages", default=None,
                    help="comma-separated subset of stages to run (each needs its predecessors' outputs; "
-                        "default convert,corpus,extract,cluster,distill,evaluate); add 'benchmarks' for the "
-                        "public benchmarks (--set evaldata=DIR). With a task: finetune,corpus,extract,cluster,"
-                        "distill,evaluate")
+                        f"default {','.join(DEFAULT_STAGES)}); add 'benchmarks' for the public benchmarks "
+                        f"(--set evaldata=DIR). With a task: {','.join(TASK_STAGES)}")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-
-    from sense_jax.errors import ConfigError
-    from sense_jax.pipeline import DEFAULT_STAGES, STAGES, Pipeline, load_pipeline_config
-
     if _is_task_run(args):
         return _run_task(args)
+    # The library (JAX, models) is imported when the command runs: `sense-jax --help` imports every command module.
+    from sense_jax.pipeline import STAGES, Pipeline, load_pipeline_config
+
     cfg = load_pipeline_config(args.config, args.overrides, args.out)
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -46,24 +54,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-_TASK_KEYS = ("task", "task_data", "text_fields")
-
-
 def _is_task_run(args: argparse.Namespace) -> bool:
     """A task recipe: ``task`` / ``task_data`` / ``text_fields`` set by ``--set`` or in the file."""
     keys = {o.partition("=")[0].strip() for o in args.overrides}
     if args.config:
-        from sense_jax.config import read_config_file
-
         keys |= set(read_config_file(args.config))
-    return any(k in keys for k in _TASK_KEYS)
+    return any(k in keys for k in TASK_KEYS)
 
 
 def _run_task(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-
-    from sense_jax.task_pipeline import TASK_STAGES, TaskPipeline, load_task_pipeline_config
+    # The library is imported when the command runs (see run).
+    from sense_jax.task_pipeline import TaskPipeline, load_task_pipeline_config
 
     cfg = load_task_pipeline_config(args.config, args.overrides, args.out)
     if args.print_config:

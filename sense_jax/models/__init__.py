@@ -18,7 +18,10 @@ import dataclasses
 import re
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax.core import meta
 
 from sense_jax.errors import ConversionError, SenseJaxError
 
@@ -155,9 +158,6 @@ class ModelFamily:
         :func:`sense_jax.sharding.params_sharding`); else plain arrays (float32 unless the
         config's ``param_dtype`` says otherwise).
         """
-        import jax.numpy as jnp
-        from flax.core import meta
-
         module = self.make_module(cfg)
         method = getattr(module, self.init_method) if self.init_method else None
 
@@ -172,8 +172,6 @@ class ModelFamily:
         """Shapes and dtypes of the params of ``cfg`` (a pytree of ShapeDtypeStruct, boxed in
         ``nn.Partitioned`` with ``boxed``), by ``jax.eval_shape``: nothing is allocated. The one
         abstract init used by conversion, students, sharding and the trainer."""
-        import jax
-
         return jax.eval_shape(self.init_fn(cfg, boxed=boxed), jax.random.PRNGKey(0))
 
 
@@ -248,7 +246,8 @@ def get_family(model_type: str, source: str = "config.json") -> ModelFamily:
 
 
 def _import_families() -> None:
-    # Importing a family module registers it. New families add one line here.
+    # Importing a family module registers it (here, not at the top: each family imports this
+    # module). New families add one line here.
     from sense_jax.models import bert  # noqa: F401
     from sense_jax.models import deberta_v2  # noqa: F401
     from sense_jax.models import llama  # noqa: F401

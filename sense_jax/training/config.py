@@ -126,7 +126,7 @@ def _validate(cfg: DistillConfig) -> DistillConfig:
         need(cfg.skd_weight + cfg.mse_weight > 0, "skd_weight", "skd_weight + mse_weight must be > 0")
         need(cfg.objective == "skd", "objective", "an objective other than skd needs a task (task=NAME or task_data=DIR)")
     else:
-        from sense_jax.task_losses import OBJECTIVES
+        from sense_jax.task_losses import OBJECTIVES  # local: task_losses imports JAX, this module must not
 
         need(cfg.objective in (*OBJECTIVES, "finetune"), "objective",
              f"choose {', '.join(OBJECTIVES)} (or finetune, which sense-jax finetune sets)")

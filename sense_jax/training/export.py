@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sense_jax.distill import export_hf
+from sense_jax.hf_export import export_hf
 from sense_jax.errors import SenseJaxError
 from sense_jax.models import get_family
 from sense_jax.provenance import check_provenance, provenance

