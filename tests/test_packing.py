@@ -8,6 +8,8 @@ leak across segments or a wrong position would show.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,8 +59,9 @@ def _family(cfg):
     return get_family(cfg.model_type)
 
 
+@functools.lru_cache(maxsize=None)
 def _params(cfg, seed=0):
-    params = _family(cfg).init_fn(cfg)(jax.random.PRNGKey(seed))
+    params = jax.jit(_family(cfg).init_fn(cfg))(jax.random.PRNGKey(seed))
     rng = np.random.default_rng(seed)
     # Weights at 0.3 (not the init's 0.02) so that attention weights are far from uniform.
     return jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), jnp.float32) if x.ndim >= 2 else x,
@@ -81,11 +84,20 @@ def _types(passages, seed=2):
     return [rng.integers(0, 2, len(p)).astype(np.int32) for p in passages]
 
 
+@functools.lru_cache(maxsize=None)
+def _forward(cfg):
+    module = _family(cfg).make_module(cfg)
+
+    def fn(params, ids, mask, tt, seg):
+        return module.apply({"params": params}, ids, mask, tt, output_all_hidden_states=True,
+                            **({} if seg is None else {"segment_ids": seg}))[1]
+    return jax.jit(fn)
+
+
 def _apply(module, params, ids, mask, tt, seg=None):
-    _, states = module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(tt),
-                             output_all_hidden_states=True,
-                             **({} if seg is None else {"segment_ids": jnp.asarray(seg)}))
-    return np.asarray(states)  # [L + 1, B, T, D]
+    """All hidden states [L + 1, B, T, D] (jitted: one compile per shape, not one per op)."""
+    seg = None if seg is None else jnp.asarray(seg)
+    return np.asarray(_forward(module.cfg)(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(tt), seg))
 
 
 def _packed_inputs(cfg, passages, types, packed):
@@ -109,11 +121,18 @@ def test_packed_forward_equals_each_passage_alone(name):
     assert len(packed.row_tokens) < len(passages)  # some row holds two passages or more
     ids, mask, tt = _packed_inputs(cfg, passages, types, packed)
     got = _apply(module, params, ids, mask, tt, packed.segment_ids)
+    # The unpacked forward: one passage per row, right-padded (its parity with each passage
+    # alone, unpadded, is tested per family against transformers).
+    pad = cfg.pad_token_id or 0
+    u_ids = np.full((len(passages), ROW), pad, np.int32)
+    u_mask, u_tt = np.zeros_like(u_ids), np.zeros_like(u_ids)
+    for i, p in enumerate(passages):
+        u_ids[i, :len(p)], u_mask[i, :len(p)], u_tt[i, :len(p)] = p, 1, types[i]
+    alone = _apply(module, params, u_ids, u_mask, u_tt)
     worst = 0.0
     for i, p in enumerate(passages):
-        alone = _apply(module, params, p[None], np.ones((1, len(p)), np.int32), types[i][None])[:, 0]
         r, o = packed.row[i], packed.offset[i]
-        worst = max(worst, float(np.abs(got[:, r, o:o + len(p)] - alone).max()))
+        worst = max(worst, float(np.abs(got[:, r, o:o + len(p)] - alone[:, i, :len(p)]).max()))
     assert worst < 1e-5, (name, worst)
 
 
