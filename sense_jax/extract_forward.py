@@ -275,9 +275,12 @@ def forward_stage(job: Job, model, mesh, c: Counted, corpus, text_field, L, laye
     for w in range(-(-n_passages // window)):
         lo, hi = w * window, min((w + 1) * window, n_passages)
         needed = needed_all[(needed_all >= lo) & (needed_all < hi)]
-        plan = (lambda: plan_window_packed(needed, c.lengths, batch_size, n_data, row_lengths)) if pack else \
-            (lambda: plan_window(needed, c.lengths, batch_size, n_data))
-        steps = plan() if w >= windows_done else []
+        if w < windows_done:
+            steps = []
+        elif pack:
+            steps = plan_window_packed(needed, c.lengths, batch_size, n_data, row_lengths)
+        else:
+            steps = plan_window(needed, c.lengths, batch_size, n_data)
         local_ranges, mine = _local_rows(feed, steps)
         texts, pid = _read_window(passages, pid, hi, mine, hasher, corpus)
         if not steps:

@@ -423,7 +423,8 @@ def test_cli_extract(tiny, corpus, store_a, tmp_path, capsys):
     assert _digest(out) == _digest(store_a)
 
 
-def test_packed_extraction_same_samples_close_vectors_at_most_two_programs(tiny, corpus, store_a, tmp_path, capsys):
+def test_packed_extraction_same_samples_close_vectors_at_most_two_programs(tiny, corpus, store_a, tmp_path, capsys,
+                                                                          monkeypatch):
     """Issue 15 item 2: ``pack=True`` writes the same samples with vectors within float rounding
     of the unpacked store, compiles at most two forward programs where the unpacked run
     compiles one per length bucket, and records ``packed: true`` (a store of the other kind at
@@ -456,3 +457,15 @@ def test_packed_extraction_same_samples_close_vectors_at_most_two_programs(tiny,
                  "--window", "16", "--no-progress", "--pack"]) == 0
     capsys.readouterr()
     assert _digest(out) == _digest(packed)
+    # A packed run stopped after window 3 resumes to the same store.
+    from sense_jax import extract_job
+
+    def fail(stage, k):
+        if (stage, k) == ("window", 3):
+            raise RuntimeError("injected failure")
+    monkeypatch.setattr(extract_job, "FAULT_HOOK", fail)
+    out = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="injected"):
+        ex.extract(tiny[1], corpus, out, pack=True, **RUN)
+    monkeypatch.setattr(extract_job, "FAULT_HOOK", None)
+    assert _digest(ex.extract(tiny[1], corpus, out, pack=True, **RUN)) == _digest(packed)
