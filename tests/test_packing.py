@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 
 from sense_jax.batching import pack_passages
-from sense_jax.models import count_in_segment
+from sense_jax.models import count_in_segment, get_family
 from sense_jax.models.bert import BertConfig, position_ids
 from sense_jax.models.deberta_v2 import DebertaV2Config
 from sense_jax.models.llama import LlamaConfig, position_ids_from_mask
-from sense_jax.models import get_family
 
 V = 61
 
@@ -230,7 +229,8 @@ def test_packer_invariants_on_random_lengths():
     assert p.n_rows <= int(np.ceil(11 / 9 * lengths.sum() / 64)) + 1
     # Deterministic.
     q = pack_passages(lengths, 64)
-    np.testing.assert_array_equal(p.row, q.row) and np.testing.assert_array_equal(p.offset, q.offset)
+    np.testing.assert_array_equal(p.row, q.row)
+    np.testing.assert_array_equal(p.offset, q.offset)
 
 
 def test_packer_refuses_a_passage_longer_than_a_row():
