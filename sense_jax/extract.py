@@ -185,7 +185,7 @@ def extract(model_or_path: Any, corpus_path: str | os.PathLike, out: str | os.Pa
             dtype: str = "float32", layer: int = -1, mesh: Any = None, text_field: str = "text",
             max_length: int | None = None, window_passages: int = 8192,
             chunk_passages: int = 2048, compute_dtype: str | None = None,
-            overwrite: bool = False, progress: bool = True) -> Path:
+            overwrite: bool = False, progress: bool = True, pack: bool = False) -> Path:
     """Extract a per-token uniform sample of teacher hidden states into a store at ``out``.
 
     Args:
@@ -212,6 +212,10 @@ def extract(model_or_path: Any, corpus_path: str | os.PathLike, out: str | os.Pa
         model's own (float32 when loading from a path). Part of the store's identity.
       overwrite: replace a complete store at ``out`` made with other settings.
       progress: show tqdm progress bars (tokens/s and ETA) on process 0.
+      pack: pack several passages per row (segment ids; rows of one or two lengths, so at most
+        two compiled forward programs, and less padding; :mod:`sense_jax.extract_forward`).
+        The same samples; the vectors agree with the unpacked run's within float rounding,
+        not bit for bit, so ``packed: true`` is part of the store's identity (meta.json).
 
     Returns:
       ``out`` as a Path. The summary (passages, tokens seen, distinct tokens, tokens at the cap,
@@ -244,6 +248,8 @@ def extract(model_or_path: Any, corpus_path: str | os.PathLike, out: str | os.Pa
         "n_per_token": int(n_per_token), "seed": int(seed), "max_length": L,
         "text_field": text_field, "corpus_files_fingerprint": quick_fingerprint(corpus_path, text_field),
     }
+    if pack:  # absent when false: unpacked stores keep the identity they always had
+        identity["packed"] = True
     proc, nproc = process_info()
     if existing_is_done(out, identity, overwrite, proc):
         if proc == 0 and work_dir(out).exists():  # killed after the final rename
@@ -266,7 +272,8 @@ def extract(model_or_path: Any, corpus_path: str | os.PathLike, out: str | os.Pa
             shutil.rmtree(job.work, ignore_errors=True)
         raise
     store_dir = forward_stage(job, model, mesh, counted, corpus_path, text_field, L, layer_index,
-                              n_layers, dtype, int(batch_size), int(window_passages), progress)
+                              n_layers, dtype, int(batch_size), int(window_passages), progress,
+                              pack=bool(pack))
     meta = dict(identity, format_version=FORMAT_VERSION, sampler=SAMPLER, corpus=str(corpus_path),
                 corpus_fingerprint=counted.stats["fingerprint"], num_layers=n_layers,
                 hidden_size=int(model.config.hidden_size), vocab_size=V,

@@ -9,6 +9,13 @@ all-zero mask. The jitted forward gathers the kept positions of each row and ret
 replicated; process 0 writes them into the store's memory-mapped ``vectors.npy``
 (:class:`sense_jax.store.StoreWriter`) and saves ``progress.json`` after each window, the unit a
 resumed run restarts from.
+
+Packed (``pack=True``, :func:`plan_window_packed`): the window's passages are packed first-fit
+decreasing (:func:`sense_jax.batching.pack_passages`) into rows of one or two fixed lengths
+(:func:`pack_row_lengths`), ``batch_size`` rows per device per step, so that the whole run
+compiles at most two forward programs; the model masks attention within each passage and
+restarts its positions (``segment_ids``), so the same occurrences get the same vectors within
+float rounding (the README's extraction section gives the difference measured).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sense_jax.batching import DEFAULT_BUCKETS, length_bucketed_batches
+from sense_jax.batching import DEFAULT_BUCKETS, bucket_length, length_bucketed_batches, pack_passages
 from sense_jax.corpus import PassageHasher, iter_passages
 from sense_jax.errors import SenseJaxError
 from sense_jax.extract_job import Counted, Job, fail_point
@@ -38,6 +45,13 @@ from sense_jax.tokenizing import make_encoder
 # used: a re-run with the same model (a resumed or repeated extraction in one process) skips the
 # copy and the trace. Keyed by id(model); the entry goes when the model is garbage-collected.
 _FORWARD_CACHE: dict[int, tuple[tuple, Any, Any]] = {}
+# One entry per trace of the jitted forward, (packed, input shape): each is one compiled program
+# (what the compile-count test and eval/bench_extract.py read).
+FORWARD_TRACES: list[tuple[bool, tuple[int, ...]]] = []
+# Packed rows: passages up to this many tokens go into rows of this length (attention costs T²
+# per row, so short passages are not packed into the longest rows); longer ones into rows of
+# the run's longest possible passage.
+PACK_SHORT_ROW = 128
 
 
 @dataclasses.dataclass
@@ -45,7 +59,10 @@ class Step:
     """One forward step: ``n_data`` micro-batches padded to the same length."""
 
     length: int                    # padded length T
-    micro: list[np.ndarray]        # per micro-batch, global passage ids (<= batch_size each)
+    micro: list[np.ndarray]        # per micro-batch, global passage ids (<= batch_size each; packed: any number)
+    # Packed steps only: per micro-batch, the (row within the micro-batch, offset in the row) of
+    # each passage of ``micro``; None for one passage per row.
+    layout: list[tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def plan_window(needed: np.ndarray, lengths: np.ndarray, batch_size: int, n_data: int) -> list[Step]:
@@ -59,6 +76,65 @@ def plan_window(needed: np.ndarray, lengths: np.ndarray, batch_size: int, n_data
         for s in range(0, len(group), n_data):
             steps.append(Step(int(T), group[s:s + n_data]))
     return steps
+
+
+def pack_row_lengths(max_length: int) -> tuple[int, ...]:
+    """The row lengths of a packed run whose passages have at most ``max_length`` tokens: one
+    (the bucket of ``max_length``) when that is at most :data:`PACK_SHORT_ROW`, else two."""
+    long = bucket_length(int(max_length), DEFAULT_BUCKETS)
+    return (long,) if long <= PACK_SHORT_ROW else (PACK_SHORT_ROW, long)
+
+
+def plan_window_packed(needed: np.ndarray, lengths: np.ndarray, batch_size: int, n_data: int,
+                       row_lengths: tuple[int, ...]) -> list[Step]:
+    """Packed steps for one window: each passage goes to the shortest row length that holds
+    it; per row length the passages are packed first-fit decreasing, the rows cut into
+    micro-batches of ``batch_size`` rows (independent of the device count) and ``n_data``
+    micro-batches make a step."""
+    steps: list[Step] = []
+    lens = lengths[needed]
+    lo = 0
+    for T in row_lengths:
+        group = needed[(lens > lo) & (lens <= T)]
+        lo = T
+        if not len(group):
+            continue
+        pk = pack_passages(lengths[group], T)
+        order = np.lexsort((pk.offset, pk.row))
+        micro, layout = [], []
+        for first in range(0, pk.n_rows, batch_size):
+            sel = order[(pk.row[order] >= first) & (pk.row[order] < first + batch_size)]
+            micro.append(group[sel])
+            layout.append((pk.row[sel] - first, pk.offset[sel]))
+        for s in range(0, len(micro), n_data):
+            steps.append(Step(int(T), micro[s:s + n_data], layout[s:s + n_data]))
+    return steps
+
+
+def gather_indices_packed(st: Step, batch_size: int, n_rows: int, kp: np.ndarray, by_passage: np.ndarray,
+                          positions: np.ndarray):
+    """:func:`gather_indices` for a packed step: per row, the kept occurrences of all its
+    passages at ``offset + position``; K = T (a row may keep any of its tokens, and one K
+    keeps the program count at one per row length).
+
+    Returns:
+      gpos [R, T] int32; ri, ki [n]; src [n] (as :func:`gather_indices`); seg_rows [n_p],
+      seg_offsets [n_p], seg_passages [n_p]: every passage of the step with its global row.
+    """
+    T = st.length
+    rows = np.concatenate([r + m * batch_size for m, (r, _) in enumerate(st.layout)])
+    offs = np.concatenate([o for _, o in st.layout])
+    pids = np.concatenate(st.micro)
+    a = np.searchsorted(kp, pids, "left")
+    b = np.searchsorted(kp, pids, "right")
+    nk = b - a
+    ri = np.repeat(rows, nk)  # rows ascending: the layout is sorted by (row, offset)
+    src = (np.concatenate([by_passage[x:y] for x, y in zip(a, b)]) if len(a)
+           else np.zeros(0, np.int64))
+    ki = np.arange(len(ri)) - np.searchsorted(ri, ri, "left")
+    gpos = np.zeros((n_rows, T), np.int32)  # n_rows = batch_size × n_data: padding rows at the end
+    gpos[ri, ki] = positions[src] + np.repeat(offs, nk)
+    return gpos, ri, ki, src, rows, offs, pids
 
 
 def gather_indices(rows: np.ndarray, T: int, kp: np.ndarray, by_passage: np.ndarray,
@@ -90,31 +166,34 @@ def gather_indices(rows: np.ndarray, T: int, kp: np.ndarray, by_passage: np.ndar
     return gpos, ri, ki, src
 
 
-def make_forward(model, mesh, layer_index: int, n_layers: int, dtype: str):
+def make_forward(model, mesh, layer_index: int, n_layers: int, dtype: str, packed: bool = False):
     """``(fn, params)``: ``fn(params, input_ids [B, T], attention_mask [B, T], positions [B, K])
     -> [B, K, D]`` hidden states of layer ``layer_index`` at those positions, cast to the store
-    ``dtype`` on device; batch sharded over ``data``, params and result replicated."""
-    key = (mesh, layer_index, dtype, id(model.params))
+    ``dtype`` on device; batch sharded over ``data``, params and result replicated. With
+    ``packed`` the fn takes a fifth argument, ``segment_ids`` [B, T] (packed rows)."""
+    key = (mesh, layer_index, dtype, id(model.params), packed)
     cached = _FORWARD_CACHE.get(id(model))
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
     out_dtype = jnp.dtype(STORE_DTYPES[dtype])
     module = model.module
 
-    def forward(params, input_ids, attention_mask, gather_pos):
+    def forward(params, input_ids, attention_mask, gather_pos, segment_ids=None):
         """[B, T] ids, mask; [B, K] positions -> [B, K, D] hidden states at those positions."""
+        FORWARD_TRACES.append((packed, tuple(input_ids.shape)))
+        seg = {} if segment_ids is None else {"segment_ids": segment_ids}
         if layer_index == n_layers:
-            h = module.apply({"params": params}, input_ids, attention_mask)
+            h = module.apply({"params": params}, input_ids, attention_mask, **seg)
         else:
             _, states = module.apply({"params": params}, input_ids, attention_mask,
-                                     output_all_hidden_states=True)
+                                     output_all_hidden_states=True, **seg)
             h = states[layer_index]
         g = jnp.take_along_axis(h, gather_pos[:, :, None], axis=1)
         return g.astype(out_dtype)
 
     bs = batch_sharding(mesh)
     rep = replicated(mesh)
-    fn = jax.jit(forward, in_shardings=(rep, bs, bs, bs), out_shardings=rep)
+    fn = jax.jit(forward, in_shardings=(rep, bs, bs, bs) + ((bs,) if packed else ()), out_shardings=rep)
 
     def put(x):  # params as global replicated arrays (works across processes)
         if isinstance(x, jax.Array) and x.sharding == rep:
@@ -160,9 +239,10 @@ class _Feed:
 
 
 def forward_stage(job: Job, model, mesh, c: Counted, corpus, text_field, L, layer_index,
-                  n_layers, dtype, batch_size, window, progress):
+                  n_layers, dtype, batch_size, window, progress, pack: bool = False):
     """Fill the store of ``c``'s sample in ``job.work / "store"`` with the teacher's hidden
     states, window by window from the last finished one. Returns the store directory.
+    ``pack``: packed rows of :func:`pack_row_lengths` ``(L)`` (module docstring).
 
     Raises:
       SenseJaxError: the corpus changed since the counting pass (fewer passages, a passage
@@ -176,7 +256,8 @@ def forward_stage(job: Job, model, mesh, c: Counted, corpus, text_field, L, laye
     kp = c.passage[by_passage]
     needed_all = np.unique(kp)
     n_data = int(mesh.shape["data"])
-    fn, params = make_forward(model, mesh, layer_index, n_layers, dtype)
+    fn, params = make_forward(model, mesh, layer_index, n_layers, dtype, packed=pack)
+    row_lengths = pack_row_lengths(L)
     total_tokens = int(c.lengths[needed_all].sum())
     done_tokens = int(c.lengths[needed_all[needed_all < windows_done * window]].sum())
     bar = tqdm(total=total_tokens, initial=done_tokens, desc="teacher forward", unit="tok",
@@ -194,7 +275,12 @@ def forward_stage(job: Job, model, mesh, c: Counted, corpus, text_field, L, laye
     for w in range(-(-n_passages // window)):
         lo, hi = w * window, min((w + 1) * window, n_passages)
         needed = needed_all[(needed_all >= lo) & (needed_all < hi)]
-        steps = plan_window(needed, c.lengths, batch_size, n_data) if w >= windows_done else []
+        if w < windows_done:
+            steps = []
+        elif pack:
+            steps = plan_window_packed(needed, c.lengths, batch_size, n_data, row_lengths)
+        else:
+            steps = plan_window(needed, c.lengths, batch_size, n_data)
         local_ranges, mine = _local_rows(feed, steps)
         texts, pid = _read_window(passages, pid, hi, mine, hasher, corpus)
         if not steps:
@@ -275,6 +361,8 @@ def _read_window(passages: Iterator[str], pid: int, hi: int, mine: set[int], has
 def _run_step(feed: _Feed, st: Step, local: tuple[int, int], ids_of: dict[int, list[int]]) -> None:
     """Feed this process's rows of step ``st``, dispatch the forward, then write the previous
     step's result (overlapping the host work with the devices)."""
+    if st.layout is not None:
+        return _run_packed_step(feed, st, local, ids_of)
     c, T, bsz = feed.c, st.length, feed.batch_size
     rows = np.full(feed.rows_global, -1, np.int64)
     flat_rows = np.concatenate(st.micro)
@@ -301,3 +389,34 @@ def _run_step(feed: _Feed, st: Step, local: tuple[int, int], ids_of: dict[int, l
     dev_out = feed.fn(feed.params, g_ids, g_mask, g_pos)
     feed.drain()  # overlap: write the previous step while this one runs
     feed.pending = (dev_out, ri, ki, src, int(c.lengths[flat_rows].sum()))
+
+
+def _run_packed_step(feed: _Feed, st: Step, local: tuple[int, int], ids_of: dict[int, list[int]]) -> None:
+    """:func:`_run_step` for a packed step: rows of several passages with their segment ids."""
+    c, T = feed.c, st.length
+    gpos, ri, ki, src, rows, offs, pids = gather_indices_packed(st, feed.batch_size, feed.rows_global, feed.kp,
+                                                                feed.by_passage, c.position)
+    rlo, rhi = local
+    ids = np.full((rhi - rlo, T), feed.pad_id, np.int32)
+    seg = np.zeros((rhi - rlo, T), np.int32)
+    last_row, n_seg = -1, 0
+    for r, o, p in zip(rows, offs, pids):
+        n_seg = n_seg + 1 if r == last_row else 1  # segment ids 1, 2, .. along the row
+        last_row = r
+        if not rlo <= r < rhi:
+            continue
+        seq = ids_of[int(p)]
+        if len(seq) != c.lengths[p]:
+            raise SenseJaxError(f"corpus {feed.corpus} changed during extraction "
+                                f"(passage {int(p)} tokenises differently)")
+        ids[r - rlo, o:o + len(seq)] = seq
+        seg[r - rlo, o:o + len(seq)] = n_seg
+    mask = (seg > 0).astype(np.int32)
+    shape = (feed.rows_global, T)
+    g_ids = jax.make_array_from_process_local_data(feed.sharding, ids, shape)
+    g_mask = jax.make_array_from_process_local_data(feed.sharding, mask, shape)
+    g_pos = jax.make_array_from_process_local_data(feed.sharding, gpos[rlo:rhi], shape)
+    g_seg = jax.make_array_from_process_local_data(feed.sharding, seg, shape)
+    dev_out = feed.fn(feed.params, g_ids, g_mask, g_pos, g_seg)
+    feed.drain()
+    feed.pending = (dev_out, ri, ki, src, int(c.lengths[pids].sum()))

@@ -33,7 +33,9 @@ WORK_SUFFIX = ".partial"
 # Keys of meta.json that identify what a store holds; a store at OUT that differs in any of
 # them is another extraction and is never overwritten without ``overwrite``.
 IDENTITY_KEYS = ("teacher", "teacher_config_hash", "compute_dtype", "tokenizer_hash", "layer", "dtype",
-                 "n_per_token", "seed", "max_length", "text_field", "corpus_files_fingerprint")
+                 "n_per_token", "seed", "max_length", "text_field", "corpus_files_fingerprint",
+                 # present (true) only in packed stores: their vectors differ at float rounding
+                 "packed")
 
 FAULT_HOOK: Callable[[str, int], None] | None = None
 """Tests only: called as ``FAULT_HOOK(stage, k)`` at each named point (see the module docstring)."""

@@ -421,3 +421,51 @@ def test_cli_extract(tiny, corpus, store_a, tmp_path, capsys):
     assert "passages: 120" in text and "forward passes saved" in text
     # the CLI's counting chunk size differs: it changes nothing
     assert _digest(out) == _digest(store_a)
+
+
+def test_packed_extraction_same_samples_close_vectors_at_most_two_programs(tiny, corpus, store_a, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Issue 15 item 2: ``pack=True`` writes the same samples with vectors within float rounding
+    of the unpacked store, compiles at most two forward programs where the unpacked run
+    compiles one per length bucket, and records ``packed: true`` (a store of the other kind at
+    the same path is refused)."""
+    from sense_jax import extract_forward as ef
+    from sense_jax.cli import main
+
+    def traces(run):
+        ef._FORWARD_CACHE.clear()  # a fresh jitted forward: every program it needs is traced
+        n = len(ef.FORWARD_TRACES)
+        out = run()
+        return out, ef.FORWARD_TRACES[n:]
+
+    packed, packed_traces = traces(lambda: ex.extract(tiny[1], corpus, tmp_path / "packed", pack=True, **RUN))
+    plain, plain_traces = traces(lambda: ex.extract(tiny[1], corpus, tmp_path / "plain", **RUN))
+    assert _digest(plain) == _digest(store_a)  # the default is unchanged
+    assert all(p for p, _ in packed_traces) and not any(p for p, _ in plain_traces)
+    assert 1 <= len(packed_traces) <= 2 < len(plain_traces), (packed_traces, plain_traces)
+    a, b = open_store(store_a), open_store(packed)
+    np.testing.assert_array_equal(a.offsets, b.offsets)
+    np.testing.assert_array_equal(a.occurrences, b.occurrences)
+    np.testing.assert_array_equal(a.sources, b.sources)
+    assert np.abs(np.asarray(a.vectors) - np.asarray(b.vectors)).max() < 1e-5
+    assert b.meta["packed"] is True and "packed" not in a.meta
+    with pytest.raises(SenseJaxError, match="packed: stored None vs requested True"):
+        ex.extract(tiny[1], corpus, store_a, pack=True, **RUN)
+    # The CLI's --pack gives the packed store.
+    out = tmp_path / "cli"
+    assert main(["extract", str(tiny[0]), str(corpus), str(out), "-n", "3", "--batch-size", "4",
+                 "--window", "16", "--no-progress", "--pack"]) == 0
+    capsys.readouterr()
+    assert _digest(out) == _digest(packed)
+    # A packed run stopped after window 3 resumes to the same store.
+    from sense_jax import extract_job
+
+    def fail(stage, k):
+        if (stage, k) == ("window", 3):
+            raise RuntimeError("injected failure")
+    monkeypatch.setattr(extract_job, "FAULT_HOOK", fail)
+    out = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="injected"):
+        ex.extract(tiny[1], corpus, out, pack=True, **RUN)
+    monkeypatch.setattr(extract_job, "FAULT_HOOK", None)
+    assert _digest(ex.extract(tiny[1], corpus, out, pack=True, **RUN)) == _digest(packed)

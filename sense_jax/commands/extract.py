@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="truncate passages to this many tokens (default: the model's maximum)")
     p.add_argument("--window", type=int, default=8192,
                    help="passages per resumption unit (default 8192)")
+    p.add_argument("--pack", action="store_true",
+                   help="pack several passages per row (at most two compiled programs, less padding; "
+                        "vectors equal the unpacked run's within float rounding, and the store "
+                        "records packed: true)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a complete store at OUT made with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                   compute_dtype=args.compute_dtype,
                   text_field=args.text_field, max_length=args.max_length,
                   window_passages=args.window, overwrite=args.overwrite,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, pack=args.pack)
     if jax.process_index() == 0:
         meta = read_json(out / "meta.json")
         print(f"extracted {args.corpus} with {args.model} -> {out}")

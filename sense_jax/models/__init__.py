@@ -212,6 +212,42 @@ def check_input_length(length: int, cfg: Any, what: str = "input of", whose: str
                     + fix.format(limit=limit))
 
 
+# --- Packed rows (several passages per row) ------------------------------------------------------
+# Every family's module takes an optional ``segment_ids`` [B, T] int32: 0 at padding, 1..S for the
+# S passages packed into a row, each passage one contiguous run of positions (as T5X's and
+# MaxText's packed datasets lay them out, ``inputs_segmentation``). Attention is then
+# block-diagonal (a token sees only its own passage), and positions restart at every passage, so
+# that each passage's states equal those of the passage alone (within float rounding: the
+# softmax sums over a longer, masked row). The two helpers below are shared by the families.
+
+
+def count_in_segment(segment_ids: jax.Array, counted: jax.Array) -> jax.Array:
+    """Inclusive running count of ``counted`` within each contiguous run of equal segment id.
+
+    Args:
+      segment_ids: [B, T] int segment ids; a run starts wherever the id changes.
+      counted: [B, T] int 0/1, what to count.
+
+    Returns:
+      [B, T] int32: at position t, the sum of ``counted`` over t's run up to and including t
+      (the position id ``count - 1`` for a run of real tokens).
+    """
+    counted = counted.astype(jnp.int32)
+    T = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), segment_ids.shape)
+    first = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], dtype=bool),
+                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start = jax.lax.cummax(jnp.where(first, idx, 0), axis=1)
+    total = jnp.cumsum(counted, axis=1)
+    before = jnp.take_along_axis(total - counted, start, axis=1)
+    return total - before
+
+
+def same_segment(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] segment ids -> [B, T, S] bool, True where query t and key s share a segment."""
+    return segment_ids[:, :, None] == segment_ids[:, None, :]
+
+
 _REGISTRY: dict[str, ModelFamily] = {}
 
 

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from sense_jax.errors import ConversionError
-from sense_jax.models import (COPY, LINEAR, ModelFamily, ParamRule, check_input_length, dense_rules, layer_norm_rules,
-                              register)
+from sense_jax.models import (COPY, LINEAR, ModelFamily, ParamRule, check_input_length, count_in_segment,
+                              dense_rules, layer_norm_rules, register, same_segment)
 
 # transformers' ACT2FN names -> jax functions. "gelu" is the exact erf form; the tanh forms are
 # "gelu_new" / "gelu_pytorch_tanh" / "gelu_fast" (transformers/activations.py).
@@ -143,17 +143,23 @@ def config_from_hf(hf: dict, source: str = "config.json") -> BertConfig:
     )
 
 
-def position_ids(input_ids: jax.Array, cfg: BertConfig) -> jax.Array:
+def position_ids(input_ids: jax.Array, cfg: BertConfig, segment_ids: jax.Array | None = None) -> jax.Array:
     """Position ids [B, T] int32.
 
     BERT: ``0..T-1``. RoBERTa (``create_position_ids_from_input_ids`` in modeling_roberta.py):
     non-pad tokens count up from ``padding_idx + 1``; pad tokens get ``padding_idx``. Note that
     transformers decides "pad" from ``input_ids == pad_token_id``, not from the attention mask.
+    With ``segment_ids`` [B, T] (packed rows) the count restarts at every segment, so a packed
+    passage gets the position ids it has alone.
     """
     B, T = input_ids.shape
     if cfg.position_offset == 0:
+        if segment_ids is not None:
+            return count_in_segment(segment_ids, jnp.ones_like(segment_ids)) - 1
         return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+    if segment_ids is not None:
+        return count_in_segment(segment_ids, not_pad) * not_pad + cfg.pad_token_id
     return jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
 
 
@@ -179,8 +185,9 @@ class SelfAttention(nn.Module):
     cfg: BertConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """x: [B, T, D]; attention_mask: [B, T] (1 = attend). Returns [B, T, D]."""
+    def __call__(self, x: jax.Array, attention_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x: [B, T, D]; attention_mask: [B, T] (1 = attend); segment_ids: [B, T] or None
+        (packed rows: attend only within a segment). Returns [B, T, D]."""
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         B, T, D = x.shape
         N, H = cfg.num_attention_heads, cfg.head_dim
@@ -191,6 +198,8 @@ class SelfAttention(nn.Module):
         scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(H)
         keep = attention_mask[:, None, None, :].astype(bool)
+        if segment_ids is not None:
+            keep = keep & same_segment(segment_ids)[:, None]
         scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         ctx = jnp.einsum("BNTS,BSNH->BTNH", probs, v).reshape(B, T, D)
@@ -204,9 +213,9 @@ class Layer(nn.Module):
     cfg: BertConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, attention_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        a = SelfAttention(cfg, name="attention")(x, attention_mask)
+        a = SelfAttention(cfg, name="attention")(x, attention_mask, segment_ids)
         h = _dense(cfg.intermediate_size, ("embed", "mlp"), dtype, "intermediate")(a)
         h = ACTIVATIONS[cfg.hidden_act](h)
         h = _dense(cfg.hidden_size, ("mlp", "embed"), dtype, "output_dense")(h)
@@ -219,7 +228,8 @@ class Embeddings(nn.Module):
     cfg: BertConfig
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         init = nn.initializers.normal(0.02)
 
@@ -231,7 +241,7 @@ class Embeddings(nn.Module):
         check_input_length(input_ids.shape[1], cfg)
         x = embed(cfg.vocab_size, ("vocab", "embed"), "word_embeddings")(input_ids)
         x = x + embed(cfg.max_position_embeddings, (None, "embed"), "position_embeddings")(
-            position_ids(input_ids, cfg))
+            position_ids(input_ids, cfg, segment_ids))
         x = x + embed(cfg.type_vocab_size, (None, "embed"), "token_type_embeddings")(token_type_ids)
         return _layer_norm(cfg.layer_norm_eps, dtype, "LayerNorm")(x)
 
@@ -246,6 +256,11 @@ class BertModel(nn.Module):
       attention_mask: [B, T] int or bool, 1 for real tokens, 0 for padding.
       token_type_ids: [B, T] int32 segment ids, or None for all zeros.
       output_all_hidden_states: also return every layer's output.
+      segment_ids: [B, T] int32 for packed rows, or None: 0 at padding, 1..S for the passages
+        of a row, each a contiguous run (:func:`sense_jax.models.count_in_segment`). Attention
+        stays within a segment and position ids restart per segment (RoBERTa's after
+        ``padding_idx`` too); ``token_type_ids`` stay per token. Pass ``attention_mask =
+        segment_ids > 0``. None: the unpacked forward, unchanged.
 
     Returns:
       last hidden states [B, T, D] in the compute dtype; with ``output_all_hidden_states`` a
@@ -262,13 +277,14 @@ class BertModel(nn.Module):
             self.pooler = _dense(self.cfg.hidden_size, ("embed", "embed_out"),
                                  jnp.dtype(self.cfg.dtype), "pooler")
 
-    def __call__(self, input_ids, attention_mask, token_type_ids=None, output_all_hidden_states=False):
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, output_all_hidden_states=False,
+                 segment_ids=None):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        x = self.embeddings(input_ids, token_type_ids)
+        x = self.embeddings(input_ids, token_type_ids, segment_ids)
         all_states = [x]
         for layer in self.layers:
-            x = layer(x, attention_mask)
+            x = layer(x, attention_mask, segment_ids)
             all_states.append(x)
         if output_all_hidden_states:
             return x, jnp.stack(all_states)

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sense_jax.errors import ConversionError
-from sense_jax.models import (COPY, LINEAR, ModelFamily, ParamRule, Transform, check_input_length, dense_rules,
-                              layer_norm_rules, register)
+from sense_jax.models import (COPY, LINEAR, ModelFamily, ParamRule, Transform, check_input_length,
+                              count_in_segment, dense_rules, layer_norm_rules, register, same_segment)
 from sense_jax.models.bert import ACTIVATIONS as _BERT_ACTIVATIONS
 
 ACTIVATIONS = {**_BERT_ACTIVATIONS, "tanh": jnp.tanh}
@@ -257,9 +257,10 @@ class DisentangledSelfAttention(nn.Module):
     cfg: DebertaV2Config
 
     @nn.compact
-    def __call__(self, x, attention_mask, rel_embeddings, rel_index):
+    def __call__(self, x, attention_mask, rel_embeddings, rel_index, segment_ids=None):
         """x: [B, T, D]; attention_mask: [B, T]; rel_embeddings: [2k, D] (normed) or None;
-        rel_index: [T, T] int32 slots. Returns [B, T, D]."""
+        rel_index: [T, T] int32 slots; segment_ids: [B, T] or None (packed rows: attend only
+        within a segment). Returns [B, T, D]."""
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         B, T, D = x.shape
         N, H = cfg.num_attention_heads, cfg.head_dim
@@ -287,6 +288,8 @@ class DisentangledSelfAttention(nn.Module):
                 scores = scores + jnp.swapaxes(p2c, -1, -2) / scale
         m = attention_mask.astype(bool)
         keep = m[:, None, :, None] & m[:, None, None, :]  # transformers masks pad queries too
+        if segment_ids is not None:
+            keep = keep & same_segment(segment_ids)[:, None]
         scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         ctx = jnp.einsum("BNTS,BSNH->BTNH", probs, v).reshape(B, T, N * H)
@@ -300,32 +303,61 @@ class Layer(nn.Module):
     cfg: DebertaV2Config
 
     @nn.compact
-    def __call__(self, x, attention_mask, rel_embeddings, rel_index):
+    def __call__(self, x, attention_mask, rel_embeddings, rel_index, segment_ids=None):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        a = DisentangledSelfAttention(cfg, name="attention")(x, attention_mask, rel_embeddings, rel_index)
+        a = DisentangledSelfAttention(cfg, name="attention")(x, attention_mask, rel_embeddings, rel_index,
+                                                             segment_ids)
         h = ACTIVATIONS[cfg.hidden_act](_dense(cfg.intermediate_size, ("embed", "mlp"), dtype, "intermediate")(a))
         h = _dense(cfg.hidden_size, ("mlp", "embed"), dtype, "output_dense")(h)
         return _layer_norm(cfg.layer_norm_eps, dtype, "output_LayerNorm")(h + a)
 
 
 class ConvLayer(nn.Module):
-    """The convolution after the first layer (ConvLayer): LN(h_1 + act(conv(x_0))) · mask."""
+    """The convolution after the first layer (ConvLayer): LN(h_1 + act(conv(x_0))) · mask.
+
+    With ``segment_ids`` (packed rows) a window tap that falls in another segment reads zero,
+    as it reads the zero padding at the ends of a passage alone.
+    """
 
     cfg: DebertaV2Config
 
     @nn.compact
-    def __call__(self, x0, h1, attention_mask):
+    def __call__(self, x0, h1, attention_mask, segment_ids=None):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         p = (cfg.conv_kernel_size - 1) // 2
-        out = nn.Conv(cfg.hidden_size, (cfg.conv_kernel_size,), padding=[(p, p)],
-                      feature_group_count=cfg.conv_groups, dtype=dtype, param_dtype=jnp.float32,
-                      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                               (None, None, "embed")),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                      name="conv")(x0)
+        conv = nn.Conv(cfg.hidden_size, (cfg.conv_kernel_size,), padding=[(p, p)],
+                       feature_group_count=cfg.conv_groups, dtype=dtype, param_dtype=jnp.float32,
+                       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                (None, None, "embed")),
+                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                       name="conv")
+        out = conv(x0)
+        if segment_ids is not None:
+            out = _segment_conv(x0, segment_ids, conv.variables["params"], cfg.conv_groups, p, dtype)
         m = attention_mask.astype(dtype)[..., None]
         out = ACTIVATIONS[cfg.conv_act](out * m)
         return _layer_norm(cfg.layer_norm_eps, dtype, "LayerNorm")(h1 + out) * m
+
+
+def _segment_conv(x: jax.Array, segment_ids: jax.Array, params, groups: int, p: int, dtype) -> jax.Array:
+    """nn.Conv's 1-D grouped convolution with padding ``p`` on each side, written as a sum of
+    window taps, each tap zeroed where it reads another segment (or outside the row).
+
+    x: [B, T, C]; segment_ids: [B, T]; params: the conv's ``kernel`` [k, C / groups, O] and
+    ``bias`` [O]. Returns [B, T, O].
+    """
+    kernel = jnp.asarray(params["kernel"], dtype)
+    k, ci, O = kernel.shape
+    B, T, _ = x.shape
+    xg = x.astype(dtype).reshape(B, T, groups, ci)
+    out = jnp.zeros((B, T, groups, O // groups), dtype)
+    for j in range(k):
+        d = j - p  # this tap reads position t + d
+        src = jnp.clip(jnp.arange(T) + d, 0, T - 1)
+        ok = ((jnp.arange(T) + d >= 0) & (jnp.arange(T) + d < T))[None, :] & (segment_ids[:, src] == segment_ids)
+        tap = jnp.where(ok[:, :, None, None], xg[:, src], 0)
+        out = out + jnp.einsum("BTgi,igo->BTgo", tap, kernel[j].reshape(ci, groups, O // groups))
+    return out.reshape(B, T, O) + jnp.asarray(params["bias"], dtype)
 
 
 class Embeddings(nn.Module):
@@ -334,7 +366,7 @@ class Embeddings(nn.Module):
     cfg: DebertaV2Config
 
     @nn.compact
-    def __call__(self, input_ids, token_type_ids, attention_mask):
+    def __call__(self, input_ids, token_type_ids, attention_mask, segment_ids=None):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         init = nn.initializers.normal(0.02)
         E = cfg.embedding_size
@@ -347,8 +379,9 @@ class Embeddings(nn.Module):
         if cfg.position_biased_input:
             T = input_ids.shape[1]
             check_input_length(T, cfg)  # past the table a look-up is NaN, silently
-            x = x + embed(cfg.max_position_embeddings, (None, "embed"), "position_embeddings")(
-                jnp.arange(T)[None, :])
+            positions = (jnp.arange(T)[None, :] if segment_ids is None
+                         else count_in_segment(segment_ids, jnp.ones_like(segment_ids)) - 1)
+            x = x + embed(cfg.max_position_embeddings, (None, "embed"), "position_embeddings")(positions)
         if cfg.type_vocab_size > 0:
             x = x + embed(cfg.type_vocab_size, (None, "embed"), "token_type_embeddings")(token_type_ids)
         if E != cfg.hidden_size:
@@ -367,6 +400,13 @@ class DebertaV2Model(nn.Module):
       attention_mask: [B, T] int or bool, 1 for real tokens, 0 for padding.
       token_type_ids: [B, T] int32 segment ids, or None for all zeros.
       output_all_hidden_states: also return every layer's output.
+      segment_ids: [B, T] int32 for packed rows, or None: 0 at padding, 1..S for the passages
+        of a row, each a contiguous run (:func:`sense_jax.models.count_in_segment`). Attention
+        stays within a segment; the relative distance of two tokens of one segment is their
+        index difference, which is their position difference within the passage, so the
+        relative terms are those of the passage alone; absolute positions (v2) restart per
+        segment; the convolution's taps do not cross segments. Pass ``attention_mask =
+        segment_ids > 0``. None: the unpacked forward, unchanged.
 
     Returns:
       last hidden states [B, T, D] in the compute dtype; with ``output_all_hidden_states`` a
@@ -391,11 +431,12 @@ class DebertaV2Model(nn.Module):
         if cfg.add_pooler:
             self.pooler = _dense(cfg.hidden_size, ("embed", "embed_out"), jnp.dtype(cfg.dtype))
 
-    def __call__(self, input_ids, attention_mask, token_type_ids=None, output_all_hidden_states=False):
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, output_all_hidden_states=False,
+                 segment_ids=None):
         cfg = self.cfg
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        x0 = self.embeddings(input_ids, token_type_ids, attention_mask)
+        x0 = self.embeddings(input_ids, token_type_ids, attention_mask, segment_ids)
         rel, rel_index = None, None
         if cfg.relative_attention:
             rel = self.rel_embeddings.embedding.astype(jnp.dtype(cfg.dtype))
@@ -404,9 +445,9 @@ class DebertaV2Model(nn.Module):
             rel_index = relative_position_index(input_ids.shape[1], cfg)
         x, all_states = x0, [x0]
         for i, layer in enumerate(self.layers):
-            x = layer(x, attention_mask, rel, rel_index)
+            x = layer(x, attention_mask, rel, rel_index, segment_ids)
             if i == 0 and cfg.conv_kernel_size > 0:
-                x = self.conv(x0, x, attention_mask)
+                x = self.conv(x0, x, attention_mask, segment_ids)
             all_states.append(x)
         if output_all_hidden_states:
             return x, jnp.stack(all_states)

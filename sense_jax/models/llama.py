@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sense_jax.errors import ConfigError, ConversionError
-from sense_jax.models import COPY, LINEAR, ModelFamily, ParamRule, register
+from sense_jax.models import COPY, LINEAR, ModelFamily, ParamRule, count_in_segment, register, same_segment
 from sense_jax.models.bert import ACTIVATIONS
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -330,13 +330,16 @@ def rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Arra
     return x * cos + rotated * sin
 
 
-def position_ids_from_mask(attention_mask: jax.Array) -> jax.Array:
+def position_ids_from_mask(attention_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """Position ids [B, T] int32: ``cumsum(mask) - 1`` at real tokens, 0 at padding.
 
     The rule of transformers' ``generate`` for left padding; for right padding (or none) it
-    gives ``0..T-1`` at real tokens.
+    gives ``0..T-1`` at real tokens. With ``segment_ids`` [B, T] (packed rows) the count
+    restarts at every segment, so each packed passage starts at position 0.
     """
     m = attention_mask.astype(jnp.int32)
+    if segment_ids is not None:
+        return jnp.where(m > 0, count_in_segment(segment_ids, m) - 1, 0)
     return jnp.where(m > 0, jnp.cumsum(m, axis=1) - 1, 0)
 
 
@@ -374,8 +377,10 @@ class Attention(nn.Module):
     window: int | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, attention_mask: jax.Array, positions: jax.Array) -> jax.Array:
-        """x: [B, T, D]; attention_mask: [B, T] (1 = real token); positions: [B, T]. -> [B, T, D]."""
+    def __call__(self, x: jax.Array, attention_mask: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """x: [B, T, D]; attention_mask: [B, T] (1 = real token); positions: [B, T];
+        segment_ids: [B, T] or None (packed rows: attend only within a segment). -> [B, T, D]."""
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         B, T, _ = x.shape
         N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -390,6 +395,10 @@ class Attention(nn.Module):
         scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
         scores = scores * (H ** -0.5)
         keep = attention_mask.astype(bool)[:, None, None, None, :]  # [B, 1, 1, 1, S]
+        if segment_ids is not None:
+            # Segments are contiguous, so within one the index difference s - t is the position
+            # difference: the causal and sliding-window masks below need no change.
+            keep = keep & same_segment(segment_ids)[:, None, None]
         t_idx = jnp.arange(T)[:, None]
         s_idx = jnp.arange(T)[None, :]
         if cfg.causal:
@@ -428,10 +437,10 @@ class DecoderLayer(nn.Module):
     window: int | None = None
 
     @nn.compact
-    def __call__(self, x, attention_mask, positions):
+    def __call__(self, x, attention_mask, positions, segment_ids=None):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         h = RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x)
-        x = x + Attention(cfg, self.window, name="self_attn")(h, attention_mask, positions)
+        x = x + Attention(cfg, self.window, name="self_attn")(h, attention_mask, positions, segment_ids)
         h = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x)
         return x + MLP(cfg, name="mlp")(h)
 
@@ -446,7 +455,13 @@ class LlamaModel(nn.Module):
       attention_mask: [B, T] int or bool, 1 for real tokens, 0 for padding.
       token_type_ids: ignored (accepted so every family has the same signature).
       output_all_hidden_states: also return every layer's output.
-      position_ids: optional [B, T] int32; default ``cumsum(mask) - 1``.
+      position_ids: optional [B, T] int32; default ``cumsum(mask) - 1`` (per segment when
+        ``segment_ids`` is given).
+      segment_ids: [B, T] int32 for packed rows, or None: 0 at padding, 1..S for the passages
+        of a row, each a contiguous run (:func:`sense_jax.models.count_in_segment`). Attention
+        stays within a segment (causal within it for a causal decoder) and rotary positions
+        restart per segment. Pass ``attention_mask = segment_ids > 0``. None: the unpacked
+        forward, unchanged.
 
     Returns:
       the last layer's output after the final RMSNorm, [B, T, D] in the compute dtype
@@ -472,14 +487,14 @@ class LlamaModel(nn.Module):
                 kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")))
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None, output_all_hidden_states=False,
-                 position_ids=None):
+                 position_ids=None, segment_ids=None):
         del token_type_ids
         if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask)
+            position_ids = position_ids_from_mask(attention_mask, segment_ids)
         x = self.embed_tokens(input_ids)
         all_states = [x]
         for layer in self.layers:
-            x = layer(x, attention_mask, position_ids)
+            x = layer(x, attention_mask, position_ids, segment_ids)
             all_states.append(x)
         x = self.norm(x)
         if output_all_hidden_states:
