@@ -301,34 +301,9 @@ def zipf_store(path, *, V=24, D=12, seed=0, nan_token=None, empty=(0, 5), edit=N
     return open_store(path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def driver_store(tmp_path_factory):
-    """The driver tests' store, and two other builds of it in a fresh process (it needs its own
-    XLA device count), started when the module starts so that its import and compiles overlap
-    the tests before the one that compares them: ``two``, tokens sharded over 2 devices;
-    ``small``, one of those devices with 1-token chunks."""
-    import subprocess
-    import sys
-
-    d = tmp_path_factory.mktemp("kmeans")
-    store = zipf_store(d / "store")
-    code = ("import jax; jax.config.update('jax_num_cpu_devices', 2); assert len(jax.devices()) == 2; "
-            "from sense_jax.sense_builder import build_sense_dictionary as b; from sense_jax.store import open_store; "
-            f"s = open_store({str(store.path)!r}); "
-            f"b(s, {K_DRIVER}, seed={SEED}, progress=False).save({str(d / 'two')!r}); "
-            f"b(s, {K_DRIVER}, seed={SEED}, progress=False, chunk_tokens=1, devices=jax.devices()[:1])"
-            f".save({str(d / 'small')!r})")
-    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    yield store, d, proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
-
-
 @pytest.fixture(scope="module")
-def built(driver_store):
-    store = driver_store[0]
+def built(tmp_path_factory):
+    store = zipf_store(tmp_path_factory.mktemp("kmeans") / "store")
     return store, build_sense_dictionary(store, K_DRIVER, seed=SEED, progress=False)
 
 
@@ -356,18 +331,22 @@ def test_build_matches_direct_kmeans_and_keeps_small_tokens(built):
     np.testing.assert_allclose(sd.token_senses(t), np.asarray(r.centres[0]), rtol=1e-5, atol=1e-5)
 
 
-def test_dictionary_bytes_do_not_depend_on_device_count_or_chunking(built, driver_store, tmp_path):
-    """Tokens sharded over 2 simulated CPU devices or cut into 1-token chunks (both built in a
-    fresh process, started by driver_store) give the same dictionary, byte for byte, as one
-    device with default chunks."""
-    _, sd = built
-    _, d, proc = driver_store
+def test_dictionary_bytes_do_not_depend_on_device_count_or_chunking(built, tmp_path):
+    """Tokens sharded over 2 simulated CPU devices (a fresh process) or cut into 1-token chunks
+    give the same dictionary, byte for byte, as one device with default chunks."""
+    import subprocess
+    import sys
+
+    store, sd = built
     sd.save(tmp_path / "one")
-    log = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, log[-3000:]
+    build_sense_dictionary(store, K_DRIVER, seed=SEED, progress=False, chunk_tokens=1).save(tmp_path / "small")
+    code = ("import jax; jax.config.update('jax_num_cpu_devices', 2); assert len(jax.devices()) == 2; "
+            "from sense_jax.sense_builder import build_sense_dictionary as b; from sense_jax.store import open_store; "
+            f"b(open_store({str(store.path)!r}), {K_DRIVER}, seed={SEED}, progress=False).save({str(tmp_path / 'two')!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     ref = (tmp_path / "one" / "senses.safetensors").read_bytes()
     for other in ("two", "small"):
-        assert (d / other / "senses.safetensors").read_bytes() == ref, other
+        assert (tmp_path / other / "senses.safetensors").read_bytes() == ref, other
 
 
 def test_bucket_sizes_bound_padding():
