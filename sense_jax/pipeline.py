@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from sense_jax import benchmarks as B
 from sense_jax import evaluation, report, trainer, wordnet
@@ -157,28 +157,11 @@ class Pipeline:
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_config_unchanged()
         self._check_inputs(stages)
-        for stage in stages:
-            t = time.perf_counter()
-            getattr(self, f"stage_{stage}")()
-            self.timings[stage] = time.perf_counter() - t
-            self.log(f"[{stage}] {self.timings[stage]:.0f}s")
+        run_stages(self, stages)
         return self.report_dir
 
     def _check_config_unchanged(self) -> None:
-        """A re-run into the same OUT must use the same settings (else outputs would mix)."""
-        f = self.out / "pipeline_config.json"
-        now = {k: v for k, v in dataclasses.asdict(self.cfg).items()
-               if k not in ("progress", "out", "evaldata", "benchmark_layers")}
-        if f.exists():
-            before = json.loads(f.read_text())
-            # A key added to the config after that run compares as its default.
-            defaults = {fld.name: fld.default for fld in dataclasses.fields(PipelineConfig)}
-            diff = sorted(k for k in now if before.get(k, defaults.get(k)) != now[k])
-            if diff:
-                changes = ", ".join(f"{k}: {before.get(k)!r} then, {now[k]!r} now" for k in diff)
-                raise ConfigError(f"{self.out} was made with other settings ({changes}); choose another --out")
-        else:
-            write_json_atomic(f, now)
+        check_config_unchanged(self.out, self.cfg, ignore=("progress", "out", "evaldata", "benchmark_layers"))
 
     # --- stages -------------------------------------------------------------------------------
 
@@ -330,3 +313,31 @@ class Pipeline:
             write_json_atomic(tmp / "benchmarks.json", results)
             (tmp / "benchmarks.md").write_text("\n".join(md), encoding="utf-8")
         self.log(f"[benchmarks] {len(paths)} benchmark(s) x {len(runs)} run(s): {out / 'benchmarks.md'}")
+
+
+def run_stages(pipeline: Any, stages: Sequence[str]) -> None:
+    """Run ``pipeline.stage_<name>()`` for each stage in order, recording its wall time (seconds)
+    in ``pipeline.timings`` and logging it (the main job and the task recipe alike)."""
+    for stage in stages:
+        t = time.perf_counter()
+        getattr(pipeline, f"stage_{stage}")()
+        pipeline.timings[stage] = time.perf_counter() - t
+        pipeline.log(f"[{stage}] {pipeline.timings[stage]:.0f}s")
+
+
+def check_config_unchanged(out: Path, cfg: Any, ignore: Sequence[str]) -> None:
+    """A re-run into the same ``out`` must use the same settings (else outputs would mix): the
+    first run writes ``out/pipeline_config.json``; a later one with another value of any key but
+    ``ignore`` raises ConfigError naming each key. A key added to the config class after that run
+    compares as its default."""
+    f = out / "pipeline_config.json"
+    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
+    if f.exists():
+        before = json.loads(f.read_text(encoding="utf-8"))
+        defaults = {fld.name: fld.default for fld in dataclasses.fields(type(cfg))}
+        diff = sorted(k for k in now if before.get(k, defaults.get(k)) != now[k])
+        if diff:
+            changes = ", ".join(f"{k}: {before.get(k)!r} then, {now[k]!r} now" for k in diff)
+            raise ConfigError(f"{out} was made with other settings ({changes}); choose another --out")
+    else:
+        write_json_atomic(f, now)

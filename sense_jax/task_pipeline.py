@@ -21,10 +21,8 @@ tokens/s of the forward (:func:`sense_jax.task_train.evaluate_task`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +36,7 @@ from sense_jax.corpus import iter_passages
 from sense_jax.errors import ConfigError
 from sense_jax.extract import extract
 from sense_jax.io_utils import atomic_directory, write_json_atomic
+from sense_jax.pipeline import check_config_unchanged, run_stages
 from sense_jax.sense_builder import build_sense_dictionary
 from sense_jax.sense_dict import META_FILE
 from sense_jax.store import COMPLETE_MARKER, open_store
@@ -139,24 +138,11 @@ class TaskPipeline:
         self.data()  # bad data is refused before anything is written
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_config_unchanged()
-        for stage in stages:
-            t = time.perf_counter()
-            getattr(self, f"stage_{stage}")()
-            self.timings[stage] = time.perf_counter() - t
-            self.log(f"[{stage}] {self.timings[stage]:.0f}s")
+        run_stages(self, stages)
         return self.report_dir
 
     def _check_config_unchanged(self) -> None:
-        f = self.out / "pipeline_config.json"
-        now = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("progress", "out")}
-        if f.exists():
-            before = json.loads(f.read_text(encoding="utf-8"))
-            diff = sorted(k for k in now if before.get(k) != now[k])
-            if diff:
-                changes = ", ".join(f"{k}: {before.get(k)!r} then, {now[k]!r} now" for k in diff)
-                raise ConfigError(f"{self.out} was made with other settings ({changes}); choose another --out")
-        else:
-            write_json_atomic(f, now)
+        check_config_unchanged(self.out, self.cfg, ignore=("progress", "out"))
 
     def data(self):
         """The task's splits (read once; :func:`sense_jax.task_train.load_task_data`)."""

@@ -23,6 +23,21 @@ def _compile_cache(tmp_path_factory):
 
 DATA = Path(__file__).parent / "data"
 
+# The public benchmark copies (never in the repository): ../shared/evaldata beside the checkout, as
+# on the development machines and in CI; SENSE_JAX_EVALDATA names another copy of the same layout.
+EVALDATA = Path(os.environ.get("SENSE_JAX_EVALDATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "evaldata")
+
+
+def need_evaldata(sub: str = "") -> Path:
+    """``EVALDATA / sub``, or skip saying why and where the test runs (the data is licensed
+    separately and never copied into the repository)."""
+    path = EVALDATA / sub if sub else EVALDATA
+    if not path.is_dir():
+        pytest.skip(f"{path} absent: the public benchmark copies are not in this checkout; this test runs "
+                    "where ../shared/evaldata sits beside the repository (as in CI) or SENSE_JAX_EVALDATA "
+                    "names a copy")
+    return path
+
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:

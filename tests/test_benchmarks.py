@@ -7,7 +7,6 @@ where it exists and skip otherwise.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,7 @@ from sense_jax.benchmarks import coarsewsd20, common, scws, wic, wordsim
 from sense_jax.errors import SenseJaxError
 from sense_jax.sense_dict import SenseDictionary
 
-# ../shared/evaldata beside the checkout; SENSE_JAX_EVALDATA names another copy of the same layout.
-EVALDATA = Path(os.environ.get("SENSE_JAX_EVALDATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "evaldata")
+from conftest import EVALDATA, need_evaldata
 
 
 @pytest.fixture(scope="module")
@@ -373,13 +371,6 @@ def test_cli_end_to_end_and_bad_input(tiny, tiny_dir, tmp_path, capsys):
 
 
 # --- the shared copies (where present) -----------------------------------------------------------
-
-def need_evaldata():
-    if not EVALDATA.is_dir():
-        pytest.skip(f"{EVALDATA} absent: the public benchmark copies are not in this checkout; this test "
-                    "runs where ../shared/evaldata sits beside the repository (as in CI) or "
-                    "SENSE_JAX_EVALDATA names a copy")
-
 
 def test_shared_readers_count_the_published_sizes():
     need_evaldata()

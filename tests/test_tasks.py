@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from sense_jax.glue_metrics import compute_metrics, main_metric, split_metrics, 
 from sense_jax.labelled import LabelVocabulary, parse_text_fields, read_labelled
 from sense_jax.tasks import TASKS, get_task, load_split, load_task, read_wic, read_wordnet_lexfile
 
-EVALDATA = Path(os.environ.get("SENSE_JAX_EVALDATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "evaldata")
+from conftest import need_evaldata
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
@@ -261,9 +260,8 @@ def test_wic_official_files_and_superglue_jsonl(tmp_path):
 
 
 def test_wic_real_sizes():
-    if not (EVALDATA / "wic").is_dir():
-        pytest.skip(f"{EVALDATA / 'wic'} absent: runs where ../shared/evaldata sits beside the repository")
-    train, dev = load_task("wic", EVALDATA / "wic", "train"), load_task("wic", EVALDATA / "wic", "dev")
+    wic_dir = need_evaldata("wic")
+    train, dev = load_task("wic", wic_dir, "train"), load_task("wic", wic_dir, "dev")
     assert (len(train), len(dev)) == (5428, 638)
     assert all(t.count("[") == 1 and t.count("]") == 1 for t in train.texts[0] + train.texts[1])
     assert 0.45 < train.labels.mean() < 0.55  # WiC is balanced
