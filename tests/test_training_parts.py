@@ -93,3 +93,16 @@ def test_the_mse_baseline_needs_no_sense_dictionary(tmp_path):
         assert r["loss"] == r["mse"] > 0 and "accuracy" not in r and "skd" not in r
     out = T.export_checkpoint(tmp_path / "run", tmp_path / "hf", log=lambda m: None)
     assert (Path(out) / "model.safetensors").exists()
+
+
+def test_curves_are_drawn_for_task_runs_whose_dev_records_hold_no_accuracy(tmp_path):
+    # Before: KeyError 'accuracy' at the end of every regression (STS-B: pearson, spearman) or
+    # MNLI (accuracy_matched) fine-tuning, so `sense-jax finetune --regression` never finished.
+    from sense_jax.training.metrics import plot_curves
+
+    train = [{"kind": "train", "step": s, "loss": 1.0 / s, "accuracy": 0.0} for s in (1, 2)]
+    for ev in ({"pearson": 0.5, "spearman": 0.4}, {"accuracy_matched": 0.6, "accuracy_mismatched": 0.5}):
+        out = plot_curves(train + [{"kind": "eval", "step": 2, "examples": 4.0, **ev}], tmp_path / "c.png")
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        out.unlink()
+

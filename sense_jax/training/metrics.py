@@ -57,7 +57,8 @@ class MetricsWriter:
 
 def plot_curves(records: list[dict], out: Path) -> Path | None:
     """Write ``out`` (PNG): training loss, sense accuracy (train and held-out) against the step
-    (the accuracy panel stays empty for a run without a dictionary)."""
+    (the accuracy panel stays empty for a run without a dictionary; a task run's panel shows
+    its train and dev accuracy, and no dev points when its metrics have no ``accuracy``)."""
     try:
         import matplotlib  # optional and heavy: only the plot needs it
 
@@ -66,7 +67,9 @@ def plot_curves(records: list[dict], out: Path) -> Path | None:
     except ImportError:
         return None
     train = [r for r in records if r.get("kind") == "train"]
-    ev = [r for r in records if r.get("kind") == "eval"]
+    # A task run's dev records hold the task's metrics (pearson, accuracy_matched, ...), which
+    # need not include accuracy: only the records that have it are drawn.
+    ev = [r for r in records if r.get("kind") == "eval" and "accuracy" in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     axes[0].set_xlabel("step"), axes[0].set_ylabel("loss"), axes[0].legend()
