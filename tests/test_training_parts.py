@@ -106,3 +106,16 @@ def test_curves_are_drawn_for_task_runs_whose_dev_records_hold_no_accuracy(tmp_p
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         out.unlink()
 
+
+def test_a_run_into_a_model_directory_is_refused_and_writes_nothing(tmp_path):
+    # Before: `sense-jax finetune M DATA M` (or distill with out_dir=M) replaced M's config.json by
+    # the run config, and M could no longer be loaded.
+    import shutil
+
+    from make_checkpoint_fixture import config_overrides
+
+    model = shutil.copytree(FIXTURE / "teacher", tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    with pytest.raises(ConfigError, match=r"model[/\\]config.json is not a run's config"):
+        T.train(T.load_config(None, config_overrides(FIXTURE, model, 2)), log=lambda m: None)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before

@@ -7,6 +7,7 @@ beside it in :mod:`sense_jax.training`."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -137,6 +138,7 @@ def run(s: Setup, stream: PassageStream, hooks: LoopHooks, *, stop_after: int | 
     cfg, run_dir = s.cfg, Path(s.cfg.out_dir)
     if s.teacher.tokenizer is None:
         raise SenseJaxError(f"teacher {s.meta['teacher_path']}: no tokenizer files")
+    check_run_dir(run_dir)
     # Inputs are valid: only now does the run directory appear.
     mngr = checkpoint_manager(run_dir / "checkpoints", save_every=cfg.save_every, keep=cfg.keep_checkpoints)
     try:
@@ -159,6 +161,26 @@ def run(s: Setup, stream: PassageStream, hooks: LoopHooks, *, stop_after: int | 
         mngr.wait_until_finished()
         mngr.close()
         hooks.close()
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a run directory that holds another artefact's ``config.json`` (a model directory
+    given as ``out_dir``): the run would replace it with the run config, and the model could no
+    longer be loaded. A run's own ``config.json`` (a killed or finished run: resume) passes.
+
+    Raises:
+      ConfigError: ``run_dir/config.json`` exists and is not a run config (named).
+    """
+    f = run_dir / "config.json"
+    if not f.is_file():
+        return
+    try:
+        saved = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        saved = None
+    if not (isinstance(saved, dict) and {"out_dir", "steps", "teacher"} <= saved.keys()):
+        raise ConfigError(f"{f} is not a run's config (is {run_dir} a model directory?): "
+                          "out_dir must be a new or an earlier run's directory")
 
 
 def _loop(s: Setup, state, micro, start, stream, mngr, run_dir, stop_after, log, resumed_from,
