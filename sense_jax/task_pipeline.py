@@ -42,6 +42,7 @@ from sense_jax.sense_dict import META_FILE
 from sense_jax.store import COMPLETE_MARKER, open_store
 from sense_jax.task_losses import OBJECTIVES
 from sense_jax.task_train import TASK_META_FILE, evaluate_task, export_task, load_classifier, load_task_data
+from sense_jax.task_train.data import recorded_vocabulary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +137,8 @@ class TaskPipeline:
         if unknown:
             raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; the task pipeline has {', '.join(TASK_STAGES)}")
         self.data()  # bad data is refused before anything is written
+        if "finetune" in stages and self.cfg.teacher and not (self.teacher_model / TASK_META_FILE).exists():
+            self._check_teacher()  # and a teacher that is missing or whose head does not fit the data
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_config_unchanged()
         run_stages(self, stages)
@@ -145,11 +148,21 @@ class TaskPipeline:
         check_config_unchanged(self.out, self.cfg, ignore=("progress", "out"))
 
     def data(self):
-        """The task's splits (read once; :func:`sense_jax.task_train.load_task_data`)."""
+        """The task's splits (read once; :func:`sense_jax.task_train.load_task_data`), against the
+        label vocabulary recorded beside the teacher, if any, as its fine-tuning reads them."""
 
         if self._data is None:
-            self._data = load_task_data(self._train_config("finetune", self.cfg.teacher or ""))
+            vocab = recorded_vocabulary(self.cfg.teacher) if self.cfg.teacher else None
+            self._data = load_task_data(self._train_config("finetune", self.cfg.teacher or ""), vocabulary=vocab)
         return self._data
+
+    def _check_teacher(self) -> None:
+        """The given teacher exists and its head (if any) has the data's number of labels
+        (:func:`sense_jax.task_train.setup.check_head`)."""
+        from sense_jax.loading import load_model
+        from sense_jax.task_train.setup import check_head
+
+        check_head(load_model(self.cfg.teacher), self.cfg.teacher, self.data(), finetune=True)
 
     def _steps(self, epochs: float) -> int:
         return max(1, math.ceil(epochs * len(self.data().train) / self.cfg.batch_size))

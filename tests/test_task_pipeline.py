@@ -40,3 +40,42 @@ def test_task_pipeline_runs_every_stage_writes_the_papers_rows_and_resumes(tmp_p
     err = capsys.readouterr().err
     for stage in ("finetune", "corpus", "extract", "cluster", "distill", "evaluate"):
         assert f"[{stage}] done already" in err
+
+
+def test_a_teacher_that_cannot_be_fine_tuned_on_the_data_stops_the_recipe_before_anything_is_written(
+        tmp_path, minilm_dir, capsys):
+    # Before: OUT and OUT/pipeline_config.json were written, then the finetune stage found the
+    # missing teacher, the head of another size or the label outside the teacher's vocabulary.
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from sense_jax.cli import main
+    from sense_jax.labelled import LabelVocabulary
+    from skd_helpers import TINY
+
+    torch.manual_seed(0)
+    three = tmp_path / "three"
+    BertForSequenceClassification(BertConfig(**TINY, num_labels=3)).save_pretrained(str(three))
+    for f in minilm_dir.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            (three / f.name).write_bytes(f.read_bytes())
+    named = tmp_path / "named"  # a head of 2 labels whose recorded names are not the data's
+    BertForSequenceClassification(BertConfig(**TINY, num_labels=2)).save_pretrained(str(named))
+    for f in three.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            (named / f.name).write_bytes(f.read_bytes())
+    LabelVocabulary(names=("no", "yes")).save(named)
+    (tmp_path / "data").mkdir()
+    rows = [{"sentence": f"{s} was {w}", "label": lab} for s in SUBJECTS[:2] for w, lab in (("good", "pos"), ("bad", "neg"))]
+    for split in ("train", "dev"):
+        (tmp_path / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    capsys.readouterr()  # transformers' save progress bars
+    for teacher, needle in ((three, "classification head of 3 labels but the custom data has 2"),
+                            (tmp_path / "missing", "model directory not found"),
+                            (named, "train.jsonl:1: label 'pos' is not in the label vocabulary")):
+        rc = main(["pipeline", "--out", str(out), "--set", f"teacher={teacher}", "--set",
+                   f"task_data={tmp_path / 'data'}", "--set", "text_fields=sentence", "--set", "progress=false"])
+        lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+        assert rc == 2 and len(lines) == 1 and needle in lines[0], lines
+        assert not out.exists()

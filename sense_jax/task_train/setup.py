@@ -27,19 +27,30 @@ from sense_jax.training.step import make_step
 # --- Setup ------------------------------------------------------------------------------------
 
 
-def _head_and_dictionary(cfg: Any, teacher, tpath: str, data: TaskData, sense_dict):
-    """The run's head (the teacher's, or a fresh one to fine-tune) and dictionary, checked against
-    the data and the teacher: ``(head_cfg, head, sense_dict, fingerprint, embedding_fingerprint)``."""
-    finetune = cfg.objective == "finetune"
-    tcfg = teacher.config
+def check_head(teacher, tpath: str, data: TaskData, *, finetune: bool) -> None:
+    """A model's head against the task's data: its ``num_labels`` must be the data's (a model
+    without a head is fine-tuned with a fresh one; distillation needs the teacher's).
+
+    Raises:
+      ConfigError: a head of another size, or (distillation) no head; the model named.
+    """
     n_labels = data.vocabulary.num_labels
-    have = int(getattr(tcfg, "num_labels", 0) or 0)
+    have = int(getattr(teacher.config, "num_labels", 0) or 0)
     if teacher.head_params is not None and have != n_labels:
         raise ConfigError(f"model {tpath} has a classification head of {have} labels but the {data.name} data "
                           f"has {n_labels} ({'regression' if data.vocabulary.regression else ', '.join(data.vocabulary.names)})")
     if teacher.head_params is None and not finetune:
         raise ConfigError(f"teacher {tpath} has no classification head: fine-tune it first "
                           "(sense-jax finetune), or convert a *ForSequenceClassification checkpoint")
+
+
+def _head_and_dictionary(cfg: Any, teacher, tpath: str, data: TaskData, sense_dict):
+    """The run's head (the teacher's, or a fresh one to fine-tune) and dictionary, checked against
+    the data and the teacher: ``(head_cfg, head, sense_dict, fingerprint, embedding_fingerprint)``."""
+    finetune = cfg.objective == "finetune"
+    tcfg = teacher.config
+    n_labels = data.vocabulary.num_labels
+    check_head(teacher, tpath, data, finetune=finetune)
     head_cfg = dataclasses.replace(tcfg, num_labels=n_labels, add_pooler=False)
     head = (jax.device_get(teacher.head_params) if teacher.head_params is not None
             else init_head_params(head_cfg, cfg.seed))
