@@ -198,8 +198,11 @@ def load_task(task: "str | TaskSpec", data_dir: str | os.PathLike | None = None,
     if spec.kind == "wordnet":
         return read_wordnet_lexfile(split, seed=seed, vocabulary=vocab, **options)
     if data_dir is None:
-        raise ConfigError(f"task {spec.name} needs a data directory (--data DIR)")
+        raise ConfigError(f"task {spec.name} needs its data directory (DATA for finetune / evaluate-task, "
+                          "task_data=DIR for distill / pipeline)")
     data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise DataError(f"{data_dir} is a file: the task's data is the directory that holds it")
     if not data_dir.is_dir():
         raise DataError(f"data directory not found: {data_dir}")
     if spec.kind == "wic":

@@ -301,3 +301,14 @@ def test_load_split_of_own_data_directory_file_and_dataset(tmp_path):
     assert load_split(tmp_path / "sst2", "dev", task="sst2").labels.tolist() == [1]
     with pytest.raises(ConfigError, match="needs a task"):
         load_split(tmp_path / "own", "train", markers=None)
+
+
+def test_a_missing_or_wrong_data_directory_names_the_argument_the_commands_really_take(tmp_path):
+    # Before: "task sst2 needs a data directory (--data DIR)", an option no command has, and
+    # "data directory not found: train.tsv" for a file that is there.
+    with pytest.raises(ConfigError, match=r"needs its data directory \(DATA for finetune / evaluate-task, "
+                                          r"task_data=DIR for distill / pipeline\)$"):
+        load_task("sst2", None, "train")
+    f = write(tmp_path / "train.tsv", "sentence\tlabel\na\t0\n")
+    with pytest.raises(DataError, match=r"train.tsv is a file: the task's data is the directory that holds it"):
+        load_task("sst2", f, "train")
