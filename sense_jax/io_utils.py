@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from sense_jax.errors import SenseJaxError
+from sense_jax.errors import ConfigError, SenseJaxError
 
 
 @contextlib.contextmanager
@@ -49,6 +49,20 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iter
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_out_spares_sources(out: str | os.PathLike, *sources: str | os.PathLike) -> None:
+    """Refuse an output directory that is one of the command's inputs or holds one: replacing it
+    (``--overwrite``) would delete what is being read, and a failed write would leave neither.
+
+    Raises:
+      ConfigError: ``out`` is ``source`` or a directory above it (both named).
+    """
+    o = Path(out).resolve()
+    for src in sources:
+        s = Path(src).resolve()
+        if s == o or o in s.parents:
+            raise ConfigError(f"output {out} {'is' if s == o else 'holds'} the input {src}: choose another output directory")
 
 
 def replace_directory(src: Path, dst: Path) -> None:

@@ -65,3 +65,24 @@ def test_json_artefacts_never_hold_nan(tmp_path):
     text = (tmp_path / "r.json").read_text()
     assert json.loads(text, parse_constant=lambda c: math.nan if False else (_ for _ in ()).throw(ValueError(c))) \
         == {"rg65": None, "x": [1.5, None], "n": 3}
+
+
+def test_export_or_convert_onto_its_own_input_is_refused_and_the_input_kept(tmp_path, capsys):
+    # Before: `sense-jax export RUN RUN --overwrite` replaced the run (checkpoints, best/, metrics)
+    # by its export, and `convert SRC SRC --overwrite` the transformers directory by the conversion.
+    import shutil
+    from pathlib import Path
+
+    from sense_jax.cli import main
+
+    fixture = Path(__file__).parent / "data" / "ckpt_v0"
+    run = shutil.copytree(fixture / "run", tmp_path / "runs" / "run")
+    teacher = shutil.copytree(fixture / "teacher", tmp_path / "teacher")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for argv, needle in ((["export", str(run), str(run)], f"output {run} is the input {run}"),
+                         (["export", str(run), str(run.parent)], f"output {run.parent} holds the input {run}"),
+                         (["convert", str(teacher), str(teacher)], f"output {teacher} is the input {teacher}")):
+        rc = main([*argv, "--overwrite"])
+        lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+        assert rc == 2 and len(lines) == 1 and needle in lines[0], lines
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

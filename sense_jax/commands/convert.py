@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # The library (JAX, models) is imported when the command runs: `sense-jax --help` imports every command module.
     from sense_jax.convert import ConversionNote, convert
+    from sense_jax.io_utils import check_out_spares_sources
 
+    check_out_spares_sources(args.out, args.src, *(args.adapter or []))
     overrides = {}
     if args.bidirectional:
         overrides["causal"] = False

@@ -24,7 +24,9 @@ def run(args: argparse.Namespace) -> int:
     from sense_jax import trainer
     from sense_jax.convert import METADATA_FILE
     from sense_jax.hf_export import export_model
+    from sense_jax.io_utils import check_out_spares_sources
 
+    check_out_spares_sources(args.out, args.ckpt)
     if (Path(args.ckpt) / METADATA_FILE).is_file():  # a converted model, not a run directory
         out = export_model(args.ckpt, args.out, overwrite=args.overwrite)
         arch = json.loads((Path(out) / "config.json").read_text(encoding="utf-8")).get("architectures") or ["?"]
