@@ -286,3 +286,27 @@ def test_evaluate_task_scores_a_run_and_an_export_with_and_without_senses(finetu
     assert run["accuracy"] == exported["accuracy"] == 1.0 and run["examples"] == 16
     assert 0.0 <= run["senses_accuracy"] <= 1.0 and "senses_accuracy" not in exported
     assert run["tokens_per_s"] > 0
+
+
+def test_evaluate_task_scores_an_exported_task_student_as_its_run(finetuned, teacher_senses, task_assets, tmp_path,
+                                                                   capsys):
+    # Before: "neither a task run (no best/) nor a model with a sequence classification head" for
+    # the export of a distilled student (AutoModel + adaptor.safetensors + head.safetensors).
+    from sense_jax import trainer as T
+    from sense_jax.task_train import export_task
+
+    senses, _ = teacher_senses
+    cfg = T.load_config(None, [f"{k}={v}" for k, v in dict(
+        teacher=str(finetuned["export"]), task_data=str(task_assets["data"]), text_fields="sentence",
+        out_dir=str(tmp_path / "run"), objective="task_only", student="fresh", student_hidden_size=16,
+        student_heads=2, student_intermediate_size=32, student_layers=1, steps=2, batch_size=8,
+        max_length=16, eval_every=2, save_every=2, warmup_steps=1, progress=False, plot=False).items()])
+    T.train(cfg, log=lambda m: None)
+    export_task(tmp_path / "run", tmp_path / "student")
+    figures = []
+    for source in (tmp_path / "run", tmp_path / "student"):
+        rc, cap = _cli(["evaluate-task", str(source), str(task_assets["data"]), "--text-fields", "sentence",
+                        "--senses", str(senses), "--max-length", "16"], capsys)
+        assert rc == 0, cap.err
+        figures.append({k: v for k, v in json.loads(cap.out).items() if k not in ("source", "tokens_per_s")})
+    assert figures[0] == figures[1] and {"accuracy", "senses_accuracy"} <= figures[0].keys()

@@ -20,9 +20,9 @@ from sense_jax.task_train.data import (BATCH_KEYS, tokenize_examples, example_le
                                        metric_key, load_task_data, recorded_vocabulary)
 from sense_jax.task_train.objectives import (TASK_METRICS, task_denominators, student_states,
                                              replace_by_senses, make_task_loss, make_task_eval)
-from sense_jax.task_train.setup import task_setup
+from sense_jax.task_train.setup import task_setup, check_head
 from sense_jax.task_train.export import (BEST_DIR, best_manager, TASK_META_FILE, restore_best,
                                          classifier_state_dict, classifier_hf_config,
-                                         export_task)
+                                         export_task, HEAD_FILE, load_exported_student)
 from sense_jax.task_train.evaluate import evaluate_split, evaluate_task, load_classifier
 from sense_jax.task_train.hooks import task_hooks, prepare_task

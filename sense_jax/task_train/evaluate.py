@@ -22,7 +22,7 @@ from sense_jax.sense_dict import SenseDictionary
 from sense_jax.sharding import process_rows
 from sense_jax.students import check_sense_dict, split_pooler
 from sense_jax.task_train.data import BATCH_KEYS, TaskData, eval_batches, metric_key, recorded_vocabulary
-from sense_jax.task_train.export import BEST_DIR, restore_best
+from sense_jax.task_train.export import BEST_DIR, HEAD_FILE, load_exported_student, restore_best
 from sense_jax.task_train.objectives import make_task_eval
 
 # --- Evaluation -------------------------------------------------------------------------------
@@ -118,9 +118,10 @@ def load_classifier(source: str | Path, *, senses: str | None = None, batch_size
     is its recorded label vocabulary (a run's, or ``label_vocabulary.json`` beside a model), or None.
 
     ``source`` is a task run directory (its best checkpoint: a fine-tuned model, or a distilled
-    student with its adaptor and the teacher's frozen head) or a model directory with a
-    sequence classification head (``sense-jax finetune``'s export, a transformers
-    ``*ForSequenceClassification`` directory, or a ``sense-jax convert`` of one).
+    student with its adaptor and the teacher's frozen head), a distilled student's export
+    (``sense-jax export RUN OUT``: base model, ``adaptor.safetensors``, ``head.safetensors``) or a
+    model directory with a sequence classification head (``sense-jax finetune``'s export, a
+    transformers ``*ForSequenceClassification`` directory, or a ``sense-jax convert`` of one).
 
     Raises:
       SenseJaxError: neither a task run nor a model with a head; a dictionary of another model.
@@ -135,6 +136,9 @@ def load_classifier(source: str | Path, *, senses: str | None = None, batch_size
         family = get_family(meta["family"])
         scfg, hcfg = meta["family_config"]["student"], meta["family_config"]["head"]
         tokenizer = _load_tokenizer(source / "tokenizer")
+        width_cfg = hcfg
+    elif (source / HEAD_FILE).is_file():  # an exported task student: base model + adaptor + head
+        family, tokenizer, params, scfg, hcfg = load_exported_student(source)
         width_cfg = hcfg
     else:
         model = load_model(source)

@@ -13,17 +13,19 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from safetensors.numpy import save_file
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
 
-from sense_jax.convert import copy_tokenizer_files, params_to_hf
+from sense_jax.convert import _match, copy_tokenizer_files, params_to_hf
 from sense_jax.errors import SenseJaxError
-from sense_jax.hf_export import export_hf
-from sense_jax.io_utils import atomic_directory, write_json_atomic
+from sense_jax.hf_export import export_hf, load_adaptor
+from sense_jax.io_utils import atomic_directory, read_json, write_json_atomic
 from sense_jax.labelled import VOCABULARY_FILE, LabelVocabulary
+from sense_jax.loading import load_model
 from sense_jax.models import get_family
 from sense_jax.models.heads import abstract_head_params, head_type
 from sense_jax.provenance import provenance
-from sense_jax.students import init_adaptor
+from sense_jax.students import init_adaptor, split_pooler
 from sense_jax.training.checkpoint import _short
 from sense_jax.training.export import _config_from_dict
 
@@ -87,6 +89,50 @@ def restore_best(run_dir: str | Path) -> tuple[dict, dict]:
         mngr.close()
     meta["family_config"] = {"student": scfg, "head": hcfg}
     return jax.device_get(params), meta
+
+
+HEAD_FILE = "head.safetensors"
+
+
+def load_exported_student(path: str | Path) -> tuple[Any, Any, dict, Any, Any]:
+    """An exported task student (:func:`export_task`: ``AutoModel`` + ``adaptor.safetensors`` +
+    ``head.safetensors``) read back: ``(family, tokenizer, params, student_cfg, head_cfg)`` with
+    ``params = {"student", "adaptor", "head"}`` as a task run's best checkpoint holds them
+    (float32 numpy; the adaptor's torch layout transposed back, the head's names mapped by the
+    family's conversion table).
+
+    Raises:
+      SenseJaxError / ConversionError: a file missing, a head tensor that is no head parameter,
+        one missing, or a shape that differs (file and tensor named).
+    """
+    path = Path(path)
+    meta = read_json(path / TASK_META_FILE, "exported task metadata")
+    if "head_config" not in meta:
+        raise SenseJaxError(f"{path / TASK_META_FILE}: no 'head_config' (exported by an older sense_jax); "
+                            "evaluate its run directory, or export the run again")
+    model = load_model(path)
+    family = model.family
+    enc, _ = split_pooler(jax.device_get(model.params))
+    scfg = dataclasses.replace(model.config, add_pooler=False, num_labels=0)
+    hcfg = _config_from_dict(family, meta["head_config"], model.hf_config)
+    a = load_adaptor(path)
+    adaptor = {"dense": {"kernel": np.ascontiguousarray(a["weight"].T), "bias": a["bias"]}}
+    expected = traverse_util.flatten_dict(abstract_head_params(hcfg), sep="/")
+    flat = {}
+    for name, value in load_file(str(path / HEAD_FILE)).items():
+        hit = _match(family.rules, name)
+        if hit is None or hit[0] not in expected:
+            raise SenseJaxError(f"{path / HEAD_FILE}: tensor {name!r} is no parameter of a {family.name} head")
+        v = hit[1].to_flax(value)
+        if tuple(v.shape) != tuple(expected[hit[0]].shape):
+            raise SenseJaxError(f"{path / HEAD_FILE}: tensor {name!r} has shape {tuple(value.shape)}, "
+                                f"not the head's (head_config in {TASK_META_FILE})")
+        flat[hit[0]] = np.asarray(v, np.float32)
+    missing = sorted(set(expected) - set(flat))
+    if missing:
+        raise SenseJaxError(f"{path / HEAD_FILE}: lacks head parameter(s) {missing}")
+    params = {"student": enc, "adaptor": adaptor, "head": traverse_util.unflatten_dict(flat, sep="/")}
+    return family, model.tokenizer, params, scfg, hcfg
 
 
 def classifier_state_dict(family, cfg: Any, encoder_params: dict, head_params: dict) -> dict[str, np.ndarray]:
@@ -156,6 +202,8 @@ def export_task(run_dir: str | Path, out: str | Path, *, overwrite: bool = False
         return Path(out)
 
     head = dict(params["head"])
+    # what a reader of head.safetensors needs besides the student's own config.json
+    info["head_config"] = dataclasses.asdict(hcfg)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         student = export_hf(tmp / "student", family, scfg, params["student"], meta["teacher_hf_config"],
                             tokenizer_dir=tok_dir, adaptor=params["adaptor"], pooler=head.get("pooler"),
@@ -164,7 +212,7 @@ def export_task(run_dir: str | Path, out: str | Path, *, overwrite: bool = False
             os.replace(f, tmp / f.name)
         student.rmdir()
         save_file({k: np.ascontiguousarray(v) for k, v in params_to_hf(family, head).items()},
-                  str(tmp / "head.safetensors"), metadata={"format": "pt"})
+                  str(tmp / HEAD_FILE), metadata={"format": "pt"})
         vocab.save(tmp / VOCABULARY_FILE)
         write_json_atomic(tmp / TASK_META_FILE, info)
     return Path(out)
