@@ -310,3 +310,14 @@ def test_evaluate_task_scores_an_exported_task_student_as_its_run(finetuned, tea
         assert rc == 0, cap.err
         figures.append({k: v for k, v in json.loads(cap.out).items() if k not in ("source", "tokens_per_s")})
     assert figures[0] == figures[1] and {"accuracy", "senses_accuracy"} <= figures[0].keys()
+
+
+def test_evaluate_task_refuses_a_dictionary_of_another_teacher(finetuned, task_assets, capsys):
+    # Before: the untuned teacher's dictionary (same width and vocabulary) was taken for the
+    # fine-tuned model's, and its "with senses" figures printed as if they were the model's own.
+    for source in (finetuned["dir"] / "full", finetuned["export"]):
+        rc, cap = _cli(["evaluate-task", str(source), str(task_assets["data"]), "--text-fields", "sentence",
+                        "--senses", str(task_assets["senses"]), "--max-length", "16"], capsys)
+        lines = [x for x in cap.err.splitlines() if x.strip()]
+        assert rc == 2 and len(lines) == 1 and "another teacher or tokenizer" in lines[0], cap.err
+        assert cap.out == ""

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 
 from sense_jax.errors import SenseJaxError
+from sense_jax.fingerprints import teacher_fingerprint
+from sense_jax.io_utils import read_json
 from sense_jax.glue_metrics import compute_metrics
 from sense_jax.labelled import LabelVocabulary
 from sense_jax.loading import _load_tokenizer, load_model
@@ -22,7 +24,7 @@ from sense_jax.sense_dict import SenseDictionary
 from sense_jax.sharding import process_rows
 from sense_jax.students import check_sense_dict, split_pooler
 from sense_jax.task_train.data import BATCH_KEYS, TaskData, eval_batches, metric_key, recorded_vocabulary
-from sense_jax.task_train.export import BEST_DIR, HEAD_FILE, load_exported_student, restore_best
+from sense_jax.task_train.export import BEST_DIR, HEAD_FILE, TASK_META_FILE, load_exported_student, restore_best
 from sense_jax.task_train.objectives import make_task_eval
 
 # --- Evaluation -------------------------------------------------------------------------------
@@ -112,6 +114,13 @@ def evaluate_task(s, params, data: TaskData, *, timing_pass: bool = False) -> di
 # --- Evaluating a classifier outside training -------------------------------------------------
 
 
+def _fingerprints(encoder_params: dict, vocab_size: int, tokenizer) -> tuple[str | None, str]:
+    """``(v2, v1)`` teacher fingerprints of a model's encoder (v2 needs its tokenizer), as the
+    dictionary built from that model records them (:func:`sense_jax.students.check_sense_dict`)."""
+    v1 = teacher_fingerprint(encoder_params, vocab_size)
+    return (teacher_fingerprint(encoder_params, vocab_size, tokenizer) if tokenizer is not None else None), v1
+
+
 def load_classifier(source: str | Path, *, senses: str | None = None, batch_size: int = 32,
                     max_length: int = 128, metric: str = "dot"):
     """A classifier ready for :func:`evaluate_task`: ``(evaluator, params)``; ``evaluator.vocabulary``
@@ -137,9 +146,15 @@ def load_classifier(source: str | Path, *, senses: str | None = None, batch_size
         scfg, hcfg = meta["family_config"]["student"], meta["family_config"]["head"]
         tokenizer = _load_tokenizer(source / "tokenizer")
         width_cfg = hcfg
+        if meta["config"].get("objective") == "finetune":  # the dictionary is the fine-tuned model's
+            fingerprints = lambda: _fingerprints(params["student"], scfg.vocab_size, tokenizer)
+        else:  # a student: the dictionary is its teacher's
+            fingerprints = lambda: (meta.get("teacher_fingerprint"), meta.get("embedding_fingerprint"))
     elif (source / HEAD_FILE).is_file():  # an exported task student: base model + adaptor + head
         family, tokenizer, params, scfg, hcfg = load_exported_student(source)
         width_cfg = hcfg
+        task_meta = read_json(source / TASK_META_FILE, "exported task metadata")
+        fingerprints = lambda: (task_meta.get("teacher_fingerprint"), task_meta.get("embedding_fingerprint"))
     else:
         model = load_model(source)
         if model.head_params is None:
@@ -151,10 +166,12 @@ def load_classifier(source: str | Path, *, senses: str | None = None, batch_size
         scfg = dataclasses.replace(model.config, add_pooler=False, num_labels=0)
         hcfg = dataclasses.replace(model.config, add_pooler=False)
         width_cfg = model.config
+        fingerprints = lambda: _fingerprints(params["student"], model.config.vocab_size, tokenizer)
     sense_dict = None
     if senses:
         sense_dict = SenseDictionary.load(senses)
-        check_sense_dict(sense_dict, width_cfg, source=senses)
+        fp, fp_v1 = fingerprints()
+        check_sense_dict(sense_dict, width_cfg, source=senses, fingerprint=fp, embedding_fingerprint=fp_v1)
     cfg = types.SimpleNamespace(batch_size=batch_size, max_length=max_length, pad_to_buckets=True, metric=metric)
     ev = jax.jit(make_task_eval(cfg, family.make_module(scfg), functools.partial(head_logits, hcfg)))
     frozen = {} if sense_dict is None else {"senses": sense_dict}

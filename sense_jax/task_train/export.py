@@ -204,6 +204,8 @@ def export_task(run_dir: str | Path, out: str | Path, *, overwrite: bool = False
     head = dict(params["head"])
     # what a reader of head.safetensors needs besides the student's own config.json
     info["head_config"] = dataclasses.asdict(hcfg)
+    # the teacher whose dictionary the student's senses come from (checked by evaluate-task --senses)
+    info.update(teacher_fingerprint=meta.get("teacher_fingerprint"), embedding_fingerprint=meta.get("embedding_fingerprint"))
     with atomic_directory(out, overwrite=overwrite) as tmp:
         student = export_hf(tmp / "student", family, scfg, params["student"], meta["teacher_hf_config"],
                             tokenizer_dir=tok_dir, adaptor=params["adaptor"], pooler=head.get("pooler"),
