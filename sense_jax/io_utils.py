@@ -84,6 +84,9 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` through a temporary file and a rename.
 
     Non-finite floats (a metric over no items) are written as ``null``: JSON has no NaN.
+
+    Raises:
+      SenseJaxError: ``path`` cannot be written (named); the temporary file is removed.
     """
     def finite(o):
         if isinstance(o, float) and not math.isfinite(o):
@@ -97,12 +100,30 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     obj = finite(obj)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a directory in the way, a missing parent: one line, no temporary file left
+        tmp.unlink(missing_ok=True)
+        raise SenseJaxError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def check_output_file(path: str | os.PathLike, what: str = "--out") -> None:
+    """Refuse, before any work, an output file path that cannot be written: a directory, or a
+    parent directory that does not exist.
+
+    Raises:
+      ConfigError: naming ``what`` and the path.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {path}: is a directory; give a file path (e.g. {p / 'result.json'})")
+    if not p.absolute().parent.is_dir():
+        raise ConfigError(f"{what} {path}: its directory {p.absolute().parent} does not exist")
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:

@@ -86,3 +86,24 @@ def test_export_or_convert_onto_its_own_input_is_refused_and_the_input_kept(tmp_
         lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
         assert rc == 2 and len(lines) == 1 and needle in lines[0], lines
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_unwritable_out_file_is_refused_before_the_work_and_leaves_no_temporary_file(tmp_path, monkeypatch,
+                                                                                          capsys):
+    # Before: `evaluate-task ... --out DIR` evaluated everything, then died with IsADirectoryError
+    # (exit 1, a traceback) and left `.DIR.tmp-<pid>` behind; a missing parent: FileNotFoundError.
+    from sense_jax.cli import main
+    from sense_jax.io_utils import write_json_atomic
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(SenseJaxError, match=r"cannot write taken: Is a directory"):
+        write_json_atomic("taken", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    for out, needle in (("taken", "--out taken: is a directory"), ("no/such/r.json", "its directory")):
+        for argv in (["evaluate-task", "missing-model", "data", "--task", "sst2", "--out", out],
+                     ["evaluate", "wordsim", "--data", "data", "--model", "missing-model", "--out", out]):
+            rc = main(argv)
+            lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+            assert rc == 2 and len(lines) == 1 and needle in lines[0], (argv, lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

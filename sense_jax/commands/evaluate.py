@@ -6,7 +6,7 @@ import argparse
 
 from sense_jax.benchmarks import TASKS
 from sense_jax.errors import SenseJaxError
-from sense_jax.io_utils import write_json_atomic
+from sense_jax.io_utils import check_output_file, write_json_atomic
 
 HELP = "score a model (and a sense dictionary) on a public benchmark: scws, wic, coarsewsd20, wordsim, wsd"
 
@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise SenseJaxError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.out:
+        check_output_file(args.out)  # before the work, not after it
     options = {"batch_size": args.batch_size}
     if args.task == "wic":
         options.update(split=args.split, tune_split=args.tune_split)

@@ -13,7 +13,7 @@ import json
 import types
 
 from sense_jax.errors import ConfigError
-from sense_jax.io_utils import write_json_atomic
+from sense_jax.io_utils import check_output_file, write_json_atomic
 
 HELP = "score a classifier (task run or model with a head) on a task's dev split, with and without senses"
 
@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-size must be >= 1 and --max-length >= 2")
     if not args.task and not args.text_fields:
         raise ConfigError("give --task NAME, or --text-fields FIELD[,FIELD] (and --label-field) for your own data")
+    if args.out:
+        check_output_file(args.out)  # before the work, not after it
     evaluator, params = load_classifier(args.source, senses=args.senses, batch_size=args.batch_size,
                                         max_length=args.max_length, metric=args.metric)
     spec = types.SimpleNamespace(task=args.task, task_data=args.data, text_fields=args.text_fields,
