@@ -264,9 +264,12 @@ def load_split(data: str | os.PathLike | None, split: str = "train", *, task: "s
     if (path / "state.json").is_file():
         return read_labelled(path, text_fields, label_field, **kw)
     tried = [f"{stem}{suffix}" for stem in stems for suffix in (".tsv", ".csv", ".jsonl", ".json")]
-    for name in tried:
-        if (path / name).is_file():
-            return read_labelled(path / name, text_fields, label_field, **kw)
+    for stem in stems:
+        found = [f"{stem}{suffix}" for suffix in (".tsv", ".csv", ".jsonl", ".json") if (path / f"{stem}{suffix}").is_file()]
+        if len(found) > 1:  # which one the user meant is not ours to guess
+            raise DataError(f"{path}: {' and '.join(found)} both hold the {split} split; keep one")
+        if found:
+            return read_labelled(path / found[0], text_fields, label_field, **kw)
     raise DataError(f"{path}: no {split} split ({', '.join(tried)}, or a saved dataset)")
 
 

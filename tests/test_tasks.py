@@ -312,3 +312,20 @@ def test_a_missing_or_wrong_data_directory_names_the_argument_the_commands_reall
     f = write(tmp_path / "train.tsv", "sentence\tlabel\na\t0\n")
     with pytest.raises(DataError, match=r"train.tsv is a file: the task's data is the directory that holds it"):
         load_task("sst2", f, "train")
+
+
+def test_ambiguous_data_is_refused_not_guessed(tmp_path):
+    # Before: train.tsv was read and train.jsonl beside it silently ignored; a named task given
+    # with text_fields (sense-jax finetune --task sst2 --text-fields premise) ignored the fields.
+    import types
+
+    from sense_jax.task_train import load_task_data
+
+    write(tmp_path / "train.tsv", "sentence\tlabel\na\t0\n")
+    write(tmp_path / "train.jsonl", '{"sentence": "b", "label": 1}\n')
+    with pytest.raises(DataError, match=r"train.tsv and train.jsonl both hold the train split; keep one"):
+        load_split(tmp_path, "train", text_fields="sentence")
+    cfg = types.SimpleNamespace(task="sst2", task_data=str(tmp_path), text_fields="sentence", label_field="label",
+                                task_regression=False, seed=0, max_train_examples=0, max_eval_examples=0, eval_data="")
+    with pytest.raises(ConfigError, match=r"task='sst2' and text_fields are alternatives"):
+        load_task_data(cfg)

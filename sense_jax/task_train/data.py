@@ -213,6 +213,9 @@ def load_task_data(cfg: Any, vocabulary=None, with_train: bool = True) -> TaskDa
     """
 
     train = None
+    if cfg.task and (cfg.text_fields or cfg.task_regression):  # a named task has its own fields and target
+        raise ConfigError(f"config: task={cfg.task!r} and {'text_fields' if cfg.text_fields else 'task_regression'}"
+                          " are alternatives: a named task brings its fields, labels and metrics; give one")
     if cfg.task:
         spec = get_task(cfg.task)
         data_dir = cfg.task_data or None
