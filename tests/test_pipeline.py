@@ -108,3 +108,13 @@ def test_missing_corpus_is_a_clear_error(tmp_path, tiny_teacher):
 def test_a_stage_without_its_inputs_is_refused_by_name(tmp_path, tiny_teacher):
     with pytest.raises(ConfigError, match=r"stage evaluate needs the output of stage convert,.*teacher"):
         Pipeline(_cfg(tmp_path, tiny_teacher)).run(stages=("evaluate",))
+
+
+def test_both_students_read_one_teacher_cache_built_once(finished):
+    tmp, logs = finished
+    built = [line for line in logs if line.startswith("teacher cache: computing")]
+    assert len(built) == 1 and "SKD targets and hidden states" in built[0]
+    reads = [line for line in logs if "training reads" in line]
+    assert len(reads) == 2 and reads[0].endswith("targets from it") and "teacher_hidden" in reads[1]
+    meta = json.loads((tmp / "run" / "teacher_cache" / "meta.json").read_text())
+    assert meta["targets"] and meta["hidden"] and meta["targets_dtype"] == "int8"

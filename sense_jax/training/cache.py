@@ -172,3 +172,22 @@ def use_teacher_cache(s, stream, passages: Sequence[str], log: Callable[[str], N
         return s, stream
     log(f"teacher cache {path}: training reads the teacher's {' and '.join(keys)} from it")
     return with_cached(s, keys), CachedStream(stream, cache, keys)
+
+
+def build_for_run(cfg, *, hidden: bool, log: Callable[[str], None] = print) -> tc.TeacherCache | None:
+    """Build (or check and reuse) the cache that ``cfg.teacher_cache`` names for ``cfg``'s training
+    passages, before any training: the pipeline does this once for its two students, with the
+    hidden states (``hidden``, within ``teacher_cache_max_bytes``) for the MSE student. None
+    when ``teacher_cache`` is off or the cache would hold nothing.
+
+    Raises:
+      SenseJaxError: as :func:`ensure_teacher_cache`, and the setup's errors (named).
+    """
+    from sense_jax.training.loop import _passages
+    from sense_jax.training.setup import setup
+
+    path = cache_path(cfg)
+    if path is None:
+        return None
+    passages, _ = _passages(cfg, None, None)
+    return ensure_teacher_cache(setup(cfg), passages, path, hidden=hidden, log=log)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from sense_jax.losses import distill_losses, hidden_mse_loss, skd_cross_entropy
+from sense_jax.losses import distill_losses, hidden_mse_loss, skd_cross_entropy, teacher_targets
 from sense_jax.students import apply_adaptor
 from sense_jax.sense_dict import gather_senses
 from sense_jax.training.config import DistillConfig
@@ -249,17 +249,19 @@ def make_train_step(cfg: DistillConfig, student_module, teacher_module, cached: 
         if sense_dict is None:  # the MSE baseline (skd_weight = 0)
             mse = hidden_mse_loss(student, teacher, mb["attention_mask"], denominators[1])
             return cfg.mse_weight * mse, {"loss": cfg.mse_weight * mse, "mse": mse}
-        if "targets" not in cached:
-            m = distill_losses(sense_dict, mb["input_ids"], mb["attention_mask"], student, teacher,
-                               skd_weight=cfg.skd_weight, mse_weight=cfg.mse_weight, metric=cfg.metric,
-                               skd_tokens=denominators[0], real_tokens=denominators[1])
-            return m["loss"], m
+        # One path with and without the cache: the targets come from the batch or from the
+        # teacher's states (sense_jax.losses.skd_loss's two halves), so both programs differentiate
+        # the same student terms. An MSE at weight 0 is a metric only: no gradient is built for it.
         codebook, valid = gather_senses(sense_dict, mb["input_ids"])
-        m = skd_cross_entropy(codebook, valid, student, mb["targets"], cfg.metric, denominators[0])
+        targets = mb["targets"] if "targets" in cached else teacher_targets(
+            codebook, valid, teacher, mb["attention_mask"], cfg.metric)
+        m = skd_cross_entropy(codebook, valid, student, targets, cfg.metric, denominators[0])
         m["loss"] = cfg.skd_weight * m["skd"]
         if teacher is not None:
-            m["mse"] = hidden_mse_loss(student, teacher, mb["attention_mask"], denominators[1])
-            m["loss"] = m["loss"] + cfg.mse_weight * m["mse"]
+            scored = student if cfg.mse_weight else jax.lax.stop_gradient(student)
+            m["mse"] = hidden_mse_loss(scored, teacher, mb["attention_mask"], denominators[1])
+            if cfg.mse_weight:
+                m["loss"] = m["loss"] + cfg.mse_weight * m["mse"]
         return m["loss"], m
 
     # The setup passes no dictionary exactly when skd_weight is 0 (setup._load_checked).
