@@ -290,7 +290,7 @@ def build_teacher_cache(path: str | os.PathLike, *, identity: dict, passages: Se
         done = _prepare_work(work, job, offsets, targets_dtype, hidden)
     (done,) = broadcast_ints([done])
     if done:
-        log(f"teacher cache {path}: resuming the build at chunk {done + 1} of {n_chunks}")
+        log(f"teacher cache {path}: resuming the build after chunk {done} of {n_chunks}")
     out_t = open_memmap(work / "targets.npy", mode="r+") if proc0 and targets_dtype else None
     out_h = open_memmap(work / "hidden.npy", mode="r+") if proc0 and hidden else None
     for c in range(done, n_chunks):
