@@ -282,13 +282,21 @@ def build_teacher_cache(path: str | os.PathLike, *, identity: dict, passages: Se
     n_chunks = -(-len(passages) // per_chunk)
     job = {"identity": identity, "batch_size": batch_size, "chunk_passages": per_chunk,
            "targets_dtype": targets_dtype, "hidden": list(hidden) if hidden else None, "version": CACHE_VERSION}
-    done = 0
+    done, error = 0, None
     if proc0:
-        if path.exists():
-            raise SenseJaxError(f"{path} exists and is not a complete teacher cache; delete it or choose "
-                                "another teacher_cache path")
-        done = _prepare_work(work, job, offsets, targets_dtype, hidden)
-    (done,) = broadcast_ints([done])
+        try:
+            if path.exists():
+                raise SenseJaxError(f"{path} exists and is not a complete teacher cache; delete it or choose "
+                                    "another teacher_cache path")
+            done = _prepare_work(work, job, offsets, targets_dtype, hidden)
+        except SenseJaxError as e:
+            error = e
+    # Process 0's decision reaches the others, so that none waits forever for a failed start.
+    (done,) = broadcast_ints([-1 if error is not None else done])
+    if error is not None:
+        raise error
+    if done < 0:
+        raise SenseJaxError(f"process 0 could not start the teacher cache {path} (see its error message)")
     if done:
         log(f"teacher cache {path}: resuming the build after chunk {done} of {n_chunks}")
     out_t = open_memmap(work / "targets.npy", mode="r+") if proc0 and targets_dtype else None
