@@ -144,10 +144,10 @@ def _variants(s, passages, assets, tmp_path) -> dict:
     """For each identity key, the cache_identity arguments with that one input changed."""
     from sense_jax.sense_dict import SenseDictionary
 
-    base = dict(teacher_params=s.frozen[0], teacher_config=s.teacher.config, compute_dtype="float32",
+    base = dict(teacher_params=s.teacher.params, teacher_config=s.teacher.config, compute_dtype="float32",
                 tokenizer=s.teacher.tokenizer, passages=passages, max_length=16, sense_dict=s.sense_dict,
                 metric="dot")
-    params = jax.tree.map(np.asarray, jax.device_get(s.frozen[0]))
+    params = jax.tree.map(np.asarray, jax.device_get(s.teacher.params))
     params["layer_1"]["output_dense"]["bias"] = params["layer_1"]["output_dense"]["bias"] + 1e-3
     permuted = sense_jax.load_model(permute_tokenizer(assets["teacher_dir"], tmp_path / "perm")).tokenizer
     changes = {

@@ -37,8 +37,11 @@ def cache_path(cfg) -> Path | None:
 
 
 def run_identity(s, passages: Sequence[str]) -> dict:
-    """:func:`sense_jax.teacher_cache.cache_identity` of run ``s`` (a Setup) on ``passages``."""
-    return tc.cache_identity(teacher_params=s.frozen[0], teacher_config=s.teacher.config,
+    """:func:`sense_jax.teacher_cache.cache_identity` of run ``s`` (a Setup) on ``passages``.
+
+    The teacher's params are fingerprinted from the loaded model (every process holds them whole),
+    not from the run's copy, which ``fsdp`` shards across processes."""
+    return tc.cache_identity(teacher_params=s.teacher.params, teacher_config=s.teacher.config,
                              compute_dtype=s.cfg.compute_dtype, tokenizer=s.teacher.tokenizer,
                              passages=passages, max_length=s.cfg.max_length, sense_dict=s.sense_dict,
                              metric=s.cfg.metric)
