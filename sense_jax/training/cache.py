@@ -65,7 +65,10 @@ def _forward(s, targets: bool, hidden: bool) -> tuple[Callable[[dict], dict], in
             out["hidden"] = h
         return out
 
-    jitted = jax.jit(fwd, out_shardings=layout.replicated)
+    # One jitted function per run and kind, so that a second build (another path) reuses its
+    # compiled programs (one per length bucket).
+    programs = vars(s).setdefault("_teacher_cache_programs", {})
+    jitted = programs.setdefault((targets, hidden), jax.jit(fwd, out_shardings=layout.replicated))
     rows = process_rows(layout.eval_batch, (B, cfg.max_length), 0)
 
     def forward(enc: dict) -> dict:
