@@ -272,6 +272,8 @@ def build_teacher_cache(path: str | os.PathLike, *, identity: dict, passages: Se
     Raises:
       SenseJaxError: ``path`` exists and is not a complete cache; it cannot be written.
     """
+    from sense_jax.training.data import tokenize  # local: the training package imports this module
+
     path = Path(path)
     work = path.with_name(path.name + WORK_SUFFIX)
     proc0 = _process_index() == 0
@@ -307,8 +309,6 @@ def build_teacher_cache(path: str | os.PathLike, *, identity: dict, passages: Se
             idx = chunk[b:b + batch_size]
             length = min(bucket_length(int(lengths[idx].max())), max_length)
             mine = idx if rows is None else idx[rows]
-            from sense_jax.training.data import tokenize
-
             enc = tokenize(tokenizer, [passages[i] for i in mine], length,
                            batch_size=batch_size if rows is None else rows.stop - rows.start)
             res = forward(enc)
