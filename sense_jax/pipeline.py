@@ -76,8 +76,9 @@ class PipelineConfig:
     learning_rate: float = 5e-4       # peak learning rate (warmup, then cosine decay)
     mse_baseline: bool = True         # also train a same-size student with plain MSE distillation
     teacher_cache: str = "auto"       # the teacher's SKD targets and hidden states computed once for both
-                                      # students (sense_jax.teacher_cache): "auto" = OUT/teacher_cache,
-                                      # "off" (the teacher runs in every training step), or a path
+                                      # students (sense_jax.teacher_cache) in OUT/teacher_cache: "on",
+                                      # "auto" (on unless the students see the passages less than once in
+                                      # all), "off" (the teacher runs in every training step), or a path
     teacher_cache_max_bytes: int = 2 << 30  # cache the hidden states (MSE student) only within this size
     eval_max_lemmas: int = 0          # WSI / WiC / retrieval lemmas (0 = all that qualify)
     eval_train: int = 8000            # definitions to fit the lexicographer-file probe
@@ -266,10 +267,12 @@ class Pipeline:
             trainer.export_checkpoint(self.out / name, export, overwrite=True, log=self.log)
 
     def _teacher_cache(self) -> str:
-        """The trainer's ``teacher_cache`` value for both students: a shared path, or "off"."""
+        """The trainer's ``teacher_cache`` value for both students: a shared path, or "off" (also for
+        ``auto`` when the students see the passages less than once in all: building it costs one
+        teacher forward per passage, each student's epoch saves one)."""
         v = self.cfg.teacher_cache.strip()
-        if v == "off":
-            return v
+        if v == "off" or (v == "auto" and self.cfg.epochs * (2 if self.cfg.mse_baseline else 1) <= 1):
+            return "off"
         return str(self.out / "teacher_cache") if v in ("auto", "on") else str(Path(v).absolute())
 
     def stage_evaluate(self) -> None:

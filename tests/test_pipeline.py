@@ -31,7 +31,8 @@ def _cfg(tmp_path, teacher, **kw) -> PipelineConfig:
     # n_per_token 16 (the smallest k-means bucket) one k-means program per K.
     base = dict(out=str(tmp_path / "run"), teacher=str(teacher), n_glosses=400, n_heldout=50, n_per_token=16,
                 k=3, epochs=0.25, batch_size=16, max_length=8, student_layers=1, eval_max_lemmas=12,
-                eval_train=60, eval_test=30, speed_sentences=8, progress=False)
+                eval_train=60, eval_test=30, speed_sentences=8, progress=False,
+                teacher_cache="on")  # auto would skip it at epochs 0.25: it would not pay
     base.update(kw)
     return PipelineConfig(**base)
 
