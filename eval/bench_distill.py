@@ -26,6 +26,13 @@ medians reported:
 * ``whole step``: what training pays per step; ``whole - sum of phases`` is what the fused step
   adds or saves (XLA fuses across phase boundaries; PyTorch pays Python per op).
 
+``sense_jax cached`` is the trainer's step with the teacher cache (``teacher_cache``,
+:mod:`sense_jax.teacher_cache`): the teacher's SKD targets are read from the batch, so the step
+runs no teacher forward. Its ``amortised`` line adds the time to build the cache for the
+benchmark's epoch (its 4 batches' passages, built once more after a first build that compiled,
+i.e. the warm cost a run pays per epoch of passages) to that epoch's 4 cached steps:
+epoch tokens / (build + 4 steps).
+
 The header names the machine (CPU model, cores the process may use, AVX-512 or not), XLA's
 device count and flags, and torch's intra-op threads. ``--freeze-embeddings`` runs our side with
 the trainer's ``freeze_embeddings=true`` as well (the student's input embeddings stay the
@@ -170,7 +177,51 @@ def bench_ours(model_dir, sd, batches, overrides=()) -> dict:
         "whole step": whole_step,
     }
     n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
-    return {"phases": phases, "first_s": first, "trainable": n_train}
+    return {"phases": phases, "first_s": first, "trainable": n_train, "setup": s}
+
+
+def bench_cached(ours: dict, batches, passages) -> dict:
+    """The trainer's step reading the SKD targets from a teacher cache built for ``passages``
+    (``batches`` tokenised, in order; :mod:`sense_jax.teacher_cache`), as a blocking callable,
+    and the build's seconds.
+
+    Returns ``{"phases": {"whole step": fn}, "first_s", "build_s" (warm: the second build, whose
+    program is compiled), "build_first_s" (the first, compile included), "passages"}``.
+    """
+    import jax
+
+    from sense_jax import trainer as T
+    from sense_jax.training.cache import ensure_teacher_cache
+    from sense_jax.training.setup import with_cached
+
+    s = ours["setup"]
+    B = batches[0]["input_ids"].shape[0]
+    texts = list(passages)
+    out = Path(tempfile.mkdtemp())
+    times = []
+    for i in range(2):
+        t0 = time.perf_counter()
+        cache = ensure_teacher_cache(s, texts, out / f"cache{i}", hidden=False, log=lambda m: None)
+        times.append(time.perf_counter() - t0)
+    sc = with_cached(s, ("targets",))
+    dev = []
+    for i, b in enumerate(batches):
+        extra = cache.rows(np.arange(i * B, (i + 1) * B), b["input_ids"].shape[1], b["attention_mask"])
+        dev.append(T.put_batch(sc, [{**b, **extra}]))
+    state = T.init_state(sc)
+    t0 = time.perf_counter()
+    state, m = sc.train_step(state, dev[0])
+    jax.block_until_ready(m)
+    first = time.perf_counter() - t0
+    holder = {"state": state, "i": 0}
+
+    def whole_step():
+        holder["i"] += 1
+        holder["state"], m = sc.train_step(holder["state"], dev[holder["i"] % len(dev)])
+        jax.block_until_ready(m)
+
+    return {"phases": {"whole step": whole_step}, "first_s": first, "trainable": ours["trainable"],
+            "build_s": times[1], "build_first_s": times[0], "passages": len(texts)}
 
 
 def bench_torch(model_dir, sd, batches) -> dict:
@@ -274,9 +325,10 @@ def main(argv=None) -> int:
     texts = (ROOT / "tests" / "data" / "sentences.txt").read_text(encoding="utf-8").splitlines()
     tok = load_model(model_dir).tokenizer
     sd = build_dictionary(tok, texts, 384)
-    batches = []
+    batches, passages = [], []
     for i in range(4):
         chunk = [texts[(i * args.batch + k) % len(texts)] for k in range(args.batch)]
+        passages += chunk
         enc = tok(chunk, truncation=True, max_length=args.length, padding="max_length", return_tensors="np")
         batches.append({k: np.asarray(enc[k], np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")})
     real = np.mean([b["attention_mask"].sum() for b in batches])
@@ -290,6 +342,7 @@ def main(argv=None) -> int:
           f"median of {args.rounds} interleaved rounds; "
           f"{int(np.diff(np.asarray(sd.offsets)).astype(bool).sum())} tokens with 1-10 senses")
     runs = {"sense_jax": bench_ours(model_dir, sd, batches)}
+    runs["sense_jax cached"] = bench_cached(runs["sense_jax"], batches, passages)
     if args.freeze_embeddings:
         runs["sense_jax frozen emb."] = bench_ours(model_dir, sd, batches, ["freeze_embeddings=true"])
     runs["PyTorch loop"] = bench_torch(model_dir, sd, batches)
@@ -299,10 +352,11 @@ def main(argv=None) -> int:
     print()
     print(f"{'phase (ms, median)':24s}" + "".join(f"{n:>24s}" for n in names))
     for phase in ms["PyTorch loop"]:
-        print(f"{phase:24s}" + "".join(f"{ms[n][phase]:24.1f}" for n in names))
+        print(f"{phase:24s}" + "".join(f"{ms[n][phase]:24.1f}" if phase in ms[n] else f"{'-':>24s}"
+                                       for n in names))
     print(f"{'sum of phases':24s}" + "".join(
         f"{sum(v for k, v in ms[n].items() if k not in ('whole step', '  of which loss')):24.1f}"
-        for n in names))
+        if len(ms[n]) > 1 else f"{'-':>24s}" for n in names))
     print()
     ref = real / ms["PyTorch loop"]["whole step"]
     for n in names:
@@ -310,6 +364,12 @@ def main(argv=None) -> int:
         extra = f" (compile + first step {r['first_s']:.1f}s, {r['trainable'] / 1e6:.1f} M trainable)" \
             if "first_s" in r else ""
         print(f"{n:24s} {tps:10.1f} training tokens/s  {tps / (ref * 1e3):6.2f}x the loop{extra}")
+        if "build_s" in r:  # one epoch = the 4 batches: the cache's build, then 4 cached steps
+            epoch_s = r["build_s"] + len(batches) * ms[n]["whole step"] / 1e3
+            tps = real * len(batches) / epoch_s
+            print(f"{'  amortised, 1 epoch':24s} {tps:10.1f} training tokens/s  {tps / (ref * 1e3):6.2f}x the loop "
+                  f"(cache build {r['build_s'] * 1e3:.0f} ms warm, {r['build_first_s']:.1f}s with compile, for "
+                  f"{r['passages']} passages + {len(batches)} steps)")
     return 0
 
 

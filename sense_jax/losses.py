@@ -23,10 +23,69 @@ import jax.numpy as jnp
 from sense_jax.sense_dict import SenseDictionary, gather_senses, sense_scores
 
 
+def teacher_targets(codebook: jax.Array, valid: jax.Array, teacher: jax.Array, token_mask: jax.Array,
+                    metric: str = "dot") -> jax.Array:
+    """The teacher's SKD target per token: y = argmax_k score(C_t[k], h_teacher) (METHOD §3).
+
+    The half of :func:`skd_loss` that reads the teacher; :mod:`sense_jax.teacher_cache` stores
+    its output once so that training can skip the teacher's forward.
+
+    Args:
+      codebook: [B, T, K, D] padded sense embeddings (from :func:`gather_senses`).
+      valid: [B, T, K] bool, False at padding slots and for tokens without an entry.
+      teacher: [B, T, D] teacher hidden states (any float dtype; gradients are stopped).
+      token_mask: [B, T] int/bool, 1 for real tokens (the attention mask).
+      metric: "dot" (the paper's), "cos" or "l2" (:func:`sense_scores`).
+
+    Returns:
+      [B, T] int32: the index of the nearest sense (never a padding slot), -1 for tokens without
+      an entry and for padding.
+    """
+    has_entry = valid[..., 0] & token_mask.astype(bool)
+    t = sense_scores(codebook, valid, jax.lax.stop_gradient(teacher), metric)
+    return jnp.where(has_entry, jnp.argmax(t, axis=-1), -1).astype(jnp.int32)
+
+
+def skd_cross_entropy(codebook: jax.Array, valid: jax.Array, student: jax.Array, targets: jax.Array,
+                      metric: str = "dot", denominator: jax.Array | None = None) -> dict[str, jax.Array]:
+    """SKD cross-entropy of the student against given targets (the half of :func:`skd_loss` that
+    reads the student; no teacher state needed).
+
+    Args:
+      codebook: [B, T, K, D]; valid: [B, T, K] bool (as :func:`teacher_targets`).
+      student: [B, T, D] adapted student hidden states A(h_student) (any float dtype).
+      targets: [B, T] int: the sense index y per token (:func:`teacher_targets`, or read from a
+        teacher cache); a token counts when ``targets >= 0``.
+      metric: sense score, as for the targets.
+      denominator: float32 scalar, the number of tokens the sums are divided by; default this
+        batch's counted tokens (at least 1). Gradient accumulation passes the whole step's, so
+        that the micro-batches' terms add up to the step's token mean.
+
+    Returns:
+      dict of float32 scalars: ``skd`` (mean cross-entropy over counted tokens, 0 when none),
+      ``accuracy`` (fraction of counted tokens with argmax z == y), ``tokens`` (counted tokens).
+    """
+    has_entry = targets >= 0                                              # [B, T]
+    y = jnp.maximum(targets, 0).astype(jnp.int32)
+    z = sense_scores(codebook, valid, student, metric)                    # [B, T, K], -inf pad
+    # Rows without an entry are all -inf: give them finite zeros so neither the forward nor the
+    # backward pass meets -inf - -inf; they are masked out of the mean anyway.
+    z = jnp.where(has_entry[..., None], z, 0.0)
+    logp = jax.nn.log_softmax(z, axis=-1)
+    nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]       # [B, T]
+    w = has_entry.astype(jnp.float32)
+    n = w.sum()
+    denom = jnp.maximum(n, 1.0) if denominator is None else denominator
+    loss = jnp.sum(jnp.where(has_entry, nll, 0.0)) / denom
+    agree = (jnp.argmax(z, axis=-1) == y).astype(jnp.float32)
+    return {"skd": loss, "accuracy": jnp.sum(agree * w) / denom, "tokens": n}
+
+
 def skd_loss(codebook: jax.Array, valid: jax.Array, student: jax.Array, teacher: jax.Array,
              token_mask: jax.Array, metric: str = "dot", denominator: jax.Array | None = None
              ) -> dict[str, jax.Array]:
-    """SKD cross-entropy over each token's senses (METHOD §3), vectorised and masked.
+    """SKD cross-entropy over each token's senses (METHOD §3), vectorised and masked:
+    :func:`skd_cross_entropy` of the student against :func:`teacher_targets` of the teacher.
 
     Args:
       codebook: [B, T, K, D] padded sense embeddings (from :func:`gather_senses`).
@@ -44,21 +103,8 @@ def skd_loss(codebook: jax.Array, valid: jax.Array, student: jax.Array, teacher:
       ``accuracy`` (fraction of counted tokens with argmax z == y), ``tokens`` (count of tokens
       with an entry and mask 1).
     """
-    has_entry = valid[..., 0] & token_mask.astype(bool)                  # [B, T]
-    z = sense_scores(codebook, valid, student, metric)                    # [B, T, K], -inf pad
-    t = sense_scores(codebook, valid, jax.lax.stop_gradient(teacher), metric)
-    y = jnp.argmax(t, axis=-1)                                            # never a -inf slot
-    # Rows without an entry are all -inf: give them finite zeros so neither the forward nor the
-    # backward pass meets -inf - -inf; they are masked out of the mean anyway.
-    z = jnp.where(has_entry[..., None], z, 0.0)
-    logp = jax.nn.log_softmax(z, axis=-1)
-    nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]       # [B, T]
-    w = has_entry.astype(jnp.float32)
-    n = w.sum()
-    denom = jnp.maximum(n, 1.0) if denominator is None else denominator
-    loss = jnp.sum(jnp.where(has_entry, nll, 0.0)) / denom
-    agree = (jnp.argmax(z, axis=-1) == y).astype(jnp.float32)
-    return {"skd": loss, "accuracy": jnp.sum(agree * w) / denom, "tokens": n}
+    y = teacher_targets(codebook, valid, teacher, token_mask, metric)
+    return skd_cross_entropy(codebook, valid, student, y, metric, denominator)
 
 
 def hidden_mse_loss(student: jax.Array, teacher: jax.Array, token_mask: jax.Array,

@@ -45,6 +45,7 @@ from sense_jax.models import check_input_length, get_family
 from sense_jax.sense_builder import build_sense_dictionary
 from sense_jax.sense_dict import META_FILE
 from sense_jax.store import COMPLETE_MARKER, open_store
+from sense_jax.training.cache import build_for_run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,11 @@ class PipelineConfig:
     max_length: int = 64              # training tokens per passage (WordNet definitions fit)
     learning_rate: float = 5e-4       # peak learning rate (warmup, then cosine decay)
     mse_baseline: bool = True         # also train a same-size student with plain MSE distillation
+    teacher_cache: str = "auto"       # the teacher's SKD targets and hidden states computed once for both
+                                      # students (sense_jax.teacher_cache) in OUT/teacher_cache: "on",
+                                      # "auto" (on unless the students see the passages less than once in
+                                      # all), "off" (the teacher runs in every training step), or a path
+    teacher_cache_max_bytes: int = 2 << 30  # cache the hidden states (MSE student) only within this size
     eval_max_lemmas: int = 0          # WSI / WiC / retrieval lemmas (0 = all that qualify)
     eval_train: int = 8000            # definitions to fit the lexicographer-file probe
     eval_test: int = 2000             # held-out definitions for the probe
@@ -161,7 +167,8 @@ class Pipeline:
         return self.report_dir
 
     def _check_config_unchanged(self) -> None:
-        check_config_unchanged(self.out, self.cfg, ignore=("progress", "out", "evaldata", "benchmark_layers"))
+        check_config_unchanged(self.out, self.cfg, ignore=("progress", "out", "evaldata", "benchmark_layers",
+                                                           "teacher_cache", "teacher_cache_max_bytes"))
 
     # --- stages -------------------------------------------------------------------------------
 
@@ -236,12 +243,18 @@ class Pipeline:
             student="truncate", eval_data=str(self.heldout_path() or ""), student_layers=self.cfg.student_layers,
             seed=self.cfg.seed, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
             learning_rate=self.cfg.learning_rate, progress=self.cfg.progress, log_every=10, tensorboard=False,
-            group_by_length=64)
+            group_by_length=64, teacher_cache=self._teacher_cache(),
+            teacher_cache_max_bytes=self.cfg.teacher_cache_max_bytes)
         # The trainer counts its own training passages (its held-out split included).
         steps = trainer.steps_for_epochs(base, self.cfg.epochs)
+        todo = [(n, w) for n, w in runs if not (self.out / f"{n}_student" / "adaptor.json").exists()]
+        if base.teacher_cache != "off" and todo:
+            # Once for both students (resumable: a killed build continues; a complete one is reused):
+            # the SKD student reads its targets, the MSE student its hidden states.
+            build_for_run(dataclasses.replace(base, steps=steps), hidden=self.cfg.mse_baseline, log=self.log)
         for name, weights in runs:
             export = self.out / f"{name}_student"
-            if (export / "adaptor.json").exists():
+            if (name, weights) not in todo:
                 self.log(f"[distill] done already: {export}")
                 continue
             # The MSE baseline needs no sense dictionary (the trainer loads none when skd_weight = 0).
@@ -252,6 +265,15 @@ class Pipeline:
             self.log(f"[distill] {name}: {steps} steps of {self.cfg.batch_size} passages")
             trainer.train(cfg, log=self.log)
             trainer.export_checkpoint(self.out / name, export, overwrite=True, log=self.log)
+
+    def _teacher_cache(self) -> str:
+        """The trainer's ``teacher_cache`` value for both students: a shared path, or "off" (also for
+        ``auto`` when the students see the passages less than once in all: building it costs one
+        teacher forward per passage, each student's epoch saves one)."""
+        v = self.cfg.teacher_cache.strip()
+        if v == "off" or (v == "auto" and self.cfg.epochs * (2 if self.cfg.mse_baseline else 1) <= 1):
+            return "off"
+        return str(self.out / "teacher_cache") if v in ("auto", "on") else str(Path(v).absolute())
 
     def stage_evaluate(self) -> None:
         if (self.report_dir / "report.json").exists():

@@ -31,7 +31,8 @@ def _cfg(tmp_path, teacher, **kw) -> PipelineConfig:
     # n_per_token 16 (the smallest k-means bucket) one k-means program per K.
     base = dict(out=str(tmp_path / "run"), teacher=str(teacher), n_glosses=400, n_heldout=50, n_per_token=16,
                 k=3, epochs=0.25, batch_size=16, max_length=8, student_layers=1, eval_max_lemmas=12,
-                eval_train=60, eval_test=30, speed_sentences=8, progress=False)
+                eval_train=60, eval_test=30, speed_sentences=8, progress=False,
+                teacher_cache="on")  # auto would skip it at epochs 0.25: it would not pay
     base.update(kw)
     return PipelineConfig(**base)
 
@@ -108,3 +109,13 @@ def test_missing_corpus_is_a_clear_error(tmp_path, tiny_teacher):
 def test_a_stage_without_its_inputs_is_refused_by_name(tmp_path, tiny_teacher):
     with pytest.raises(ConfigError, match=r"stage evaluate needs the output of stage convert,.*teacher"):
         Pipeline(_cfg(tmp_path, tiny_teacher)).run(stages=("evaluate",))
+
+
+def test_both_students_read_one_teacher_cache_built_once(finished):
+    tmp, logs = finished
+    built = [line for line in logs if line.startswith("teacher cache: computing")]
+    assert len(built) == 1 and "SKD targets and hidden states" in built[0]
+    reads = [line for line in logs if "training reads" in line]
+    assert len(reads) == 2 and reads[0].endswith("targets from it") and "teacher_hidden" in reads[1]
+    meta = json.loads((tmp / "run" / "teacher_cache" / "meta.json").read_text())
+    assert meta["targets"] and meta["hidden"] and meta["targets_dtype"] == "int8"

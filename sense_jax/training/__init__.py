@@ -9,7 +9,9 @@ Run it::
 Design (STYLE §8-10):
 
 * one pure ``train_step(state, batch) -> (state, metrics)``, jitted once with explicit shardings
-  and ``donate_argnums=0``; the teacher forward runs inside it under ``stop_gradient``; the
+  and ``donate_argnums=0``; the teacher forward runs inside it under ``stop_gradient``, unless
+  the batch carries the teacher's SKD targets (or MSE states) from the teacher cache
+  (``teacher_cache``, :mod:`~sense_jax.training.cache`), which skips it; the
   teacher's params and the sense dictionary are read-only *arguments* of the jitted function
   (never closed over as constants, never in the state, never checkpointed);
 * the state (:class:`TrainState`) holds the trainable params (student + adaptor + the frozen
@@ -42,6 +44,7 @@ Modules, one job each (``sense_jax.trainer`` re-exports their public names):
 * :mod:`~sense_jax.training.checkpoint`: the Orbax manager, save, the resume check and the one
   "newest, else the previous" restore (training, resume and export);
 * :mod:`~sense_jax.training.setup`: teacher, dictionary, student, jitted steps, step-0 state;
+* :mod:`~sense_jax.training.cache`: the teacher cache of a run (built once, read by the step);
 * :mod:`~sense_jax.training.metrics`: ``metrics.jsonl``, TensorBoard, ``curves.png``;
 * :mod:`~sense_jax.training.export`: checkpoint -> transformers directory;
 * :mod:`~sense_jax.training.loop`: :func:`train`, which ties them.

@@ -50,6 +50,12 @@ class DistillConfig:
     b2: float = 0.999                # Adam beta2
     clip_norm: float = 1.0           # global gradient-norm clip (0 = off)
     compute_dtype: str = "float32"   # float32 or bfloat16 activations (params stay float32; no float16)
+    teacher_cache: str = "auto"     # the teacher's SKD targets (and MSE states) computed once and reused
+                                     # (sense_jax.teacher_cache): "off" (the teacher runs in every step),
+                                     # "on" (built in out_dir/teacher_cache), "auto" (as "on" when the run
+                                     # sees its passages more than once or the cache is there), or a path
+    teacher_cache_max_bytes: int = 2 << 30  # cache the teacher's hidden states (for mse_weight > 0) only
+                                     # when they take at most this many bytes; else the teacher runs
     freeze_embeddings: bool = False  # keep the student's input embeddings (word, position, type) as
                                      # initialised (a truncated student: the teacher's): no gradient,
                                      # no optimizer state (2/3 fewer AdamW bytes for a 2-layer MiniLM)
@@ -105,7 +111,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 RESUMABLE_CHANGES = {"out_dir", "save_every", "keep_checkpoints", "eval_every", "eval_batches",
                      "log_every", "progress", "tensorboard", "plot", "steps", "train_data",
                      "eval_data", "fsdp", "mesh_data", "mesh_model", "patience", "task_data",
-                     "max_eval_examples"}
+                     "max_eval_examples", "teacher_cache", "teacher_cache_max_bytes"}
 _FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
 
 
@@ -120,7 +126,7 @@ def _validate(cfg: DistillConfig) -> DistillConfig:
         need(getattr(cfg, k) >= 1, k, "must be >= 1")
     for k in ("warmup_steps", "eval_every", "student_hidden_size", "student_heads",
               "student_intermediate_size", "clip_norm", "weight_decay", "skd_weight", "mse_weight",
-              "learning_rate", "end_learning_rate", "group_by_length"):
+              "learning_rate", "end_learning_rate", "group_by_length", "teacher_cache_max_bytes"):
         need(getattr(cfg, k) >= 0, k, "must be >= 0")
     if not cfg.task and not cfg.task_data:
         need(cfg.skd_weight + cfg.mse_weight > 0, "skd_weight", "skd_weight + mse_weight must be > 0")
@@ -140,6 +146,7 @@ def _validate(cfg: DistillConfig) -> DistillConfig:
         need(getattr(cfg, k) >= 0, k, "must be >= 0")
     need(0.0 <= cfg.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
     need(cfg.metric in ("dot", "cos", "l2"), "metric", "choose dot, cos or l2")
+    need(bool(cfg.teacher_cache.strip()), "teacher_cache", "choose auto, on, off or a directory path")
     need(cfg.compute_dtype in ("float32", "bfloat16"), "compute_dtype",
          "choose float32 or bfloat16 (float16 training would need loss scaling)")
     need(cfg.mesh_data == -1 or cfg.mesh_data >= 1, "mesh_data", "must be -1 or >= 1")

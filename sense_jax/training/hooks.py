@@ -25,6 +25,10 @@ class LoopHooks:
         position (a task: the early-stopping state).
       resume: receives a restored checkpoint's ``data`` item before the loop starts.
       close: called when the run ends, however it ends.
+      prepare: ``(setup, stream) -> (setup, stream)`` after the resume check and restore, before
+        the first step (not when no step is left): SKD swaps in the teacher cache's step and
+        stream here (:func:`sense_jax.training.cache.use_teacher_cache`), so that a refused
+        resume builds nothing.
       postfix: metrics shown on the progress bar; desc: its label.
     """
 
@@ -35,5 +39,6 @@ class LoopHooks:
     checkpoint_data: Callable[[], dict] = dict
     resume: Callable[[dict], None] = lambda data: None
     close: Callable[[], None] = lambda: None
+    prepare: Callable[[Any, Any], tuple] | None = None
     postfix: tuple[str, ...] = ("loss", "accuracy")
     desc: str = "distill"

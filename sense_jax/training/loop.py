@@ -22,6 +22,7 @@ from sense_jax.convert import copy_tokenizer_files
 from sense_jax.errors import ConfigError, SenseJaxError
 from sense_jax.io_utils import write_json_atomic
 from sense_jax.sharding import process_rows
+from sense_jax.training.cache import use_teacher_cache
 from sense_jax.training.checkpoint import check_resume, checkpoint_manager, restore_latest, save_checkpoint
 from sense_jax.training.config import DistillConfig
 from sense_jax.training.data import PassageStream, eval_batches, read_passages, split_held_out
@@ -118,7 +119,9 @@ def train(cfg: DistillConfig, *, passages: Sequence[str] | None = None,
     s = setup(cfg, sense_dict=sense_dict)
     stream = PassageStream(passages, s.teacher.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed,
                            cfg.group_by_length)
-    return run(s, stream, skd_hooks(s, eval_passages), stop_after=stop_after, log=log)
+    hooks = skd_hooks(s, eval_passages)
+    hooks.prepare = lambda s, stream: use_teacher_cache(s, stream, passages, log)
+    return run(s, stream, hooks, stop_after=stop_after, log=log)
 
 
 def skd_hooks(s: Setup, eval_passages: Sequence[str]) -> LoopHooks:
@@ -155,6 +158,8 @@ def run(s: Setup, stream: PassageStream, hooks: LoopHooks, *, stop_after: int | 
             micro = int(data["micro_batches"])
             hooks.resume(data)
             log(f"resuming from step {start} ({run_dir / 'checkpoints' / str(start)})")
+        if hooks.prepare is not None and start < (cfg.steps if stop_after is None else min(stop_after, cfg.steps)):
+            s, stream = hooks.prepare(s, stream)
         return _loop(s, state, micro, start, stream, mngr, run_dir, stop_after, log,
                      None if restored is None else start, hooks)
     finally:

@@ -43,6 +43,8 @@ class Setup:
     raw_step: Callable            # the unjitted pure step (trace counter: raw_step.traces)
     eval_step: Callable | None    # held-out sense accuracy; None without a dictionary
     meta: dict
+    frozen_shardings: Any = None  # shardings of ``frozen``
+    cached: tuple = ()            # what the batches carry from the teacher cache (step.CACHED_KEYS)
 
 
 def _teacher_path(cfg: DistillConfig) -> str:
@@ -143,23 +145,41 @@ def setup(cfg: DistillConfig, *, sense_dict=None, devices=None) -> Setup:
         params["pooler"] = pooler
     student_module = family.make_module(scfg)
     teacher_module = family.make_module(dataclasses.replace(tcfg, add_pooler=False))
-    raw = make_train_step(cfg, student_module, teacher_module)
+    tx = make_train_step(cfg, student_module, teacher_module).tx
     layout = make_layout(cfg, family, scfg, dataclasses.replace(tcfg, dtype=cfg.compute_dtype),
-                         pooler is not None, raw.tx, devices)
+                         pooler is not None, tx, devices)
     tsh = {k: v for k, v in layout.teacher.items() if k != "pooler"}
     sd_sh = jax.tree.map(lambda _: layout.replicated, sense_dict)  # None without a dictionary
     frozen = (jax.device_put(tparams, tsh), jax.device_put(sense_dict, sd_sh))
     frozen_sh = (tsh, sd_sh)
-    jitted = jax.jit(raw, in_shardings=(layout.state, layout.batch, frozen_sh),
-                     out_shardings=(layout.state, layout.replicated), donate_argnums=0)
+    raw, train_step = _jit_train_step(cfg, student_module, teacher_module, layout, frozen, frozen_sh, ())
     ev = None if sense_dict is None else jax.jit(
         make_eval_step(cfg, student_module, teacher_module),
         in_shardings=(layout.state.params, layout.eval_batch, frozen_sh), out_shardings=layout.replicated)
     return Setup(cfg=cfg, teacher=teacher, family=family, student_cfg=scfg, student_module=student_module,
                  teacher_module=teacher_module, init_params=params, sense_dict=sense_dict, layout=layout,
-                 frozen=frozen, train_step=lambda state, batch: jitted(state, batch, frozen),
+                 frozen=frozen, train_step=train_step,
                  raw_step=raw, eval_step=None if ev is None else lambda params, batch: ev(params, batch, frozen),
-                 meta=_run_meta(cfg, tpath, teacher, scfg, pooler is not None, fp, fp_v1, sense_dict))
+                 meta=_run_meta(cfg, tpath, teacher, scfg, pooler is not None, fp, fp_v1, sense_dict),
+                 frozen_shardings=frozen_sh)
+
+
+def _jit_train_step(cfg, student_module, teacher_module, layout, frozen, frozen_sh, cached) -> tuple:
+    """``(raw step, jitted step(state, batch))``: :func:`make_train_step` jitted once with the
+    run's shardings and the state donated; ``frozen`` is passed as an argument, never closed over."""
+    raw = make_train_step(cfg, student_module, teacher_module, cached)
+    jitted = jax.jit(raw, in_shardings=(layout.state, layout.batch, frozen_sh),
+                     out_shardings=(layout.state, layout.replicated), donate_argnums=0)
+    return raw, lambda state, batch: jitted(state, batch, frozen)
+
+
+def with_cached(s: Setup, cached) -> Setup:
+    """``s`` whose train step reads ``cached`` (a subset of
+    :data:`~sense_jax.training.step.CACHED_KEYS`) from its batches instead of computing them with
+    the teacher (:mod:`sense_jax.teacher_cache`); the rest (layout, evaluation) is unchanged."""
+    raw, train_step = _jit_train_step(s.cfg, s.student_module, s.teacher_module, s.layout, s.frozen,
+                                      s.frozen_shardings, tuple(cached))
+    return dataclasses.replace(s, raw_step=raw, train_step=train_step, cached=tuple(cached))
 
 
 def init_state(s: Setup) -> TrainState:

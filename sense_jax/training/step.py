@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from sense_jax.losses import distill_losses, hidden_mse_loss
+from sense_jax.losses import distill_losses, hidden_mse_loss, skd_cross_entropy, teacher_targets
 from sense_jax.students import apply_adaptor
 from sense_jax.sense_dict import gather_senses
 from sense_jax.training.config import DistillConfig
@@ -198,13 +198,25 @@ def make_step(cfg: DistillConfig, loss_fn: Callable, denominators_fn: Callable,
     return step
 
 
-def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Callable:
+CACHED_KEYS = ("targets", "teacher_hidden")  # what a batch may carry from the teacher cache
+
+
+def make_train_step(cfg: DistillConfig, student_module, teacher_module, cached: Sequence[str] = ()) -> Callable:
     """The pure SKD step ``step(state, batch, frozen) -> (state, metrics)`` (:func:`make_step`;
     not yet jitted).
 
+    Args:
+      cached: what every batch carries from the teacher cache (:mod:`sense_jax.teacher_cache`),
+        a subset of :data:`CACHED_KEYS`: ``"targets"`` (the SKD targets, so the step skips the
+        teacher's forward when nothing else needs its states) and/or ``"teacher_hidden"`` (its
+        states, for the MSE term). Empty: the teacher runs inside the step, as the targets and
+        states are computed alike either way (same figures, :func:`sense_jax.losses.skd_loss`).
+
     Args (of the returned function):
       state: :class:`TrainState`.
-      batch: dict of [A, B, T] int32 (A = grad_accum micro-batches).
+      batch: dict of [A, B, T] int32 (A = grad_accum micro-batches): input_ids, attention_mask,
+        token_type_ids, and as ``cached`` says ``targets`` [A, B, T] int32 (-1: not counted) and
+        ``teacher_hidden`` [A, B, T, D] (the teacher's dtype).
       frozen: ``(teacher_params, sense_dict)``, read-only; ``sense_dict`` is None when
         ``skd_weight`` is 0 (the MSE baseline: no dictionary is gathered or scored).
 
@@ -214,25 +226,49 @@ def make_train_step(cfg: DistillConfig, student_module, teacher_module) -> Calla
     Metrics (float32 scalars): loss, skd, mse, accuracy (sense agreement; token means over the
     step), tokens (with an entry), real_tokens (mask sum), grad_norm, lr, finite (1.0 if the
     update was applied). Without a dictionary: loss, mse, real_tokens, grad_norm, lr, finite.
+    With cached targets and no teacher states (``mse_weight`` 0): no mse.
     """
+    cached = tuple(cached)
+    unknown = set(cached) - set(CACHED_KEYS)
+    if unknown:
+        raise ValueError(f"cached: unknown keys {sorted(unknown)}; choose from {CACHED_KEYS}")
+    # The teacher's states are needed for the MSE term (reported as a metric even at weight 0)
+    # and for targets not read from the cache; the cached states, when present, stand in.
+    states = "teacher_hidden" in cached or "targets" not in cached or cfg.skd_weight == 0 or cfg.mse_weight > 0
 
     def loss_fn(params, mb, frozen, key, denominators):
         del key  # no dropout in the student; threaded for stochastic extensions
         teacher_params, sense_dict = frozen
-        teacher = teacher_module.apply({"params": teacher_params}, mb["input_ids"], mb["attention_mask"],
-                                       mb["token_type_ids"])
-        teacher = jax.lax.stop_gradient(teacher)
+        teacher = None
+        if "teacher_hidden" in cached:
+            teacher = mb["teacher_hidden"]
+        elif states:
+            teacher = jax.lax.stop_gradient(teacher_module.apply(
+                {"params": teacher_params}, mb["input_ids"], mb["attention_mask"], mb["token_type_ids"]))
         student = _student_forward(student_module, params, mb)
         if sense_dict is None:  # the MSE baseline (skd_weight = 0)
             mse = hidden_mse_loss(student, teacher, mb["attention_mask"], denominators[1])
             return cfg.mse_weight * mse, {"loss": cfg.mse_weight * mse, "mse": mse}
-        m = distill_losses(sense_dict, mb["input_ids"], mb["attention_mask"], student, teacher,
-                           skd_weight=cfg.skd_weight, mse_weight=cfg.mse_weight, metric=cfg.metric,
-                           skd_tokens=denominators[0], real_tokens=denominators[1])
+        # One path with and without the cache: the targets come from the batch or from the
+        # teacher's states (sense_jax.losses.skd_loss's two halves), so both programs differentiate
+        # the same student terms. An MSE at weight 0 is a metric only: no gradient is built for it.
+        codebook, valid = gather_senses(sense_dict, mb["input_ids"])
+        targets = mb["targets"] if "targets" in cached else teacher_targets(
+            codebook, valid, teacher, mb["attention_mask"], cfg.metric)
+        m = skd_cross_entropy(codebook, valid, student, targets, cfg.metric, denominators[0])
+        m["loss"] = cfg.skd_weight * m["skd"]
+        if teacher is not None:
+            scored = student if cfg.mse_weight else jax.lax.stop_gradient(student)
+            m["mse"] = hidden_mse_loss(scored, teacher, mb["attention_mask"], denominators[1])
+            if cfg.mse_weight:
+                m["loss"] = m["loss"] + cfg.mse_weight * m["mse"]
         return m["loss"], m
 
     # The setup passes no dictionary exactly when skd_weight is 0 (setup._load_checked).
-    names = ("loss", "mse") if cfg.skd_weight == 0 else ("loss", "skd", "mse", "accuracy", "tokens")
+    if cfg.skd_weight == 0:
+        names = ("loss", "mse")
+    else:
+        names = ("loss", "skd") + (("mse",) if states else ()) + ("accuracy", "tokens")
     return make_step(cfg, loss_fn, lambda batch, frozen: _step_denominators(frozen[1], batch), names)
 
 
