@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("step 2: sense dictionary", ("sense_jax.kmeans", "sense_jax.sense_dict", "sense_jax.sense_builder")),
     ("step 3: distillation", ("sense_jax.losses", "sense_jax.students", "sense_jax.distill",
                               "sense_jax.training", "sense_jax.trainer", "sense_jax.task_losses",
-                              "sense_jax.task_train")),
+                              "sense_jax.task_train", "sense_jax.teacher_cache")),
     ("evaluation and the whole job", ("sense_jax.evaluation", "sense_jax.report", "sense_jax.inspection",
                                       "sense_jax.benchmarks", "sense_jax.pipeline", "sense_jax.task_pipeline")),
     ("command line", ("sense_jax.commands", "sense_jax.cli")),

@@ -26,6 +26,7 @@ from sense_jax import teacher_cache as tc
 from sense_jax.losses import teacher_targets
 from sense_jax.sense_dict import gather_senses
 from sense_jax.sharding import process_rows
+from sense_jax.training.data import run_passages
 
 
 def cache_path(cfg) -> Path | None:
@@ -189,11 +190,10 @@ def build_for_run(cfg, *, hidden: bool, log: Callable[[str], None] = print) -> t
     Raises:
       SenseJaxError: as :func:`ensure_teacher_cache`, and the setup's errors (named).
     """
-    from sense_jax.training.loop import _passages
     from sense_jax.training.setup import setup
 
     path = cache_path(cfg)
     if path is None:
         return None
-    passages, _ = _passages(cfg, None, None)
+    passages, _ = run_passages(cfg)
     return ensure_teacher_cache(setup(cfg), passages, path, hidden=hidden, log=log)

@@ -13,7 +13,7 @@ import numpy as np
 
 from sense_jax.batching import bucket_length
 from sense_jax.corpus import iter_passages
-from sense_jax.errors import SenseJaxError
+from sense_jax.errors import ConfigError, SenseJaxError
 
 
 def read_passages(path: str, text_field: str = "text") -> list[str]:
@@ -148,3 +148,26 @@ def split_held_out(passages: Sequence[str], fraction: float, seed: int) -> tuple
     order = np.random.default_rng([seed, 1 << 20]).permutation(len(passages))
     held = set(order[:n_eval].tolist())
     return [p for i, p in enumerate(passages) if i not in held], [passages[i] for i in sorted(held)]
+
+
+def run_passages(cfg: Any, passages: Sequence[str] | None = None,
+                 eval_passages: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """``(train, held_out)`` passages of a run (a ``DistillConfig``): given, or read from the
+    config's corpora, with ``eval_fraction`` held out (:func:`split_held_out`) when there is no
+    ``eval_data``. The training loop, ``steps_for_epochs`` and the teacher cache all split alike.
+
+    Raises:
+      ConfigError: no ``train_data`` and no passages given. SenseJaxError: a corpus is missing
+        or empty (named).
+    """
+    if passages is None:
+        if not cfg.train_data:
+            raise ConfigError("config: train_data is required")
+        passages = read_passages(cfg.train_data, cfg.text_field)
+    passages = list(passages)
+    if eval_passages is None:
+        if cfg.eval_data:
+            eval_passages = read_passages(cfg.eval_data, cfg.text_field)
+        else:
+            passages, eval_passages = split_held_out(passages, cfg.eval_fraction, cfg.seed)
+    return passages, eval_passages

@@ -25,7 +25,7 @@ from sense_jax.sharding import process_rows
 from sense_jax.training.cache import use_teacher_cache
 from sense_jax.training.checkpoint import check_resume, checkpoint_manager, restore_latest, save_checkpoint
 from sense_jax.training.config import DistillConfig
-from sense_jax.training.data import PassageStream, eval_batches, read_passages, split_held_out
+from sense_jax.training.data import PassageStream, eval_batches, run_passages
 from sense_jax.training.hooks import LoopHooks
 from sense_jax.training.metrics import MetricsWriter, plot_curves
 from sense_jax.training.setup import Setup, init_state, put_batch, setup
@@ -63,27 +63,11 @@ def evaluate(s: Setup, params, eval_passages: Sequence[str]) -> dict:
     return {"accuracy": tot["correct"] / n, "skd": tot["skd_sum"] / n, "tokens": tot["tokens"]}
 
 
-def _passages(cfg: DistillConfig, passages, eval_passages) -> tuple[list[str], list[str]]:
-    """The training and held-out passages: given, or read from the config's corpora (with
-    ``eval_fraction`` held out when there is no ``eval_data``)."""
-    if passages is None:
-        if not cfg.train_data:
-            raise ConfigError("config: train_data is required")
-        passages = read_passages(cfg.train_data, cfg.text_field)
-    passages = list(passages)
-    if eval_passages is None:
-        if cfg.eval_data:
-            eval_passages = read_passages(cfg.eval_data, cfg.text_field)
-        else:
-            passages, eval_passages = split_held_out(passages, cfg.eval_fraction, cfg.seed)
-    return passages, eval_passages
-
-
 def steps_for_epochs(cfg: DistillConfig, epochs: float) -> int:
     """Optimizer updates that make ``epochs`` passes over the passages :func:`train` would train
     on with ``cfg`` (its corpus less the held-out share, exactly as :func:`train` splits it):
     ``max(1, ceil(epochs x passages / (batch_size x grad_accum)))``; ``cfg.steps`` is ignored."""
-    passages, _ = _passages(dataclasses.replace(cfg, eval_data=""), None, [] if cfg.eval_data else None)
+    passages, _ = run_passages(dataclasses.replace(cfg, eval_data=""), None, [] if cfg.eval_data else None)
     return max(1, math.ceil(epochs * len(passages) / (cfg.batch_size * cfg.grad_accum)))
 
 
@@ -115,7 +99,7 @@ def train(cfg: DistillConfig, *, passages: Sequence[str] | None = None,
 
         s, stream, hooks = prepare_task(cfg, sense_dict=sense_dict, log=log)
         return run(s, stream, hooks, stop_after=stop_after, log=log)
-    passages, eval_passages = _passages(cfg, passages, eval_passages)
+    passages, eval_passages = run_passages(cfg, passages, eval_passages)
     s = setup(cfg, sense_dict=sense_dict)
     stream = PassageStream(passages, s.teacher.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed,
                            cfg.group_by_length)
