@@ -100,6 +100,54 @@ def test_truncated_target_is_not_covered(tiny):
     assert ws.covered.tolist() == [False, True] and np.isnan(common.contextual_vectors(ws)[0]).all()
 
 
+def test_packed_passages_match_each_sentence_alone_in_pytorch(tiny, tiny_dir, monkeypatch):
+    """Several sentences share a packed row (segment ids); each target's states are those of its
+    sentence read alone by transformers; a long one goes through the bucketed path."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    sents = ["The bank of the river .", "He plays bass guitar in a band .", "A plant grew ."]
+    targets = [common.Target(s.split(), i) for s, i in zip(sents, (1, 2, 1))]
+    monkeypatch.setattr(common, "ROW_LENGTH", 16)  # two rows; the 10-token sentence shares one
+    monkeypatch.setattr(common, "ROW_TOKENS", 32)
+    long = common.Target(("word " * 20 + "bank").split(), 20)  # 23 tokens: longer than a row
+    tiny._cache.clear()
+    ws = common.encode_targets(tiny, targets + [long])
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    model = AutoModel.from_pretrained(str(tiny_dir)).eval()
+    for t, got in zip(targets + [long], common.contextual_vectors(ws)):
+        enc = tok(" ".join(t.words), return_tensors="pt")
+        with torch.no_grad():
+            h = model(**enc)[0][0]
+        pos = 1 + len(tok.tokenize(" ".join(t.words[:t.start])))
+        np.testing.assert_allclose(got, h[pos].numpy(), atol=2e-5)
+
+
+def test_window_crops_the_context_around_the_target(tiny, tiny_dir):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    # [CLS] a b c d e [SEP], target c (position 3): two tokens each side, then only what exists
+    offsets = [(0, 0), (0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (0, 0)]
+    ids = [101, 1, 2, 3, 4, 5, 102]
+    assert common.crop_to_window(ids, offsets, [3], 2, 64) == ([101, 1, 2, 3, 4, 5, 102], [3])
+    assert common.crop_to_window(ids, offsets, [3], 1, 64) == ([101, 2, 3, 4, 102], [2])
+    assert common.crop_to_window(ids, offsets, [1], 1, 64) == ([101, 1, 2, 102], [1])
+    assert common.crop_to_window(ids, offsets, [3], 5, 5) == ([101, 2, 3, 4, 102], [2])  # the limit
+    assert common.crop_to_window(ids, offsets, [2, 3, 4], 0, 4) == ([], [])  # the word alone is too long
+    # A target past the model's 64 positions is read (not lost) with a window, as transformers
+    # reads "word word word bank" alone.
+    words = ["word"] * 80 + ["bank"]
+    ws = common.encode_targets(tiny, [common.Target(words, 80)], window=3)
+    assert ws.covered.tolist() == [True]
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    with torch.no_grad():
+        h = AutoModel.from_pretrained(str(tiny_dir)).eval()(**tok("word word word bank", return_tensors="pt"))[0][0]
+    np.testing.assert_allclose(common.contextual_vectors(ws)[0], h[4].numpy(), atol=2e-5)
+    with pytest.raises(SenseJaxError, match="window"):
+        common.encode_targets(tiny, [common.Target(words, 80)], window=-1)
+
+
 def test_one_sense_is_the_count_weighted_mean_of_senses():
     from sense_jax.sense_dict import SenseDictionary
 
@@ -232,6 +280,16 @@ def test_coarsewsd20_mfs_row_by_hand(tiny, tmp_path):
     assert res["variants"]["mfs"] == pytest.approx({"accuracy": 200 / 3, "macro_f1": 40.0})
     assert {"contextual_1nn", "senses_dot_1nn", "sense_map_cos"} <= set(res["variants"])
     assert res["coverage"] == {"words": 1, "train": 3, "test": 3, "not_covered": 0}
+
+
+def test_coarsewsd20_shots_keep_the_first_examples_of_each_class(tiny, tmp_path):
+    assert coarsewsd20.first_per_class([0, 1, 0, 0, 2, 1], 2) == [0, 1, 2, 4, 5]
+    res = coarsewsd20.evaluate(tiny, coarse_fixture(tmp_path / "c"), shots=1)
+    # train classes 0, 1, 0 -> the first 0 and the first 1; the MFS tie goes to class 0
+    assert res["coverage"]["train"] == 2 and res["shots"] == 1
+    assert res["variants"]["mfs"]["accuracy"] == pytest.approx(200 / 3)
+    with pytest.raises(SenseJaxError, match="shots"):
+        coarsewsd20.evaluate(tiny, coarse_fixture(tmp_path / "c"), shots=0)
 
 
 def test_coarsewsd20_bad_lines(tmp_path):

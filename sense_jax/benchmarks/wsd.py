@@ -177,8 +177,10 @@ def f1(correct: int, answered: int, total: int) -> dict:
     return {"f1": 100 * (2 * p * r / (p + r) if p + r else 0.0), "precision": 100 * p, "recall": 100 * r}
 
 
-def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, batch_size: int = 32) -> dict:
-    """F1 of nearest-candidate WSD for every variant, beside the first-sense baseline."""
+def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, batch_size: int = 32,
+             window: int | None = None) -> dict:
+    """F1 of nearest-candidate WSD for every variant, beside the first-sense baseline (``window``:
+    context tokens read around each word, :func:`sense_jax.benchmarks.common.encode_targets`)."""
     xml, gold_file = find_files(data)
     inst = read_xml(xml)
     gold = read_gold(gold_file, inst)
@@ -190,14 +192,17 @@ def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, batch_si
         for t in sense_texts(sid, lemma):
             texts.append(t)
             owner.append(j)
-    ws_inst = C.encode_targets(bm, [i.target for i in inst], batch_size)
-    ws_sense = C.encode_targets(bm, texts, batch_size)
-    owner = np.array(owner)
-    spaces = {"contextual": (C.contextual_vectors(ws_inst), C.contextual_vectors(ws_sense))}
     # Whole texts: the mean over every word of the sentence / the sense's text (mean pooling).
+    # One call for the words and the whole texts: each distinct text is read once.
     whole = lambda ts: [C.Target(t.words, 0, len(t.words)) for t in ts]
-    spaces["sentence"] = (C.contextual_vectors(C.encode_targets(bm, whole([i.target for i in inst]), batch_size)),
-                          C.contextual_vectors(C.encode_targets(bm, whole(texts), batch_size)))
+    queries = [i.target for i in inst]
+    n_q, n_t = len(queries), len(texts)
+    ws_all = C.encode_targets(bm, queries + texts + whole(queries) + whole(texts), batch_size, window=window)
+    ws_inst, ws_sense = ws_all.subset(range(n_q)), ws_all.subset(range(n_q, n_q + n_t))
+    owner = np.array(owner)
+    spaces = {"contextual": (C.contextual_vectors(ws_inst), C.contextual_vectors(ws_sense)),
+              "sentence": (C.contextual_vectors(ws_all.subset(range(n_q + n_t, 2 * n_q + n_t))),
+                           C.contextual_vectors(ws_all.subset(range(2 * n_q + n_t, 2 * (n_q + n_t)))))}
     if sense_dict is not None:
         for m in C.METRICS:
             spaces[f"senses_{m}"] = (C.sense_vectors(ws_inst, sense_dict, m)[0],

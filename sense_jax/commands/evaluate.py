@@ -25,7 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None,
                    help="scws: softmax temperature of p(sense | context) over cosines "
                         "(default: sense_jax.benchmarks.scws.TEMPERATURE)")
-    p.add_argument("--batch-size", type=int, default=32, help="sentences per forward batch")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="sentences per forward batch for sentences longer than a packed row (128 tokens)")
+    p.add_argument("--window", type=int, default=None, metavar="W",
+                   help="read only W tokens of context on each side of the target (default: the whole "
+                        "sentence; faster, different figures: see the README)")
+    p.add_argument("--shots", type=int, default=None, metavar="N",
+                   help="coarsewsd20: only the first N train examples of each class (few-shot; default all)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +42,14 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise SenseJaxError(f"--batch-size must be >= 1, got {args.batch_size}")
     options = {"batch_size": args.batch_size}
+    if args.window is not None:
+        if args.window < 0:
+            raise SenseJaxError(f"--window must be >= 0 tokens, got {args.window}")
+        options["window"] = args.window
+    if args.shots is not None:
+        if args.task != "coarsewsd20" or args.shots < 1:
+            raise SenseJaxError(f"--shots {args.shots}: a number >= 1, for coarsewsd20 only")
+        options["shots"] = args.shots
     if args.task == "wic":
         options.update(split=args.split, tune_split=args.tune_split)
     if args.task == "scws" and args.temperature is not None:
