@@ -473,6 +473,32 @@ def test_sense_keys_and_candidates_follow_wordnet():
     assert len(wsd.candidates("bank", "NOUN")) == 10 and wsd.candidates("bank", "ADV") == []
 
 
+def test_sense_prior_from_wordnet_tag_counts_by_hand():
+    from sense_jax.benchmarks import wsd
+
+    # cntlist: plant%1:06:01:: (sense 1, 03956922-n) 63 tags, plant%1:03:00:: (sense 2) 37, senses
+    # 3 and 4 never tagged -> add-one: (64, 38, 1, 1) / 104
+    c = wsd.candidates("plant", "NOUN")
+    assert c == ["03956922-n", "00017222-n", "10438470-n", "05906080-n"]
+    np.testing.assert_allclose(wsd.sense_prior("plant", c), np.array([64, 38, 1, 1]) / 104)
+    np.testing.assert_allclose(wsd.sense_prior("Plant", c[::-1]), np.array([1, 1, 38, 64]) / 104)
+    np.testing.assert_allclose(wsd.sense_prior("crane", wsd.candidates("crane", "NOUN")), np.full(5, 0.2))
+    # pitcher: 15 tags for sense 1 (10435988-n), 2 for sense 2, 1 for sense 3, none for 4 and 5
+    np.testing.assert_allclose(wsd.sense_prior("pitcher", wsd.candidates("pitcher", "NOUN")),
+                               np.array([16, 3, 2, 1, 1]) / 23)
+
+
+def test_bayes_posterior_against_direct_numpy():
+    from sense_jax.benchmarks import wsd
+
+    cos, prior, tau = np.array([0.5, 0.4, 0.1]), np.array([0.2, 0.7, 0.1]), 0.1
+    like = np.exp(cos / tau) / np.exp(cos / tau).sum()  # the model's p(sense | context)
+    want = like * prior / (like * prior).sum()
+    np.testing.assert_allclose(wsd.posterior(cos, prior, tau), want)
+    assert np.argmax(cos) == 0 and np.argmax(want) == 1  # the prior overturns a close call
+    assert np.argmax(wsd.posterior(cos, prior, 0.01)) == 0  # ... not a clear one
+
+
 def test_wsd_f1_by_hand():
     from sense_jax.benchmarks import wsd
 
@@ -493,7 +519,9 @@ def test_wsd_reader_bad_keys_and_first_sense(tiny, tmp_path):
     # first senses: sit%2:35:00:: is sit's first verb sense, bank%1:17:01:: and river%1:17:00:: too
     assert res["variants"]["first_sense"]["f1"] == pytest.approx(100.0)
     assert res["coverage"]["instances"] == 3
-    assert set(res["variants"]) == {"contextual", "sentence", "contextual+sentence", "first_sense"}
+    assert set(res["variants"]) == {"contextual", "sentence", "contextual+sentence", "first_sense", "prior",
+                                    "contextual+prior", "sentence+prior", "contextual+sentence+prior"}
+    assert res["variants"]["prior"]["f1"] == pytest.approx(100.0)  # the most tagged senses here
     write(d / "tiny.gold.key.txt", "d000.s000.t000 sit%2:35:00::\nd000.s000.t001 bank%9:99:99::\n")
     with pytest.raises(SenseJaxError, match=r"tiny\.gold\.key\.txt:2: sense key 'bank%9:99:99::' is not in"):
         wsd.read_gold(d / "tiny.gold.key.txt", inst)
