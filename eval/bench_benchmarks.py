@@ -1,13 +1,18 @@
 """Run and time every public sense benchmark on one model, after compilation (not a test).
 
     python -m eval.bench_benchmarks --model TEACHER --senses DICT [--senses DICT_K1 ...] \\
-        [--evaldata ../shared/evaldata] [--scws ratings.txt] [--layer L] [--out DIR]
+        [--evaldata ../shared/evaldata] [--scws ratings.txt] [--layer L] [--window W] [--shots N] [--out DIR]
 
-Compiles the model's forward for every bucket length the data needs first (a warm-up pass of
-one batch per length), then times each benchmark with each dictionary. The forward passes of a
+Compiles first what the benchmarks run (the packed-row forward, the bucketed forwards of
+passages longer than a row, each dictionary's look-ups; :func:`warm_up`), then times each
+benchmark with each dictionary. The forward passes of a
 benchmark run once per model: a second dictionary on the same data reuses the target states
 (:func:`sense_jax.benchmarks.common.encode_targets`), so its time is the look-ups and metrics
-alone. Writes ``<task>[_<dict name>].json`` and a markdown summary to ``--out``. SCWS is not in
+alone. Each result records its wall ``seconds``, the process's ``cpu_seconds`` (all threads: on a
+shared machine, cpu_seconds / cores estimates the wall time on idle cores) and the load average.
+``--window W`` reads W context tokens on each side of a target, ``--shots N`` N CoarseWSD-20
+train examples per class (faster, different figures). Writes ``<task>[_<dict name>].json`` and a
+markdown summary to ``--out``. SCWS is not in
 shared/: pass its ``ratings.txt`` with ``--scws`` (else it is skipped with a message); without
 the evaldata folder every task is skipped with a message.
 """
@@ -92,15 +97,18 @@ def main(argv=None) -> int:
             continue
         for senses in args.senses or [None]:
             extra = {"shots": args.shots} if task == "coarsewsd20" and args.shots else {}
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             res = evaluate(task, data, bm, dicts.get(senses), **options, **extra)
             res["seconds"] = time.perf_counter() - t
+            # CPU seconds of every thread of this process: on a shared machine the wall time
+            # measures the other jobs too; cpu_seconds / cores is the wall time on idle cores.
+            res["cpu_seconds"] = time.process_time() - cpu
             res["senses"] = senses
             res["load"] = os.getloadavg()
             name = task + (f"_{Path(senses).name}" if senses else "")
             write_json_atomic(out / f"{name}.json", res)
-            md = render_markdown(res) + (f"\n{res['seconds']:.1f} s after compilation (load average "
-                                         f"{res['load'][0]:.1f} at the end)\n")
+            md = render_markdown(res) + (f"\n{res['seconds']:.1f} s after compilation, {res['cpu_seconds']:.1f} "
+                                         f"CPU s (load average {res['load'][0]:.1f} at the end)\n")
             summary.append(md)
             print(md, flush=True)
     (out / "summary.md").write_text("\n".join(summary), encoding="utf-8")
