@@ -426,6 +426,10 @@ def test_cli_end_to_end_and_bad_input(tiny, tiny_dir, tmp_path, capsys):
     other = tiny_dict(tiny, tmp_path / "o", fingerprint="ffffffffffffffff")
     assert main(["evaluate", "wordsim", "--data", str(data), "--model", str(tiny_dir), "--senses", str(other)]) == 2
     assert "fingerprint ffffffffffffffff" in capsys.readouterr().err
+    assert main(["evaluate", "wordsim", "--data", str(data), "--model", str(tiny_dir), "--shots", "2"]) == 2
+    assert "--shots 2: a number >= 1, for coarsewsd20 only" in capsys.readouterr().err
+    assert main(["evaluate", "wordsim", "--data", str(data), "--model", str(tiny_dir), "--window", "-1"]) == 2
+    assert "--window must be >= 0" in capsys.readouterr().err
 
 
 # --- the shared copies (where present) -----------------------------------------------------------
