@@ -139,13 +139,20 @@ def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, batch_si
         raise C.SenseJaxError(f"shots must be >= 1 train examples per class, got {shots!r}")
     per_word: dict[str, dict] = {}
     coverage = {"words": 0, "test": 0, "train": 0, "not_covered": 0}
+    splits = {}
     for wd in word_dirs(data):
         (tr, y_tr), (te, y_te) = read_split(wd, "train"), read_split(wd, "test")
         if shots is not None:
             keep = first_per_class(y_tr, int(shots))
             tr, y_tr = [tr[i] for i in keep], [y_tr[i] for i in keep]
-        y_tr, y_te = np.array(y_tr), np.array(y_te)
-        ws = C.encode_targets(bm, tr + te, batch_size, window=window)
+        splits[wd] = (tr, np.array(y_tr), te, np.array(y_te))
+    # Every word's sentences in one call: one packing, full batches.
+    ws_all = C.encode_targets(bm, [t for tr, _, te, _ in splits.values() for t in tr + te], batch_size,
+                              window=window)
+    start = 0
+    for wd, (tr, y_tr, te, y_te) in splits.items():
+        ws = ws_all.subset(range(start, start + len(tr) + len(te)))
+        start += len(tr) + len(te)
         n = len(tr)
         coverage["words"] += 1
         coverage["train"] += n
