@@ -7,7 +7,8 @@ into vectors, applied the same way by every benchmark:
   tokenizer; the word's tokens are those whose character span (``offset_mapping``) overlaps the
   word's span (special tokens have empty spans and never match). A word that loses all its
   tokens (truncated away at the model's maximum length, or normalised to nothing) is skipped and
-  counted in ``coverage``.
+  counted in ``coverage``. With ``window`` W (an option, not the default) the word is read with
+  at most W tokens of context on each side (:func:`crop_to_window`).
 * ``contextual``: the mean of the model's hidden states over the word's tokens.
 * ``senses_dot`` / ``senses_cos`` / ``senses_l2``: every token of the word is replaced by the
   nearest sense of that token under the metric (METHOD §2; tokens without a dictionary entry keep
@@ -269,7 +270,7 @@ def token_positions(offsets: Sequence[tuple[int, int]], a: int, b: int) -> list[
     return [i for i, (s, e) in enumerate(offsets) if e > s and s < b and e > a]
 
 
-ROW_LENGTH = 128  # packed row length (tokens): padding ~1 % on every set here, attention cost < 6 %
+ROW_LENGTH = 128  # packed row length (tokens): 2-5 % padding on every set here; attention < 6 % of the FLOPs
 ROW_TOKENS = 2048  # tokens per packed forward batch (16 rows of 128)
 
 
@@ -306,7 +307,7 @@ def encode_targets(bm: BenchModel, targets: Sequence[Target], batch_size: int = 
     :data:`ROW_LENGTH` tokens are packed several to a row (:func:`sense_jax.batching.pack_passages`,
     ``segment_ids``: attention stays within a passage and positions restart, so each passage's
     states are those of the passage alone, within float rounding), :data:`ROW_TOKENS` tokens per
-    batch: one compiled program for any mix of lengths and ~1 % padding instead of 16-60 % with
+    batch: one compiled program for any mix of lengths and 2-5 % padding instead of 16-61 % with
     length buckets. Longer passages go in length-bucketed batches of ``batch_size``. A repeated
     call with the same targets returns the states it computed before (kept on ``bm``).
 
