@@ -503,6 +503,18 @@ def test_bayes_posterior_against_direct_numpy():
     assert np.argmax(wsd.posterior(cos, prior, 0.01)) == 0  # ... not a clear one
 
 
+def test_sense_texts_with_lemma_names():
+    from sense_jax.benchmarks import wsd
+
+    car = wsd.candidates("car", "NOUN")[0]  # car, auto, automobile, machine, motorcar
+    plain, named = wsd.sense_texts(car, "car")[0], wsd.sense_texts(car, "car", lemma_names=True)[0]
+    assert plain.words[:2] == ["car", ":"] and (plain.start, plain.end) == (0, 1)
+    assert named.words[:10] == ["car", ",", "auto", ",", "automobile", ",", "machine", ",", "motorcar", ":"]
+    assert named.words[10:] == plain.words[2:] and (named.start, named.end) == (0, 1)
+    two = wsd.sense_texts(wsd.candidates("motor_vehicle", "NOUN")[0], "motor_vehicle", lemma_names=True)[0]
+    assert two.words[:5] == ["motor", "vehicle", ",", "automotive", "vehicle"] and two.end == 2
+
+
 def test_wsd_f1_by_hand():
     from sense_jax.benchmarks import wsd
 

@@ -143,11 +143,17 @@ def _candidate_index() -> dict:
     return _INDEX
 
 
-def sense_texts(sid: str, lemma: str) -> list[C.Target]:
-    """The texts of a candidate synset with the lemma's word span in each (see the module doc)."""
+def sense_texts(sid: str, lemma: str, lemma_names: bool = False) -> list[C.Target]:
+    """The texts of a candidate synset with the lemma's word span in each (see the module doc).
+
+    With ``lemma_names`` the gloss also names the synset's other lemmas, as knowledge-based sense
+    embeddings do (LMMS, Loureiro & Jorge 2019; ARES): ``"<lemma> , <other> , <other> : <definition>"``.
+    """
     examples = _examples()
     lw = lemma.replace("_", " ").split()
-    out = [C.Target(lw + [":"] + _SYN[sid].definition.split(), 0, len(lw))]
+    others = [x.replace("_", " ") for x in _SYN[sid].lemmas if x.lower() != lemma.lower()] if lemma_names else []
+    names = (" , ".join([""] + others)).split()
+    out = [C.Target(lw + names + [":"] + _SYN[sid].definition.split(), 0, len(lw))]
     for ex in examples.get(sid, ()):
         words = ex.split()
         low = [w.lower().strip(".,;:!?'\"()") for w in words]
@@ -283,21 +289,23 @@ def candidate_scores(bm: C.BenchModel, sense_dict, queries: list[tuple[str, str,
 
 
 def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, batch_size: int = 32,
-             window: int | None = None, temperatures: dict | None = None) -> dict:
+             window: int | None = None, temperatures: dict | None = None, lemma_names: bool = False) -> dict:
     """F1 of nearest-candidate WSD for every variant, beside the first-sense baseline (``window``:
     context tokens read around each word, :func:`sense_jax.benchmarks.common.encode_targets`).
 
     ``<similarity>+prior`` variants combine p(sense | context) (softmax of the cosines over the
     candidates at ``temperatures[similarity]``, default :data:`TEMPERATURES`) with the prior
     p(sense) of :func:`sense_prior` by Bayes' rule; ``prior`` answers the most tagged sense alone
-    (ties: WordNet order).
+    (ties: WordNet order). ``lemma_names``: glosses name the synset's other lemmas
+    (:func:`sense_texts`; an option, the reference figures are without).
     """
     xml, gold_file = find_files(data)
     inst = read_xml(xml)
     gold = read_gold(gold_file, inst)
     temperatures = {**TEMPERATURES, **(temperatures or {})}
     cands, scores, ws_inst, n_texts = candidate_scores(
-        bm, sense_dict, [(i.lemma, i.pos, i.target) for i in inst], sense_texts, batch_size, window)
+        bm, sense_dict, [(i.lemma, i.pos, i.target) for i in inst],
+        lambda sid, lemma: sense_texts(sid, lemma, lemma_names), batch_size, window)
     total = len(inst)
     answered = sum(bool(c) for c in cands)
     priors = [sense_prior(i.lemma, c) if c else None for i, c in zip(inst, cands)]
@@ -317,7 +325,7 @@ def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, batch_si
     cov = {"instances": total, "with_candidates": answered, "covered": int(ws_inst.covered.sum()),
            "candidate_synsets": len({(i.lemma, s) for i, c in zip(inst, cands) for s in c}),
            "sense_texts": n_texts}
-    return C.result("wsd", data, bm, senses_path, cov, variants, REFERENCE, window=window,
+    return C.result("wsd", data, bm, senses_path, cov, variants, REFERENCE, window=window, lemma_names=lemma_names,
                     temperatures={k: v for k, v in temperatures.items() if k in scores})
 
 

@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=None, metavar="W",
                    help="read only W tokens of context on each side of the target (default: the whole "
                         "sentence; faster, different figures: see the README)")
+    p.add_argument("--lemma-names", action="store_true",
+                   help="wsd: glosses also name each synset's other lemmas (LMMS-style sense texts)")
     p.add_argument("--shots", type=int, default=None, metavar="N",
                    help="coarsewsd20: only the first N train examples of each class (few-shot; default all)")
 
@@ -46,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
         if args.window < 0:
             raise SenseJaxError(f"--window must be >= 0 tokens, got {args.window}")
         options["window"] = args.window
+    if args.lemma_names:
+        if args.task != "wsd":
+            raise SenseJaxError("--lemma-names is for wsd only")
+        options["lemma_names"] = True
     if args.shots is not None:
         if args.task != "coarsewsd20" or args.shots < 1:
             raise SenseJaxError(f"--shots {args.shots}: a number >= 1, for coarsewsd20 only")
