@@ -9,6 +9,9 @@ to ``sense_jax/data/wordnet/``:
     sensekeys.tsv.gz sense_key  synset_id  sense_number   (every sense of WordNet 3.0, as in
                      senseidx(5WN); the Debian package has no index.sense, so the keys are
                      rebuilt from data.* and the sense order from index.*; the WSD benchmark reads it)
+    sensecounts.tsv.gz sense_key  tag_cnt   (how often each sense was tagged in WordNet's semantic
+                     concordances, SemCor among them: cntlist.rev, cntlist(5WN); senses never tagged
+                     are absent; the WSD benchmark's sense prior)
     LICENSE          WordNet 3.0's licence, which must accompany every copy
 
 The output is deterministic (sorted rows, gzip mtime 0), so re-running it on the same package
@@ -108,6 +111,27 @@ def sense_key_rows(wordnet: Path) -> list[str]:
     return sorted(set(rows))
 
 
+def sense_count_rows(wordnet: Path, keys: set[str]) -> tuple[list[str], int]:
+    """``sense_key<TAB>tag_cnt`` rows from cntlist.rev (``sense_key sense_number tag_cnt``), and
+    how many of its lines were left out: the file also counts 1,992 keys of earlier WordNet
+    versions that are not WordNet 3.0 sense keys (9,908 of its 258,691 tags).
+
+    Raises:
+      SystemExit: a line of another layout.
+    """
+    rows, stale = [], 0
+    with open(wordnet / "cntlist.rev", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            x = line.split()
+            if len(x) != 3 or not x[2].isdigit():
+                raise SystemExit(f"{wordnet / 'cntlist.rev'}:{n}: expected 'sense_key sense_number tag_cnt'")
+            if x[0] not in keys:
+                stale += 1
+            elif int(x[2]):
+                rows.append(f"{x[0]}\t{int(x[2])}\n")
+    return sorted(rows), stale
+
+
 def _write_gz(path: Path, rows: list[str]) -> None:
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") as gz:
@@ -146,9 +170,12 @@ def main(argv=None) -> None:
     _write_gz(args.out / "examples.tsv.gz", sorted(examples))
     keys = sense_key_rows(args.wordnet)
     _write_gz(args.out / "sensekeys.tsv.gz", keys)
+    counts, stale = sense_count_rows(args.wordnet, {k.split("\t", 1)[0] for k in keys})
+    _write_gz(args.out / "sensecounts.tsv.gz", counts)
     (args.out / "LICENSE").write_text(COPYRIGHT.read_text(encoding="utf-8"), encoding="utf-8")
     size = sum(p.stat().st_size for p in args.out.iterdir())
-    print(f"{len(synsets)} synsets, {len(examples)} usage examples, {len(keys)} sense keys -> {args.out} ({size / 2**20:.1f} MiB)")
+    print(f"{len(synsets)} synsets, {len(examples)} usage examples, {len(keys)} sense keys, {len(counts)} "
+          f"tagged senses ({stale} cntlist keys not in WordNet 3.0 left out) -> {args.out} ({size / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":

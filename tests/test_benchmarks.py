@@ -100,6 +100,54 @@ def test_truncated_target_is_not_covered(tiny):
     assert ws.covered.tolist() == [False, True] and np.isnan(common.contextual_vectors(ws)[0]).all()
 
 
+def test_packed_passages_match_each_sentence_alone_in_pytorch(tiny, tiny_dir, monkeypatch):
+    """Several sentences share a packed row (segment ids); each target's states are those of its
+    sentence read alone by transformers; a long one goes through the bucketed path."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    sents = ["The bank of the river .", "He plays bass guitar in a band .", "A plant grew ."]
+    targets = [common.Target(s.split(), i) for s, i in zip(sents, (1, 2, 1))]
+    monkeypatch.setattr(common, "ROW_LENGTH", 16)  # two rows; the 10-token sentence shares one
+    monkeypatch.setattr(common, "ROW_TOKENS", 32)
+    long = common.Target(("word " * 20 + "bank").split(), 20)  # 23 tokens: longer than a row
+    tiny._cache.clear()
+    ws = common.encode_targets(tiny, targets + [long])
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    model = AutoModel.from_pretrained(str(tiny_dir)).eval()
+    for t, got in zip(targets + [long], common.contextual_vectors(ws)):
+        enc = tok(" ".join(t.words), return_tensors="pt")
+        with torch.no_grad():
+            h = model(**enc)[0][0]
+        pos = 1 + len(tok.tokenize(" ".join(t.words[:t.start])))
+        np.testing.assert_allclose(got, h[pos].numpy(), atol=2e-5)
+
+
+def test_window_crops_the_context_around_the_target(tiny, tiny_dir):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    # [CLS] a b c d e [SEP], target c (position 3): two tokens each side, then only what exists
+    offsets = [(0, 0), (0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (0, 0)]
+    ids = [101, 1, 2, 3, 4, 5, 102]
+    assert common.crop_to_window(ids, offsets, [3], 2, 64) == ([101, 1, 2, 3, 4, 5, 102], [3])
+    assert common.crop_to_window(ids, offsets, [3], 1, 64) == ([101, 2, 3, 4, 102], [2])
+    assert common.crop_to_window(ids, offsets, [1], 1, 64) == ([101, 1, 2, 102], [1])
+    assert common.crop_to_window(ids, offsets, [3], 5, 5) == ([101, 2, 3, 4, 102], [2])  # the limit
+    assert common.crop_to_window(ids, offsets, [2, 3, 4], 0, 4) == ([], [])  # the word alone is too long
+    # A target past the model's 64 positions is read (not lost) with a window, as transformers
+    # reads "word word word bank" alone.
+    words = ["word"] * 80 + ["bank"]
+    ws = common.encode_targets(tiny, [common.Target(words, 80)], window=3)
+    assert ws.covered.tolist() == [True]
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    with torch.no_grad():
+        h = AutoModel.from_pretrained(str(tiny_dir)).eval()(**tok("word word word bank", return_tensors="pt"))[0][0]
+    np.testing.assert_allclose(common.contextual_vectors(ws)[0], h[4].numpy(), atol=2e-5)
+    with pytest.raises(SenseJaxError, match="window"):
+        common.encode_targets(tiny, [common.Target(words, 80)], window=-1)
+
+
 def test_one_sense_is_the_count_weighted_mean_of_senses():
     from sense_jax.sense_dict import SenseDictionary
 
@@ -232,6 +280,16 @@ def test_coarsewsd20_mfs_row_by_hand(tiny, tmp_path):
     assert res["variants"]["mfs"] == pytest.approx({"accuracy": 200 / 3, "macro_f1": 40.0})
     assert {"contextual_1nn", "senses_dot_1nn", "sense_map_cos"} <= set(res["variants"])
     assert res["coverage"] == {"words": 1, "train": 3, "test": 3, "not_covered": 0}
+
+
+def test_coarsewsd20_shots_keep_the_first_examples_of_each_class(tiny, tmp_path):
+    assert coarsewsd20.first_per_class([0, 1, 0, 0, 2, 1], 2) == [0, 1, 2, 4, 5]
+    res = coarsewsd20.evaluate(tiny, coarse_fixture(tmp_path / "c"), shots=1)
+    # train classes 0, 1, 0 -> the first 0 and the first 1; the MFS tie goes to class 0
+    assert res["coverage"]["train"] == 2 and res["shots"] == 1
+    assert res["variants"]["mfs"]["accuracy"] == pytest.approx(200 / 3)
+    with pytest.raises(SenseJaxError, match="shots"):
+        coarsewsd20.evaluate(tiny, coarse_fixture(tmp_path / "c"), shots=0)
 
 
 def test_coarsewsd20_bad_lines(tmp_path):
@@ -368,6 +426,10 @@ def test_cli_end_to_end_and_bad_input(tiny, tiny_dir, tmp_path, capsys):
     other = tiny_dict(tiny, tmp_path / "o", fingerprint="ffffffffffffffff")
     assert main(["evaluate", "wordsim", "--data", str(data), "--model", str(tiny_dir), "--senses", str(other)]) == 2
     assert "fingerprint ffffffffffffffff" in capsys.readouterr().err
+    assert main(["evaluate", "wordsim", "--data", str(data), "--model", str(tiny_dir), "--shots", "2"]) == 2
+    assert "--shots 2: a number >= 1, for coarsewsd20 only" in capsys.readouterr().err
+    assert main(["evaluate", "wordsim", "--data", str(data), "--model", str(tiny_dir), "--window", "-1"]) == 2
+    assert "--window must be >= 0" in capsys.readouterr().err
 
 
 # --- the shared copies (where present) -----------------------------------------------------------
@@ -415,6 +477,44 @@ def test_sense_keys_and_candidates_follow_wordnet():
     assert len(wsd.candidates("bank", "NOUN")) == 10 and wsd.candidates("bank", "ADV") == []
 
 
+def test_sense_prior_from_wordnet_tag_counts_by_hand():
+    from sense_jax.benchmarks import wsd
+
+    # cntlist: plant%1:06:01:: (sense 1, 03956922-n) 63 tags, plant%1:03:00:: (sense 2) 37, senses
+    # 3 and 4 never tagged -> add-one: (64, 38, 1, 1) / 104
+    c = wsd.candidates("plant", "NOUN")
+    assert c == ["03956922-n", "00017222-n", "10438470-n", "05906080-n"]
+    np.testing.assert_allclose(wsd.sense_prior("plant", c), np.array([64, 38, 1, 1]) / 104)
+    np.testing.assert_allclose(wsd.sense_prior("Plant", c[::-1]), np.array([1, 1, 38, 64]) / 104)
+    np.testing.assert_allclose(wsd.sense_prior("crane", wsd.candidates("crane", "NOUN")), np.full(5, 0.2))
+    # pitcher: 15 tags for sense 1 (10435988-n), 2 for sense 2, 1 for sense 3, none for 4 and 5
+    np.testing.assert_allclose(wsd.sense_prior("pitcher", wsd.candidates("pitcher", "NOUN")),
+                               np.array([16, 3, 2, 1, 1]) / 23)
+
+
+def test_bayes_posterior_against_direct_numpy():
+    from sense_jax.benchmarks import wsd
+
+    cos, prior, tau = np.array([0.5, 0.4, 0.1]), np.array([0.2, 0.7, 0.1]), 0.1
+    like = np.exp(cos / tau) / np.exp(cos / tau).sum()  # the model's p(sense | context)
+    want = like * prior / (like * prior).sum()
+    np.testing.assert_allclose(wsd.posterior(cos, prior, tau), want)
+    assert np.argmax(cos) == 0 and np.argmax(want) == 1  # the prior overturns a close call
+    assert np.argmax(wsd.posterior(cos, prior, 0.01)) == 0  # ... not a clear one
+
+
+def test_sense_texts_with_lemma_names():
+    from sense_jax.benchmarks import wsd
+
+    car = wsd.candidates("car", "NOUN")[0]  # car, auto, automobile, machine, motorcar
+    plain, named = wsd.sense_texts(car, "car")[0], wsd.sense_texts(car, "car", lemma_names=True)[0]
+    assert plain.words[:2] == ["car", ":"] and (plain.start, plain.end) == (0, 1)
+    assert named.words[:10] == ["car", ",", "auto", ",", "automobile", ",", "machine", ",", "motorcar", ":"]
+    assert named.words[10:] == plain.words[2:] and (named.start, named.end) == (0, 1)
+    two = wsd.sense_texts(wsd.candidates("motor_vehicle", "NOUN")[0], "motor_vehicle", lemma_names=True)[0]
+    assert two.words[:5] == ["motor", "vehicle", ",", "automotive", "vehicle"] and two.end == 2
+
+
 def test_wsd_f1_by_hand():
     from sense_jax.benchmarks import wsd
 
@@ -435,7 +535,9 @@ def test_wsd_reader_bad_keys_and_first_sense(tiny, tmp_path):
     # first senses: sit%2:35:00:: is sit's first verb sense, bank%1:17:01:: and river%1:17:00:: too
     assert res["variants"]["first_sense"]["f1"] == pytest.approx(100.0)
     assert res["coverage"]["instances"] == 3
-    assert set(res["variants"]) == {"contextual", "sentence", "contextual+sentence", "first_sense"}
+    assert set(res["variants"]) == {"contextual", "sentence", "contextual+sentence", "first_sense", "prior",
+                                    "contextual+prior", "sentence+prior", "contextual+sentence+prior"}
+    assert res["variants"]["prior"]["f1"] == pytest.approx(100.0)  # the most tagged senses here
     write(d / "tiny.gold.key.txt", "d000.s000.t000 sit%2:35:00::\nd000.s000.t001 bank%9:99:99::\n")
     with pytest.raises(SenseJaxError, match=r"tiny\.gold\.key\.txt:2: sense key 'bank%9:99:99::' is not in"):
         wsd.read_gold(d / "tiny.gold.key.txt", inst)

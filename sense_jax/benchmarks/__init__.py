@@ -26,10 +26,12 @@ def evaluate(task: str, data, model, senses=None, layer: int | None = None, **op
       data: the benchmark's file or folder (its module doc gives the layout).
       model: a model directory (converted, transformers or exported student), or a loaded
         :class:`~sense_jax.benchmarks.common.BenchModel`.
-      senses: a sense dictionary directory built from that teacher (and layer), or None.
+      senses: a sense dictionary directory built from that teacher (and layer), a
+        :class:`~sense_jax.sense_dict.SenseDictionary` already loaded with
+        :func:`~sense_jax.benchmarks.common.load_senses`, or None.
       layer: hidden-state index (None = last layer).
       options: task options (``split``, ``tune_split`` for wic; ``temperature`` for scws;
-        ``batch_size``).
+        ``shots`` for coarsewsd20; ``batch_size``, ``window`` for all).
 
     Raises:
       SenseJaxError: unknown task, bad data (file and line named), a dictionary of another
@@ -41,6 +43,11 @@ def evaluate(task: str, data, model, senses=None, layer: int | None = None, **op
     if task not in TASKS:
         raise SenseJaxError(f"unknown benchmark {task!r}; choose from {TASKS}")
     module = importlib.import_module(f"sense_jax.benchmarks.{task}")
+    from sense_jax.sense_dict import SenseDictionary
+
     bm = model if isinstance(model, common.BenchModel) else common.load_bench_model(model, layer)
-    sd = common.load_senses(senses, bm) if senses is not None else None
+    if isinstance(senses, SenseDictionary):  # loaded (and checked) by the caller
+        sd, senses = senses, senses.meta.get("path", "(loaded dictionary)")
+    else:
+        sd = common.load_senses(senses, bm) if senses is not None else None
     return module.evaluate(bm, data, sd, senses, **options)

@@ -109,14 +109,50 @@ def sense_map_predict(k_train: np.ndarray, y_train: np.ndarray, k_test: np.ndarr
     return np.array([mapping.get(int(s), mfs) for s in k_test])
 
 
-def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, batch_size: int = 32) -> dict:
-    """Mean over words of test accuracy and macro-F1 (x 100) of every variant (see module doc)."""
+def first_per_class(labels: list[int], shots: int) -> list[int]:
+    """Indices of the first ``shots`` examples of each class, in file order."""
+    seen: Counter = Counter()
+    keep = []
+    for i, y in enumerate(labels):
+        if seen[y] < shots:
+            seen[y] += 1
+            keep.append(i)
+    return keep
+
+
+def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, batch_size: int = 32,
+             window: int | None = None, shots: int | None = None) -> dict:
+    """Mean over words of test accuracy and macro-F1 (x 100) of every variant (see module doc).
+
+    Args:
+      window: context tokens read on each side of the target
+        (:func:`sense_jax.benchmarks.common.encode_targets`; None = the whole sentence).
+      shots: None (default) uses every train example; else only the first ``shots`` train
+        examples of each class (file order), as in the paper's few-shot setting: the class
+        centroids, the sense-to-class map and the most frequent class come from those alone.
+        The test split is always read whole.
+
+    Raises:
+      SenseJaxError: ``shots`` < 1; bad data (file and line named).
+    """
+    if shots is not None and (isinstance(shots, bool) or int(shots) < 1):
+        raise C.SenseJaxError(f"shots must be >= 1 train examples per class, got {shots!r}")
     per_word: dict[str, dict] = {}
     coverage = {"words": 0, "test": 0, "train": 0, "not_covered": 0}
+    splits = {}
     for wd in word_dirs(data):
         (tr, y_tr), (te, y_te) = read_split(wd, "train"), read_split(wd, "test")
-        y_tr, y_te = np.array(y_tr), np.array(y_te)
-        ws = C.encode_targets(bm, tr + te, batch_size)
+        if shots is not None:
+            keep = first_per_class(y_tr, int(shots))
+            tr, y_tr = [tr[i] for i in keep], [y_tr[i] for i in keep]
+        splits[wd] = (tr, np.array(y_tr), te, np.array(y_te))
+    # Every word's sentences in one call: one packing, full batches.
+    ws_all = C.encode_targets(bm, [t for tr, _, te, _ in splits.values() for t in tr + te], batch_size,
+                              window=window)
+    start = 0
+    for wd, (tr, y_tr, te, y_te) in splits.items():
+        ws = ws_all.subset(range(start, start + len(tr) + len(te)))
+        start += len(tr) + len(te)
         n = len(tr)
         coverage["words"] += 1
         coverage["train"] += n
@@ -142,4 +178,5 @@ def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, batch_si
     order = [x for x in names if x.endswith("_1nn")] + [x for x in names if x.startswith("sense_map")] + ["mfs"]
     variants = {name: {met: float(np.mean([w[name][met] for w in per_word.values()]))
                        for met in ("accuracy", "macro_f1")} for name in order}
-    return C.result("coarsewsd20", data, bm, senses_path, coverage, variants, REFERENCE, per_word=per_word)
+    return C.result("coarsewsd20", data, bm, senses_path, coverage, variants, REFERENCE, window=window, shots=shots,
+                    per_word=per_word)

@@ -7,7 +7,8 @@ into vectors, applied the same way by every benchmark:
   tokenizer; the word's tokens are those whose character span (``offset_mapping``) overlaps the
   word's span (special tokens have empty spans and never match). A word that loses all its
   tokens (truncated away at the model's maximum length, or normalised to nothing) is skipped and
-  counted in ``coverage``.
+  counted in ``coverage``. With ``window`` W (an option, not the default) the word is read with
+  at most W tokens of context on each side (:func:`crop_to_window`).
 * ``contextual``: the mean of the model's hidden states over the word's tokens.
 * ``senses_dot`` / ``senses_cos`` / ``senses_l2``: every token of the word is replaced by the
   nearest sense of that token under the metric (METHOD §2; tokens without a dictionary entry keep
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sense_jax.batching import length_bucketed_batches, pad_batch
+from sense_jax.batching import length_bucketed_batches, pack_passages, pad_batch
 from sense_jax.errors import SenseJaxError
 from sense_jax.fingerprints import teacher_fingerprint
 from sense_jax.hf_export import load_adaptor
@@ -109,11 +110,12 @@ class BenchModel:
                                                jnp.asarray(self.adaptor["bias"], jnp.float32))
 
         @functools.partial(jax.jit)
-        def states(params, ids, mask):
+        def states(params, ids, mask, segment_ids):
+            kw = {} if segment_ids is None else {"segment_ids": segment_ids}
             if layer == n_layers:
-                h = module.apply({"params": params}, ids, mask)
+                h = module.apply({"params": params}, ids, mask, **kw)
             else:
-                h = module.apply({"params": params}, ids, mask, None, output_all_hidden_states=True)[1][layer]
+                h = module.apply({"params": params}, ids, mask, None, output_all_hidden_states=True, **kw)[1][layer]
             h = h.astype(jnp.float32)
             return h if w is None else h @ w[0].T + w[1]
 
@@ -130,9 +132,11 @@ class BenchModel:
     def tokenizer(self):
         return self.model.tokenizer
 
-    def states(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Hidden states [B, T, D] float32 of int32 [B, T] inputs (jitted, one compile per shape)."""
-        return np.asarray(self._states(self.model.params, input_ids, attention_mask))
+    def states(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+               segment_ids: np.ndarray | None = None) -> np.ndarray:
+        """Hidden states [B, T, D] float32 of int32 [B, T] inputs (jitted, one compile per shape);
+        ``segment_ids`` [B, T] int32 for packed rows (0 at padding, 1..S per passage)."""
+        return np.asarray(self._states(self.model.params, input_ids, attention_mask, segment_ids))
 
     def embedding_matrix(self) -> np.ndarray:
         """The input-embedding matrix [V, D_model] float32 (the ``static`` variant's rows)."""
@@ -266,18 +270,67 @@ def token_positions(offsets: Sequence[tuple[int, int]], a: int, b: int) -> list[
     return [i for i, (s, e) in enumerate(offsets) if e > s and s < b and e > a]
 
 
+ROW_LENGTH = 128  # packed row length (tokens): 2-5 % padding on every set here; attention < 6 % of the FLOPs
+ROW_TOKENS = 2048  # tokens per packed forward batch (16 rows of 128)
+
+
+def special_ends(offsets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """How many tokens at the start and at the end of an encoding are special (empty spans)."""
+    n = len(offsets)
+    pre = next((i for i, (s, e) in enumerate(offsets) if e > s), n)
+    suf = next((i for i, (s, e) in enumerate(reversed(offsets)) if e > s), n)
+    return pre, suf
+
+
+def crop_to_window(ids: Sequence[int], offsets: Sequence[tuple[int, int]], pos: list[int], window: int,
+                   limit: int) -> tuple[list[int], list[int]]:
+    """The target's tokens ``pos`` with at most ``window`` tokens of context on each side (fewer
+    where the sentence ends first, or where the whole would exceed ``limit`` tokens), between the
+    encoding's own special tokens (``[CLS] ... [SEP]``). Returns the cropped ids and the target's
+    positions in them (both empty when the word alone does not fit in ``limit``)."""
+    pre, suf = special_ends(offsets)
+    n = len(ids)
+    room = limit - pre - suf - (pos[-1] + 1 - pos[0])
+    if room < 0:
+        return [], []
+    w = min(window, room // 2)
+    lo, hi = max(pre, pos[0] - w), min(n - suf, pos[-1] + 1 + w)
+    return list(ids[:pre]) + list(ids[lo:hi]) + list(ids[n - suf:]), [p - lo + pre for p in pos]
+
+
 def encode_targets(bm: BenchModel, targets: Sequence[Target], batch_size: int = 32,
-                   max_length: int | None = None) -> WordStates:
+                   max_length: int | None = None, window: int | None = None) -> WordStates:
     """Run the model over each target's sentence and keep the target word's tokens.
 
-    Identical sentences are run once, and a repeated call with the same targets returns the
-    states it computed before (kept on ``bm``). Batches are length-bucketed and padded to ``batch_size``
-    rows, so the forward compiles once per bucket length.
+    Every distinct passage is run once: identical sentences (the same sentence with several
+    targets, or the same target list asked again) share one forward. Passages of up to
+    :data:`ROW_LENGTH` tokens are packed several to a row (:func:`sense_jax.batching.pack_passages`,
+    ``segment_ids``: attention stays within a passage and positions restart, so each passage's
+    states are those of the passage alone, within float rounding), :data:`ROW_TOKENS` tokens per
+    batch: one compiled program for any mix of lengths and 2-5 % padding instead of 16-61 % with
+    length buckets. Longer passages go in length-bucketed batches of ``batch_size``. A repeated
+    call with the same targets returns the states it computed before (kept on ``bm``).
+
+    Args:
+      targets: words in context.
+      max_length: tokens per sentence (default and cap: the model's maximum); a target cut off
+        is not covered.
+      window: None (default) reads the whole sentence. Else the passage is the target word's
+        tokens with at most ``window`` tokens of context on each side (fewer where the sentence
+        ends first) between the special tokens: fewer tokens to read (CoarseWSD-20's sentences
+        hold ~39 tokens), different figures (see the README), and a target beyond the model's
+        maximum length is still covered.
 
     Returns:
       :class:`WordStates` (one entry per target, in order).
+
+    Raises:
+      SenseJaxError: ``window`` < 0.
     """
-    key = hashlib.sha256(repr([(tuple(t.words), t.start, t.end) for t in targets] + [max_length]).encode()).hexdigest()
+    if window is not None and (isinstance(window, bool) or int(window) < 0):
+        raise SenseJaxError(f"window must be a number of tokens >= 0, got {window!r}")
+    key = hashlib.sha256(repr([(tuple(t.words), t.start, t.end) for t in targets]
+                              + [max_length, window]).encode()).hexdigest()
     if key in bm._cache:
         return bm._cache[key]
     tok = bm.tokenizer
@@ -285,31 +338,69 @@ def encode_targets(bm: BenchModel, targets: Sequence[Target], batch_size: int = 
     texts = list(dict.fromkeys(s[0] for s in spans))
     index = {t: i for i, t in enumerate(texts)}
     limit = min(max_length or bm.max_tokens(), bm.max_tokens())
-    enc = tok(texts, truncation=True, max_length=limit, padding=False, return_offsets_mapping=True)
-    want: dict[int, list[tuple[int, list[int]]]] = {}
-    positions = []
+    if window is None:
+        enc = tok(texts, truncation=True, max_length=limit, padding=False, return_offsets_mapping=True)
+    else:  # cropped below, around the target: a word past the model's limit is still read
+        enc = tok(texts, truncation=False, padding=False, return_offsets_mapping=True, verbose=False)
+    passages: dict[tuple, int] = {}  # passage ids -> passage number
+    need: list[list[tuple[int, list[int]]]] = []  # per passage: (target, its positions)
+    covered = np.zeros(len(targets), bool)
     for j, (text, a, b) in enumerate(spans):
-        pos = token_positions(enc["offset_mapping"][index[text]], a, b)
-        positions.append(pos)
-        if pos:
-            want.setdefault(index[text], []).append((j, pos))
+        e = index[text]
+        ids, offsets = enc["input_ids"][e], enc["offset_mapping"][e]
+        pos = token_positions(offsets, a, b)
+        if pos and window is not None:
+            ids, pos = crop_to_window(ids, offsets, pos, int(window), limit)
+        if not pos:
+            continue
+        covered[j] = True
+        p = passages.setdefault(tuple(ids), len(passages))
+        if p == len(need):
+            need.append([])
+        need[p].append((j, pos))
+    plist = list(passages)
     ids_out = [np.zeros(0, np.int32) for _ in targets]
-    D = None
-    states_out: list[np.ndarray | None] = [None] * len(targets)
-    run = sorted(want)
+    D = int(bm.adaptor["bias"].shape[0]) if bm.adaptor is not None else int(bm.model.config.hidden_size)
+    states_out = [np.zeros((0, D), np.float32) for _ in targets]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    for idx, L in length_bucketed_batches([len(enc["input_ids"][i]) for i in run], batch_size):
-        rows = [run[i] for i in idx]
-        ids, mask = pad_batch([enc["input_ids"][r] for r in rows], L, pad, batch_size)
+
+    def keep(p: int, ids_row: np.ndarray, h_row: np.ndarray, start: int) -> None:
+        for j, pos in need[p]:
+            at = [start + q for q in pos]
+            ids_out[j] = np.asarray(ids_row[at], np.int32)
+            states_out[j] = h_row[at]
+
+    R = min(ROW_LENGTH, limit)
+    lengths = np.array([len(x) for x in plist], np.int64)
+    short = np.flatnonzero(lengths <= R)
+    if len(short):
+        pk = pack_passages(lengths[short], R)
+        seg = pk.segment_ids
+        rows = max(1, ROW_TOKENS // R)
+        by_row: dict[int, list[int]] = {}
+        for i in range(len(short)):
+            by_row.setdefault(int(pk.row[i]), []).append(i)
+        for r0 in range(0, pk.n_rows, rows):
+            ids = np.full((rows, R), pad, np.int32)
+            sg = np.zeros((rows, R), np.int32)
+            n = min(rows, pk.n_rows - r0)
+            sg[:n] = seg[r0:r0 + n]
+            for r in range(r0, r0 + n):
+                for i in by_row[r]:
+                    o = int(pk.offset[i])
+                    ids[r - r0, o:o + lengths[short[i]]] = plist[short[i]]
+            h = bm.states(ids, (sg > 0).astype(np.int32), sg)
+            for r in range(r0, r0 + n):
+                for i in by_row[r]:
+                    keep(int(short[i]), ids[r - r0], h[r - r0], int(pk.offset[i]))
+    long = np.flatnonzero(lengths > R)
+    for idx, L in length_bucketed_batches(lengths[long], batch_size):
+        rows_p = [int(long[i]) for i in idx]
+        ids, mask = pad_batch([plist[p] for p in rows_p], L, pad, batch_size)
         h = bm.states(ids, mask)
-        D = h.shape[-1]
-        for r, text_i in enumerate(rows):
-            for j, pos in want[text_i]:
-                ids_out[j] = np.asarray(ids[r, pos], np.int32)
-                states_out[j] = h[r, pos]
-    D = D or int(bm.model.config.hidden_size)
-    states = [s if s is not None else np.zeros((0, D), np.float32) for s in states_out]
-    bm._cache[key] = WordStates(ids_out, states, np.array([bool(p) for p in positions], bool))
+        for r, p in enumerate(rows_p):
+            keep(p, ids[r], h[r], 0)
+    bm._cache[key] = WordStates(ids_out, states_out, covered)
     return bm._cache[key]
 
 
@@ -339,24 +430,31 @@ def lookup(sense_dict, ids: np.ndarray, hidden: np.ndarray, metric: str,
     return k, rep, has
 
 
+def host_centres(sense_dict) -> tuple[np.ndarray, np.ndarray]:
+    """The dictionary's centres [S, D] float32 and offsets [V + 1] int64 as numpy, in one copy:
+    per-token slices of the device arrays cost a dispatch each."""
+    return sense_dict.float_centres(), np.asarray(sense_dict.offsets, np.int64)
+
+
 def one_sense_table(sense_dict) -> tuple[np.ndarray, np.ndarray]:
     """Each token's count-weighted mean of its senses, [V, D] float32, and has_entry [V] bool.
 
     Equal to the K = 1 dictionary's centre when the centres are k-means means (their counts
     weight them back to the mean of all samples); uniform weights where counts are all zero.
+    Sums in float64 (a token's samples number in the thousands).
     """
-    c = np.asarray(sense_dict.centres, np.float32)
-    o = np.asarray(sense_dict.offsets, np.int64)
+    c, o = host_centres(sense_dict)
     w = np.asarray(sense_dict.counts, np.float64)
     n = np.diff(o)
     has = n > 0
     out = np.zeros((sense_dict.vocab_size, c.shape[1]), np.float32)
     if c.shape[0]:
         starts = o[:-1][has]
-        sums = np.add.reduceat(c * w[:, None], starts, axis=0)
         tot = np.add.reduceat(w, starts)
-        plain = np.add.reduceat(c.astype(np.float64), starts, axis=0) / n[has][:, None]
-        out[has] = np.where(tot[:, None] > 0, sums / np.maximum(tot, 1e-30)[:, None], plain)
+        # Tokens whose counts are all zero weigh their senses equally.
+        w = np.where(np.repeat(tot, n[has]) > 0, w, 1.0)
+        sums = np.add.reduceat(c * w[:, None], starts, axis=0)
+        out[has] = sums / np.add.reduceat(w, starts)[:, None]
     return out, has
 
 

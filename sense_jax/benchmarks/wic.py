@@ -97,12 +97,13 @@ def best_threshold(sim: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def similarities(bm: C.BenchModel, sense_dict, pairs: list[WicPair], batch_size: int = 32,
-                 temperature: float | None = None) -> dict:
+                 temperature: float | None = None, window: int | None = None) -> dict:
     """Per similarity name, [n] float64 similarities of each pair's two occurrences (NaN where an
     occurrence is not covered). ``avg_sim_c`` / ``max_sim_c``: SCWS's context-weighted sense
     similarities (:func:`sense_jax.benchmarks.scws.multi_prototype`) at ``temperature``
-    (default :data:`sense_jax.benchmarks.scws.TEMPERATURE`)."""
-    ws = C.encode_targets(bm, [p.a for p in pairs] + [p.b for p in pairs], batch_size)
+    (default :data:`sense_jax.benchmarks.scws.TEMPERATURE`); ``window``: see
+    :func:`sense_jax.benchmarks.common.encode_targets`."""
+    ws = C.encode_targets(bm, [p.a for p in pairs] + [p.b for p in pairs], batch_size, window=window)
     n = len(pairs)
     h = C.contextual_vectors(ws)
     out = {"contextual": C.cosine(h[:n], h[n:])}
@@ -119,7 +120,7 @@ def similarities(bm: C.BenchModel, sense_dict, pairs: list[WicPair], batch_size:
 
 
 def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, split: str = "dev",
-             tune_split: str = "train", batch_size: int = 32) -> dict:
+             tune_split: str = "train", batch_size: int = 32, window: int | None = None) -> dict:
     """WiC accuracy (x 100) on ``split`` of every similarity, thresholded on ``tune_split``.
 
     Pairs with an uncovered occurrence count as wrong on the evaluated split (and are left out
@@ -134,7 +135,7 @@ def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, split: s
         pairs = read_wic(data_file, gold_file)
         if any(p.label is None for p in pairs):
             raise C.data_error(gold_file, None, f"gold labels of split {name} are missing")
-        sets[name] = (pairs, similarities(bm, sense_dict, pairs, batch_size))
+        sets[name] = (pairs, similarities(bm, sense_dict, pairs, batch_size, window=window))
     tune_pairs, tune_sim = sets[tune_split]
     eval_pairs, eval_sim = sets[split]
     y_tune = np.array([p.label for p in tune_pairs])
@@ -148,4 +149,5 @@ def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, split: s
                           "tune_accuracy": 100 * tune_acc}
     cov = {"pairs": len(eval_pairs), "covered": int((~np.isnan(eval_sim["contextual"])).sum()),
            "tune_pairs": len(tune_pairs)}
-    return C.result("wic", data, bm, senses_path, cov, variants, REFERENCE, split=split, tune_split=tune_split)
+    return C.result("wic", data, bm, senses_path, cov, variants, REFERENCE, split=split, tune_split=tune_split,
+                    window=window)

@@ -115,8 +115,10 @@ def spearman(x, y) -> float:
     return 100 * float(spearmanr(x, y).statistic)
 
 
-def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, batch_size: int = 64) -> dict:
-    """Spearman x 100 per set and variant, plus their ``average`` over the sets."""
+def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, batch_size: int = 64,
+             window: int | None = None) -> dict:
+    """Spearman x 100 per set and variant, plus their ``average`` over the sets (``window`` is
+    accepted for a uniform interface and changes nothing: every word is read alone)."""
     sets = {name: read_pairs(p) for name, p in find_sets(data).items()}
     words = sorted({w for rows in sets.values() for a, b, _ in rows for w in (a, b)})
     index = {w: i for i, w in enumerate(words)}

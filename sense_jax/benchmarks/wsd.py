@@ -11,7 +11,10 @@ examples that contain the lemma as a word; the instance gets the nearest candida
 (``contextual`` states, or ``senses_<m>`` nearest-sense vectors on both sides); ``sentence``
 compares the mean over the whole sentence with the mean over the whole sense text (mean
 pooling, the sentence encoder's own use), ``contextual+sentence`` adds the two cosines. ``first_sense``
-answers each instance with its lemma's first WordNet sense (the most frequent). Metric: F1 of
+answers each instance with its lemma's first WordNet sense (the most frequent). ``<similarity>+prior``
+combines each similarity's p(sense | context) with WordNet's sense-tag counts (:func:`posterior`,
+:func:`sense_prior`; temperatures chosen on WordNet's usage examples, :data:`TEMPERATURES`);
+``prior`` is the most tagged sense alone. Metric: F1 of
 precision (correct / answered) and recall (correct / instances), x 100; instances whose lemma has
 no synset of that part of speech get no answer (``coverage``).
 """
@@ -140,11 +143,17 @@ def _candidate_index() -> dict:
     return _INDEX
 
 
-def sense_texts(sid: str, lemma: str) -> list[C.Target]:
-    """The texts of a candidate synset with the lemma's word span in each (see the module doc)."""
+def sense_texts(sid: str, lemma: str, lemma_names: bool = False) -> list[C.Target]:
+    """The texts of a candidate synset with the lemma's word span in each (see the module doc).
+
+    With ``lemma_names`` the gloss also names the synset's other lemmas, as knowledge-based sense
+    embeddings do (LMMS, Loureiro & Jorge 2019; ARES): ``"<lemma> , <other> , <other> : <definition>"``.
+    """
     examples = _examples()
     lw = lemma.replace("_", " ").split()
-    out = [C.Target(lw + [":"] + _SYN[sid].definition.split(), 0, len(lw))]
+    others = [x.replace("_", " ") for x in _SYN[sid].lemmas if x.lower() != lemma.lower()] if lemma_names else []
+    names = (" , ".join([""] + others)).split()
+    out = [C.Target(lw + names + [":"] + _SYN[sid].definition.split(), 0, len(lw))]
     for ex in examples.get(sid, ()):
         words = ex.split()
         low = [w.lower().strip(".,;:!?'\"()") for w in words]
@@ -177,36 +186,90 @@ def f1(correct: int, answered: int, total: int) -> dict:
     return {"f1": 100 * (2 * p * r / (p + r) if p + r else 0.0), "precision": 100 * p, "recall": 100 * r}
 
 
-def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, batch_size: int = 32) -> dict:
-    """F1 of nearest-candidate WSD for every variant, beside the first-sense baseline."""
-    xml, gold_file = find_files(data)
-    inst = read_xml(xml)
-    gold = read_gold(gold_file, inst)
+_COUNTS: dict | None = None
+
+
+def sense_counts() -> dict[tuple[str, str], int]:
+    """(lemma, synset id) -> how often that sense was tagged in WordNet's semantic concordances
+    (SemCor among them; ``cntlist.rev``, shipped as ``data/wordnet/sensecounts.tsv.gz`` by
+    ``eval/derive_wordnet.py``); senses never tagged are absent (count 0)."""
+    global _COUNTS
+    if _COUNTS is None:
+        keys = load_sense_keys()
+        _COUNTS = {(k.partition("%")[0], keys[k][0]): int(n) for k, n in wordnet._rows("sensecounts.tsv.gz", None)}
+    return _COUNTS
+
+
+def sense_prior(lemma: str, synsets: list[str]) -> np.ndarray:
+    """p(sense) over a lemma's candidate synsets, [K] float64: tag counts with add-one smoothing,
+    ``(n_s + 1) / (sum_k n_k + K)`` (a lemma never tagged gets the uniform prior)."""
+    counts = sense_counts()
+    key = lemma.lower().replace(" ", "_")
+    n = np.array([counts.get((key, s), 0) for s in synsets], np.float64)
+    return (n + 1) / (n.sum() + len(n))
+
+
+def posterior(cos: np.ndarray, prior: np.ndarray, temperature: float) -> np.ndarray:
+    """Bayes' rule over a lemma's K candidates, [K] float64: the model's p(sense | context) =
+    softmax(cos / temperature) read as a likelihood (it is the posterior under a uniform prior),
+    times ``prior``, renormalised: ``softmax(cos / temperature + log prior)``."""
+    z = np.asarray(cos, np.float64) / temperature + np.log(np.asarray(prior, np.float64))
+    z = np.exp(z - z.max())
+    return z / z.sum()
+
+
+# p(sense | context) = softmax over the candidates of cosine / temperature, per similarity. Chosen
+# on WordNet's own usage examples, never on an evaluation set, by ``python -m eval.choose_temperature
+# --wsd`` (the default MiniLM teacher and dictionary): held-out examples of polysemous lemmas
+# against gloss-only sense vectors, the temperature of the grid with the highest mean
+# log-likelihood of the example's own synset. The Bayes variants (``<similarity>+prior``) answer
+# argmax_s cos_s / temperature + log p(s): no weight is tuned on the test set.
+# Grid 0.005-1 (x2-2.5 steps), 500 examples: contextual 0.05 (mean log-likelihood -1.28), sentence
+# 0.1 (-1.15), contextual+sentence 0.1 (-1.12), senses_dot 0.5 (-1.46), senses_cos and senses_l2
+# 0.2 (-1.44); uniform over the candidates would score about -1.5 there.
+TEMPERATURES = {"contextual": 0.05, "sentence": 0.1, "contextual+sentence": 0.1,
+                "senses_dot": 0.5, "senses_cos": 0.2, "senses_l2": 0.2}
+
+
+def candidate_scores(bm: C.BenchModel, sense_dict, queries: list[tuple[str, str, C.Target]], texts_of,
+                     batch_size: int = 32, window: int | None = None):
+    """Cosine of every query to each candidate synset of its lemma and POS, per similarity.
+
+    Args:
+      queries: (lemma, pos in NOUN/VERB/ADJ/ADV, the word in context).
+      texts_of: ``texts_of(synset_id, lemma) -> [Target]``, the texts whose mean vector is the
+        synset's (:func:`sense_texts`).
+
+    Returns:
+      candidates (per query, synset ids in WordNet order), scores ({similarity: per query a [K]
+      float64 array, or None where the query has no candidate or is not covered}), the query
+      WordStates and the number of sense texts.
+    """
     _examples()
-    cands = [candidates(i.lemma, i.pos) for i in inst]
-    lemma_sid = sorted({(i.lemma, s) for i, c in zip(inst, cands) for s in c})
+    cands = [candidates(lemma, pos) for lemma, pos, _ in queries]
+    lemma_sid = sorted({(q[0], s) for q, c in zip(queries, cands) for s in c})
     texts, owner = [], []
     for j, (lemma, sid) in enumerate(lemma_sid):
-        for t in sense_texts(sid, lemma):
+        for t in texts_of(sid, lemma):
             texts.append(t)
             owner.append(j)
-    ws_inst = C.encode_targets(bm, [i.target for i in inst], batch_size)
-    ws_sense = C.encode_targets(bm, texts, batch_size)
-    owner = np.array(owner)
-    spaces = {"contextual": (C.contextual_vectors(ws_inst), C.contextual_vectors(ws_sense))}
     # Whole texts: the mean over every word of the sentence / the sense's text (mean pooling).
+    # One call for the words and the whole texts: each distinct text is read once.
     whole = lambda ts: [C.Target(t.words, 0, len(t.words)) for t in ts]
-    spaces["sentence"] = (C.contextual_vectors(C.encode_targets(bm, whole([i.target for i in inst]), batch_size)),
-                          C.contextual_vectors(C.encode_targets(bm, whole(texts), batch_size)))
+    targets = [q[2] for q in queries]
+    n_q, n_t = len(targets), len(texts)
+    ws_all = C.encode_targets(bm, targets + texts + whole(targets) + whole(texts), batch_size, window=window)
+    ws_inst, ws_sense = ws_all.subset(range(n_q)), ws_all.subset(range(n_q, n_q + n_t))
+    owner = np.array(owner)
+    spaces = {"contextual": (C.contextual_vectors(ws_inst), C.contextual_vectors(ws_sense)),
+              "sentence": (C.contextual_vectors(ws_all.subset(range(n_q + n_t, 2 * n_q + n_t))),
+                           C.contextual_vectors(ws_all.subset(range(2 * n_q + n_t, 2 * (n_q + n_t)))))}
     if sense_dict is not None:
         for m in C.METRICS:
             spaces[f"senses_{m}"] = (C.sense_vectors(ws_inst, sense_dict, m)[0],
                                      C.sense_vectors(ws_sense, sense_dict, m)[0])
     pos_of = {key: j for j, key in enumerate(lemma_sid)}
-    total = len(inst)
-    answered = sum(bool(c) for c in cands)
-    variants = {}
-    scores: dict[str, list[np.ndarray]] = {}
+    scores: dict[str, list] = {}
     for name, (q, s) in spaces.items():
         vec = np.full((len(lemma_sid), q.shape[1]), np.nan)
         for j in range(len(lemma_sid)):
@@ -215,18 +278,103 @@ def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, batch_si
             if len(rows):
                 vec[j] = rows.mean(0)
         scores[name] = []
-        for c, i in enumerate(inst):
-            v = vec[[pos_of[(i.lemma, sid)] for sid in cands[c]]]
+        for c, (lemma, _, _) in enumerate(queries):
+            v = vec[[pos_of[(lemma, sid)] for sid in cands[c]]]
             scores[name].append(C.unit(np.nan_to_num(v)) @ C.unit(np.nan_to_num(q[c]))
                                 if cands[c] and not np.isnan(q[c]).any() else None)
     # The word's and the whole text's cosines added: both views of the same candidates.
     scores["contextual+sentence"] = [None if a is None or b is None else a + b
                                      for a, b in zip(scores["contextual"], scores["sentence"])]
+    return cands, scores, ws_inst, len(texts)
+
+
+def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, batch_size: int = 32,
+             window: int | None = None, temperatures: dict | None = None, lemma_names: bool = False) -> dict:
+    """F1 of nearest-candidate WSD for every variant, beside the first-sense baseline (``window``:
+    context tokens read around each word, :func:`sense_jax.benchmarks.common.encode_targets`).
+
+    ``<similarity>+prior`` variants combine p(sense | context) (softmax of the cosines over the
+    candidates at ``temperatures[similarity]``, default :data:`TEMPERATURES`) with the prior
+    p(sense) of :func:`sense_prior` by Bayes' rule; ``prior`` answers the most tagged sense alone
+    (ties: WordNet order). ``lemma_names``: glosses name the synset's other lemmas
+    (:func:`sense_texts`; an option, the reference figures are without).
+    """
+    xml, gold_file = find_files(data)
+    inst = read_xml(xml)
+    gold = read_gold(gold_file, inst)
+    temperatures = {**TEMPERATURES, **(temperatures or {})}
+    cands, scores, ws_inst, n_texts = candidate_scores(
+        bm, sense_dict, [(i.lemma, i.pos, i.target) for i in inst],
+        lambda sid, lemma: sense_texts(sid, lemma, lemma_names), batch_size, window)
+    total = len(inst)
+    answered = sum(bool(c) for c in cands)
+    priors = [sense_prior(i.lemma, c) if c else None for i, c in zip(inst, cands)]
+
+    def score(choices) -> dict:
+        got = [(c, k) for c, k in enumerate(choices) if k is not None]
+        return f1(sum(cands[c][k] in gold[inst[c].id] for c, k in got), len(got), total)
+
+    variants = {name: score([None if x is None else int(np.argmax(x)) for x in sc]) for name, sc in scores.items()}
     for name, sc in scores.items():
-        answered_here = [(i, x) for i, x in zip(range(total), sc) if x is not None]
-        correct = sum(cands[c][int(np.argmax(x))] in gold[inst[c].id] for c, x in answered_here)
-        variants[name] = f1(correct, len(answered_here), total)
-    variants["first_sense"] = f1(sum(c[0] in gold[i.id] for i, c in zip(inst, cands) if c), answered, total)
+        if name in temperatures:
+            variants[f"{name}+prior"] = score([None if x is None else
+                                               int(np.argmax(posterior(x, p, temperatures[name])))
+                                               for x, p in zip(sc, priors)])
+    variants["prior"] = score([None if p is None else int(np.argmax(p)) for p in priors])
+    variants["first_sense"] = score([0 if c else None for c in cands])
     cov = {"instances": total, "with_candidates": answered, "covered": int(ws_inst.covered.sum()),
-           "candidate_synsets": len(lemma_sid), "sense_texts": len(texts)}
-    return C.result("wsd", data, bm, senses_path, cov, variants, REFERENCE)
+           "candidate_synsets": len({(i.lemma, s) for i, c in zip(inst, cands) for s in c}),
+           "sense_texts": n_texts}
+    return C.result("wsd", data, bm, senses_path, cov, variants, REFERENCE, window=window, lemma_names=lemma_names,
+                    temperatures={k: v for k, v in temperatures.items() if k in scores})
+
+
+def gloss_text(sid: str, lemma: str) -> list[C.Target]:
+    """A synset's ``"<lemma> : <definition>"`` alone (the first of :func:`sense_texts`)."""
+    return sense_texts(sid, lemma)[:1]
+
+
+POS_OF_TYPE = {"n": "NOUN", "v": "VERB", "a": "ADJ", "s": "ADJ", "r": "ADV"}
+
+
+def example_queries(n: int = 500, seed: int = 0) -> list[tuple[str, str, C.Target, str]]:
+    """Up to ``n`` WordNet usage examples of polysemous lemmas, drawn with ``seed``: (lemma, POS,
+    the lemma in its example, the example's synset). Held-out instances for choosing the
+    temperatures (the synset's vector then comes from its gloss alone)."""
+    examples = _examples()
+    rows = []
+    for sid in sorted(examples):
+        syn = _SYN[sid]
+        pos = POS_OF_TYPE[sid[-1]]
+        for lemma in syn.lemmas:
+            lemma = lemma.lower()
+            if len(candidates(lemma, pos)) < 2:
+                continue
+            found = sense_texts(sid, lemma)[1:]
+            if found:
+                rows.append((lemma, pos, found[0], sid))
+                break
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(rows), size=min(n, len(rows)), replace=False).tolist())
+    return [rows[i] for i in pick]
+
+
+def choose_temperatures(bm: C.BenchModel, sense_dict=None, grid=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+                        n: int = 500, seed: int = 0, batch_size: int = 32) -> dict[str, dict[float, float]]:
+    """Per similarity and temperature, the mean log-likelihood of the held-out example's synset
+    under softmax(cos / temperature) over its lemma's candidates (:func:`example_queries`)."""
+    queries = example_queries(n, seed)
+    cands, scores, _, _ = candidate_scores(bm, sense_dict, [q[:3] for q in queries], gloss_text, batch_size)
+    out = {}
+    for name, sc in scores.items():
+        ll = {}
+        for tau in grid:
+            vals = []
+            for (_, _, _, sid), c, x in zip(queries, cands, sc):
+                if x is None:
+                    continue
+                z = x / tau
+                vals.append(z[c.index(sid)] - (z.max() + np.log(np.exp(z - z.max()).sum())))
+            ll[tau] = float(np.mean(vals))
+        out[name] = ll
+    return out

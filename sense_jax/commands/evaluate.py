@@ -25,7 +25,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None,
                    help="scws: softmax temperature of p(sense | context) over cosines "
                         "(default: sense_jax.benchmarks.scws.TEMPERATURE)")
-    p.add_argument("--batch-size", type=int, default=32, help="sentences per forward batch")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="sentences per forward batch for sentences longer than a packed row (128 tokens)")
+    p.add_argument("--window", type=int, default=None, metavar="W",
+                   help="read only W tokens of context on each side of the target (default: the whole "
+                        "sentence; faster, different figures: see the README)")
+    p.add_argument("--lemma-names", action="store_true",
+                   help="wsd: glosses also name each synset's other lemmas (LMMS-style sense texts)")
+    p.add_argument("--shots", type=int, default=None, metavar="N",
+                   help="coarsewsd20: only the first N train examples of each class (few-shot; default all)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +46,18 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         check_output_file(args.out)  # before the work, not after it
     options = {"batch_size": args.batch_size}
+    if args.window is not None:
+        if args.window < 0:
+            raise SenseJaxError(f"--window must be >= 0 tokens, got {args.window}")
+        options["window"] = args.window
+    if args.lemma_names:
+        if args.task != "wsd":
+            raise SenseJaxError("--lemma-names is for wsd only")
+        options["lemma_names"] = True
+    if args.shots is not None:
+        if args.task != "coarsewsd20" or args.shots < 1:
+            raise SenseJaxError(f"--shots {args.shots}: a number >= 1, for coarsewsd20 only")
+        options["shots"] = args.shots
     if args.task == "wic":
         options.update(split=args.split, tune_split=args.tune_split)
     if args.task == "scws" and args.temperature is not None:
