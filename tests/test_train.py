@@ -152,6 +152,12 @@ def test_export_matches_transformers_and_bad_checkpoints_are_refused(full_run, a
     (empty / "checkpoints").mkdir(parents=True)
     assert main(["export", str(empty), str(tmp_path / "x")]) == 2
     assert "holds no complete checkpoint" in capsys.readouterr().err
+    hf_dir = tmp_path / "hf_model"  # a transformers directory (not converted) is named as such
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text('{"model_type": "bert"}', encoding="utf-8")
+    assert main(["export", str(hf_dir), str(tmp_path / "z")]) == 2
+    assert "is a transformers model directory, not a training run" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
     broken = tmp_path / "broken"
     shutil.copytree(full_run.run_dir, broken)
     for step in ("3", "6"):

@@ -37,8 +37,8 @@ def check_head(teacher, tpath: str, data: TaskData, *, finetune: bool) -> None:
     n_labels = data.vocabulary.num_labels
     have = int(getattr(teacher.config, "num_labels", 0) or 0)
     if teacher.head_params is not None and have != n_labels:
-        raise ConfigError(f"model {tpath} has a classification head of {have} labels but the {data.name} data "
-                          f"has {n_labels} ({'regression' if data.vocabulary.regression else ', '.join(data.vocabulary.names)})")
+        raise ConfigError(f"model {tpath} has a classification head of {have} label{'s' * (have != 1)} "
+                          f"but the {data.name} data has {n_labels} ({'regression' if data.vocabulary.regression else ', '.join(data.vocabulary.names)})")
     if teacher.head_params is None and not finetune:
         raise ConfigError(f"teacher {tpath} has no classification head: fine-tune it first "
                           "(sense-jax finetune), or convert a *ForSequenceClassification checkpoint")

@@ -10,6 +10,7 @@ come from the checkpoint's ``meta``, the tokenizer files from the run directory.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -69,6 +70,15 @@ def _restore_newest(ck_dir: Path, step: int | None, log: Callable[[str], None]) 
     return jax.device_get(state["params"]), metas[st], st
 
 
+def _json_or_empty(path: Path) -> dict:
+    """The JSON object in ``path``; {} when it is absent or not a JSON object."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
                       overwrite: bool = False, log: Callable[[str], None] | None = None) -> Path:
     """Export a trained student (a run directory or its ``checkpoints/``) to a transformers directory.
@@ -78,13 +88,17 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, step: 
     and the checkpoint the configs).
 
     Raises:
-      SenseJaxError: no checkpoint, none restorable, or ``out`` exists without ``overwrite``.
+      SenseJaxError: no checkpoint, none restorable, ``ckpt`` is a transformers model directory
+        (not a run), or ``out`` exists without ``overwrite``.
     """
     log = log or (lambda m: print(m, file=sys.stderr))
     ckpt = Path(ckpt)
     ck_dir = ckpt / "checkpoints" if (ckpt / "checkpoints").is_dir() else ckpt
     if not ck_dir.is_dir():
         raise SenseJaxError(f"checkpoint directory not found: {ckpt}")
+    if ck_dir is ckpt and "model_type" in _json_or_empty(ckpt / "config.json"):
+        raise SenseJaxError(f"{ckpt} is a transformers model directory, not a training run: "
+                            "convert it first (sense-jax convert), or export a run directory")
     params, meta, st = _restore_newest(ck_dir, step, log)
     family = get_family(meta["student_config"]["model_type"])
     scfg = _config_from_dict(family, meta["student_config"], meta["teacher_hf_config"])
