@@ -325,6 +325,11 @@ def test_wordsim_readers_follow_each_layout(tmp_path):
     bad = write(tmp_path / "bad2.txt", "cord\tsmile\t0.02\nrooster\tvoyage\tlots\n")
     with pytest.raises(SenseJaxError, match=r"bad2\.txt:2: score 'lots'"):
         wordsim.read_pairs(bad)
+    # A set is named alike whether its folder or its file is given; a missing path says so.
+    assert list(wordsim.find_sets(rg)) == ["rg65"] and list(wordsim.find_sets(simlex)) == ["SimLex-999"]
+    assert set(wordsim.find_sets(tmp_path)) == {"rg65"}
+    with pytest.raises(SenseJaxError, match=r"nowhere: not found"):
+        wordsim.find_sets(tmp_path / "nowhere")
 
 
 def test_spearman_by_hand():

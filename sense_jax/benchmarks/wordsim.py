@@ -80,8 +80,11 @@ def read_pairs(path: str | Path) -> list[tuple[str, str, float]]:
 def find_sets(data) -> dict[str, Path]:
     """Set name -> file: ``data`` is one file, or a folder laid out like shared/evaldata/wordsim."""
     d = Path(data)
-    if d.is_file():
-        return {d.stem: d}
+    if d.is_file():  # named as in a folder when it is one of the known files
+        known = next((name for name, rel in DEFAULT_SETS.items() if d.as_posix().endswith(rel)), None)
+        return {known or d.stem: d}
+    if not d.exists():
+        raise C.data_error(d, None, "not found")
     sets = {name: d / rel for name, rel in DEFAULT_SETS.items() if (d / rel).is_file()}
     if not sets:
         raise C.data_error(d, None, f"none of the word-similarity files {sorted(DEFAULT_SETS.values())} in it")
