@@ -80,19 +80,29 @@ def encode(variant: Variant, token_ids: list[list[int]], pad_id: int, batch_size
     return apply_senses(enc, variant.sense_dict) if variant.sense_dict is not None else enc
 
 
-def apply_senses(enc: Encoded, sense_dict: SenseDictionary, chunk: int = 8192) -> Encoded:
-    """Replace every state of a token with an entry by its nearest sense (METHOD §2), by the
-    dictionary's metric (``meta["metric"]``, else the paper's "dot")."""
-    metric = sense_dict.meta.get("metric", "dot")
-    ids = np.concatenate(enc.ids)
-    h = np.concatenate(enc.states)
-    out = np.empty_like(h)
+def _nearest_fixed_shape(sense_dict: SenseDictionary, ids: np.ndarray, h: np.ndarray, metric: str,
+                         chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest sense of each of M states, (sense index [M] int32, replaced [M, D] f32), looked up
+    ``chunk`` rows at a time in one fixed shape ([1, chunk], zero-padded): one compiled program
+    per dictionary shape and metric, whatever M is, instead of one per distinct M."""
+    idx = np.empty(len(ids), np.int32)
+    out = np.empty((len(ids), h.shape[1]), np.float32)
     for a in range(0, len(ids), chunk):
         n = min(chunk, len(ids) - a)
         pid = np.zeros((1, chunk), np.int32)
         ph = np.zeros((1, chunk, h.shape[1]), np.float32)
-        pid[0, :n], ph[0, :n] = ids[a:a + n], h[a:a + n]  # fixed shape: one compile
-        out[a:a + n] = np.asarray(nearest_sense(sense_dict, pid, ph, metric=metric)[1][0, :n])
+        pid[0, :n], ph[0, :n] = ids[a:a + n], h[a:a + n]
+        k, replaced, _ = nearest_sense(sense_dict, pid, ph, metric=metric)
+        # Sliced on the host: slicing the device arrays would compile a slice per distinct n.
+        idx[a:a + n], out[a:a + n] = np.asarray(k)[0, :n], np.asarray(replaced)[0, :n]
+    return idx, out
+
+
+def apply_senses(enc: Encoded, sense_dict: SenseDictionary, chunk: int = 8192) -> Encoded:
+    """Replace every state of a token with an entry by its nearest sense (METHOD §2), by the
+    dictionary's metric (``meta["metric"]``, else the paper's "dot")."""
+    metric = sense_dict.meta.get("metric", "dot")
+    _, out = _nearest_fixed_shape(sense_dict, np.concatenate(enc.ids), np.concatenate(enc.states), metric, chunk)
     splits = np.cumsum([len(x) for x in enc.ids])[:-1]
     return Encoded(enc.ids, np.split(out, splits))
 
@@ -219,21 +229,21 @@ def classification_split(n_train: int, n_test: int) -> tuple[list, list]:
 # --- evaluations ------------------------------------------------------------------------------
 
 def sense_ids_at_targets(queries: Encoded, sense_dict: SenseDictionary, items: list[WsiItem],
-                         metric: str | None = None) -> list[np.ndarray]:
+                         metric: str | None = None, chunk: int = 8192) -> list[np.ndarray]:
     """Per lemma, the nearest-sense index of the target token in each example, [n_examples].
 
     ``queries`` holds the raw states of every item's examples, in item order; ``metric``
     defaults to the dictionary's own (its ``meta["metric"]``, else the paper's "dot").
     """
     metric = metric or sense_dict.meta.get("metric", "dot")
-    out, k = [], 0
-    for it in items:
-        h = np.stack([queries.states[k + j][p] for j, p in enumerate(it.positions)])
-        k += len(it.positions)
-        ids = np.full((len(h), 1), it.token_id, np.int32)
-        idx, _, _ = nearest_sense(sense_dict, ids, h[:, None, :], metric=metric)
-        out.append(np.asarray(idx[:, 0]))
-    return out
+    if not items:
+        return []
+    # Every lemma's targets in one look-up, in apply_senses' shape (each row carries its own token
+    # id): the same compiled program as apply_senses for the dictionary's metric, not one per lemma.
+    h = np.stack([queries.states[i][p] for i, p in enumerate(p for it in items for p in it.positions)])
+    ids = np.concatenate([np.full(len(it.positions), it.token_id, np.int32) for it in items])
+    idx, _ = _nearest_fixed_shape(sense_dict, ids, h, metric, chunk)
+    return np.split(idx, np.cumsum([len(it.positions) for it in items])[:-1])
 
 
 def wsi_scores(items: list[WsiItem], sense_ids: list[np.ndarray]) -> dict:

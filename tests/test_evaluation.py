@@ -64,6 +64,34 @@ def test_apply_senses_equals_nearest_sense():
         np.testing.assert_array_equal(got.states[n], want)
 
 
+def test_sense_ids_at_targets_equal_nearest_sense_per_lemma_in_one_compiled_shape():
+    """Each lemma's target states, looked up alone, give the same sense ids as the batched look-up;
+    lemmas of 2, 5 and 3 examples (and a chunk boundary inside a lemma) add no compiled program
+    beyond apply_senses' one shape (the per-lemma look-up compiled one per example count)."""
+    rng = np.random.default_rng(1)
+    sd = SenseDictionary.from_arrays(rng.normal(size=(9, 4)).astype(np.float32), [0, 3, 5, 9],
+                                     meta={"metric": "l2"})
+    items, states = [], []
+    for tid, n in ((0, 2), (2, 5), (1, 3)):
+        positions = rng.integers(0, 3, n).tolist()
+        items.append(ev.WsiItem(f"w{tid}", tid, ["t"] * n, list("ab" * n)[:n], positions, [[0]] * n))
+        states += [rng.normal(size=(3, 4)).astype(np.float32) for _ in range(n)]
+    queries = ev.Encoded([np.zeros(3, np.int32)] * len(states), states)
+    ev.apply_senses(queries, sd, chunk=4)  # apply_senses' own program (dictionary, metric, chunk)
+    before = nearest_sense._cache_size()
+    got = [ev.sense_ids_at_targets(queries, sd, items, metric, chunk=4) for metric in (None, "l2")]
+    assert nearest_sense._cache_size() == before
+    k = 0
+    for i, it in enumerate(items):
+        h = np.stack([states[k + j][p] for j, p in enumerate(it.positions)])
+        k += len(it.positions)
+        want = nearest_sense(sd, np.full((1, len(h)), it.token_id, np.int32), h[None], metric="l2")[0][0]
+        for g in got:
+            assert g[i].dtype == np.int32
+            np.testing.assert_array_equal(g[i], np.asarray(want))
+    assert ev.sense_ids_at_targets(queries, sd, [], chunk=4) == []
+
+
 def test_wsi_items_select_single_token_lemmas_with_two_synsets(minilm_dir):
     from transformers import AutoTokenizer
 
