@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import Counter
@@ -109,6 +110,12 @@ def test_wsi_items_select_single_token_lemmas_with_two_synsets(minilm_dir):
         for ids, p in zip(it.token_ids, it.positions):
             assert ids[p] == it.token_id
     assert all(wordnet.load_examples()) and "bank" in {it.lemma for it in items}
+    # min_synsets and max_lemmas (which stop early, after the first blocks of lemmas) select the
+    # same items as filtering and cutting the whole list (the 40th is lemma 1,644: seven blocks of 256).
+    two = [it for it in items if sum(c >= 2 for c in Counter(it.labels).values()) >= 2]
+    for n, m, want in ((40, 2, two[:40]), (12, 0, items[:12])):
+        got = ev.wsi_items(tok, max_per_lemma=40, max_lemmas=n, min_synsets=m)
+        assert [dataclasses.astuple(x) for x in got] == [dataclasses.astuple(x) for x in want]
 
 
 def _byte_level_bpe(texts, add_prefix_space=False):
