@@ -289,3 +289,35 @@ def test_evaluate_task_scores_a_run_and_an_export_with_and_without_senses(finetu
     assert run["accuracy"] == exported["accuracy"] == 1.0 and run["examples"] == 16
     assert 0.0 <= run["senses_accuracy"] <= 1.0 and "senses_accuracy" not in exported
     assert run["tokens_per_s"] > 0
+
+
+def test_a_second_classifier_of_the_same_model_evaluates_without_tracing_again(finetuned, task_assets):
+    """``load_classifier`` shares one jitted evaluator per architecture: a task pipeline scores
+    each student twice (without, with senses) and students of one size alike; each load used to
+    trace and compile its programs anew."""
+    import types
+
+    import jax.monitoring
+
+    from sense_jax.task_train import evaluate_task, load_classifier, load_task_data
+
+    def score():
+        ev, params = load_classifier(finetuned["export"], batch_size=8, max_length=16)
+        spec = types.SimpleNamespace(task="", task_data=str(task_assets["data"]), text_fields="sentence",
+                                     label_field="label", task_regression=False, eval_data="", seed=0,
+                                     max_train_examples=0, max_eval_examples=0)
+        return evaluate_task(ev, params, load_task_data(spec, vocabulary=ev.vocabulary, with_train=False))
+
+    first = score()
+    traces = []
+
+    def listen(event, secs, **kw):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            traces.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        assert score()["accuracy"] == first["accuracy"] == 1.0
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert traces == []

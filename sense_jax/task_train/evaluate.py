@@ -112,6 +112,16 @@ def evaluate_task(s, params, data: TaskData, *, timing_pass: bool = False) -> di
 # --- Evaluating a classifier outside training -------------------------------------------------
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_eval(student_module, head_config, metric: str):
+    """One jitted evaluator per (encoder, head config, metric): classifiers of one architecture
+    (a task pipeline's students, each scored without and with senses) share its compiled programs
+    instead of compiling each shape once per :func:`load_classifier` call. Linen modules and the
+    family configs are frozen dataclasses, hashed by value."""
+    cfg = types.SimpleNamespace(metric=metric)
+    return jax.jit(make_task_eval(cfg, student_module, functools.partial(head_logits, head_config)))
+
+
 def load_classifier(source: str | Path, *, senses: str | None = None, batch_size: int = 32,
                     max_length: int = 128, metric: str = "dot"):
     """A classifier ready for :func:`evaluate_task`: ``(evaluator, params)``; ``evaluator.vocabulary``
@@ -152,7 +162,11 @@ def load_classifier(source: str | Path, *, senses: str | None = None, batch_size
         sense_dict = SenseDictionary.load(senses)
         check_sense_dict(sense_dict, width_cfg, source=senses)
     cfg = types.SimpleNamespace(batch_size=batch_size, max_length=max_length, pad_to_buckets=True, metric=metric)
-    ev = jax.jit(make_task_eval(cfg, family.make_module(scfg), functools.partial(head_logits, hcfg)))
+    module = family.make_module(scfg)
+    try:
+        ev = _jitted_eval(module, hcfg, metric)
+    except TypeError:  # a config holding an unhashable value: its own evaluator, as before
+        ev = _jitted_eval.__wrapped__(module, hcfg, metric)
     frozen = {} if sense_dict is None else {"senses": sense_dict}
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     evaluator = types.SimpleNamespace(
