@@ -211,3 +211,45 @@ def test_inspect_refuses_a_negative_context_count(tmp_path, capsys):
                  "--contexts", "-1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--contexts must be >= 0, got -1" in err and len(err.splitlines()) == 1
+
+
+def test_report_states_of_two_models_of_one_architecture_share_one_program():
+    """The report's states function (report._jit_states) of a second model with the same
+    architecture (the SKD and MSE students) runs without tracing again, and gives its own
+    model's states (module.apply), adaptor applied; each used to trace and compile anew."""
+    import jax
+    import jax.monitoring
+
+    from sense_jax.models import get_family
+    from sense_jax.models.bert import BertConfig
+    from sense_jax.report import _jit_states
+
+    cfg = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=16, max_position_embeddings=16, add_pooler=False)
+    family = get_family("bert")
+    shapes = jax.eval_shape(family.init_fn(cfg), jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    models = []
+    for _ in range(2):  # two students: separately built modules of one config, their own weights
+        params = jax.tree.map(lambda x: rng.normal(0, 0.3, x.shape).astype(np.float32), shapes)
+        adaptor = {"weight": rng.normal(size=(12, 8)).astype(np.float32), "bias": rng.normal(size=12).astype(np.float32)}
+        models.append((family.make_module(cfg), params, adaptor))
+    ids = rng.integers(1, 50, (2, 6)).astype(np.int32)
+    mask = np.ones_like(ids)
+    first = np.asarray(_jit_states(*models[0])(ids, mask))
+    traces = []
+
+    def listen(event, secs, **kw):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            traces.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        second = np.asarray(_jit_states(*models[1])(ids, mask))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert traces == []
+    for (module, params, adaptor), got in zip(models, (first, second)):
+        want = np.asarray(module.apply({"params": params}, ids, mask)) @ adaptor["weight"].T + adaptor["bias"]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(first, second)
