@@ -80,19 +80,29 @@ def encode(variant: Variant, token_ids: list[list[int]], pad_id: int, batch_size
     return apply_senses(enc, variant.sense_dict) if variant.sense_dict is not None else enc
 
 
-def apply_senses(enc: Encoded, sense_dict: SenseDictionary, chunk: int = 8192) -> Encoded:
-    """Replace every state of a token with an entry by its nearest sense (METHOD §2), by the
-    dictionary's metric (``meta["metric"]``, else the paper's "dot")."""
-    metric = sense_dict.meta.get("metric", "dot")
-    ids = np.concatenate(enc.ids)
-    h = np.concatenate(enc.states)
-    out = np.empty_like(h)
+def _nearest_fixed_shape(sense_dict: SenseDictionary, ids: np.ndarray, h: np.ndarray, metric: str,
+                         chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest sense of each of M states, (sense index [M] int32, replaced [M, D] f32), looked up
+    ``chunk`` rows at a time in one fixed shape ([1, chunk], zero-padded): one compiled program
+    per dictionary shape and metric, whatever M is, instead of one per distinct M."""
+    idx = np.empty(len(ids), np.int32)
+    out = np.empty((len(ids), h.shape[1]), np.float32)
     for a in range(0, len(ids), chunk):
         n = min(chunk, len(ids) - a)
         pid = np.zeros((1, chunk), np.int32)
         ph = np.zeros((1, chunk, h.shape[1]), np.float32)
-        pid[0, :n], ph[0, :n] = ids[a:a + n], h[a:a + n]  # fixed shape: one compile
-        out[a:a + n] = np.asarray(nearest_sense(sense_dict, pid, ph, metric=metric)[1][0, :n])
+        pid[0, :n], ph[0, :n] = ids[a:a + n], h[a:a + n]
+        k, replaced, _ = nearest_sense(sense_dict, pid, ph, metric=metric)
+        # Sliced on the host: slicing the device arrays would compile a slice per distinct n.
+        idx[a:a + n], out[a:a + n] = np.asarray(k)[0, :n], np.asarray(replaced)[0, :n]
+    return idx, out
+
+
+def apply_senses(enc: Encoded, sense_dict: SenseDictionary, chunk: int = 8192) -> Encoded:
+    """Replace every state of a token with an entry by its nearest sense (METHOD §2), by the
+    dictionary's metric (``meta["metric"]``, else the paper's "dot")."""
+    metric = sense_dict.meta.get("metric", "dot")
+    _, out = _nearest_fixed_shape(sense_dict, np.concatenate(enc.ids), np.concatenate(enc.states), metric, chunk)
     splits = np.cumsum([len(x) for x in enc.ids])[:-1]
     return Encoded(enc.ids, np.split(out, splits))
 
@@ -145,7 +155,7 @@ def _word_start_pattern(lemma: str) -> re.Pattern:
 
 
 def wsi_items(tokenizer, max_per_lemma: int = 40, max_lemmas: int | None = None,
-              max_length: int = EVAL_MAX_LENGTH) -> list[WsiItem]:
+              max_length: int = EVAL_MAX_LENGTH, min_synsets: int = 0) -> list[WsiItem]:
     """Lemmas that are one vocabulary token inside a sentence, with examples of >= 2 synsets.
 
     The lemma's token is the one it gets after a space inside a sentence (``"a bank"``), found by
@@ -165,6 +175,8 @@ def wsi_items(tokenizer, max_per_lemma: int = 40, max_lemmas: int | None = None,
       max_per_lemma: examples kept per lemma (sorted by synset id, then text).
       max_lemmas: first lemmas in alphabetical order, None for all.
       max_length: examples are truncated to this many tokens (specials included).
+      min_synsets: a lemma is kept only when at least this many of its synsets have >= 2 kept
+        examples (applied before ``max_lemmas``; 0: no such condition).
 
     Raises:
       SenseJaxError: the tokenizer has no offset mapping (not a fast tokenizer).
@@ -178,20 +190,44 @@ def wsi_items(tokenizer, max_per_lemma: int = 40, max_lemmas: int | None = None,
             if "_" not in lemma and lemma.isalpha():
                 by_lemma[lemma.lower()].append((ex.synset_id, ex.text))
     lemmas = sorted(by_lemma)
+    items = []
+    # Lemmas in blocks, each block's example texts tokenised in one batched call (one call per
+    # lemma cost seconds of per-call overhead over WordNet's ~8,600 lemmas); the blocks stop once
+    # max_lemmas items are found, so a small suite tokenises only the first lemmas' examples.
+    for start in range(0, len(lemmas), _WSI_LEMMA_BLOCK):
+        items += _wsi_block(tokenizer, lemmas[start:start + _WSI_LEMMA_BLOCK], by_lemma, max_per_lemma,
+                            max_length, min_synsets)
+        if max_lemmas and len(items) >= max_lemmas:
+            break
+    return items[:max_lemmas] if max_lemmas else items
+
+
+_WSI_LEMMA_BLOCK = 256
+
+
+def _wsi_block(tokenizer, lemmas: list[str], by_lemma: dict, max_per_lemma: int, max_length: int,
+               min_synsets: int) -> list[WsiItem]:
+    """:func:`wsi_items` for ``lemmas`` (in order)."""
     carriers = [f"a {lemma}" for lemma in lemmas]  # the lemma after a space, as in running text
     enc = tokenizer(carriers, add_special_tokens=False, return_offsets_mapping=True)
-    items = []
+    targets = {}  # lemma -> its token id, for lemmas that are one token
     for lemma, carrier, ids, offsets in zip(lemmas, carriers, enc["input_ids"], enc["offset_mapping"]):
         at = _single_token_at(offsets, carrier, 2, len(carrier))
-        if at is None:
-            continue
-        tid = ids[at]
+        if at is not None:
+            targets[lemma] = ids[at]
+    if not targets:
+        return []
+    # Every distinct example text once (an example is shared by its synset's lemmas).
+    texts = sorted({t for lemma in targets for _, t in by_lemma[lemma]})
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=True)
+    tokenised = dict(zip(texts, zip(encoded["input_ids"], encoded["offset_mapping"])))
+    items = []
+    for lemma, tid in targets.items():
         rows = sorted(set(by_lemma[lemma]))
-        texts = [t for _, t in rows]
-        encoded = tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=True)
         word = _word_start_pattern(lemma)
         kept = []
-        for (sid, text), ex_ids, ex_offsets in zip(rows, encoded["input_ids"], encoded["offset_mapping"]):
+        for sid, text in rows:
+            ex_ids, ex_offsets = tokenised[text]
             for m in word.finditer(text):
                 p = _single_token_at(ex_offsets, text, m.start(), m.end())
                 if p is not None and ex_ids[p] == tid:
@@ -200,11 +236,12 @@ def wsi_items(tokenizer, max_per_lemma: int = 40, max_lemmas: int | None = None,
         if len({s for s, *_ in kept}) < 2:
             continue
         kept = kept[:max_per_lemma]
-        if len({s for s, *_ in kept}) < 2:
+        labels = [s for s, *_ in kept]
+        if len(set(labels)) < 2 or sum(c >= 2 for c in Counter(labels).values()) < min_synsets:
             continue
-        items.append(WsiItem(lemma, tid, [t for _, t, _, _ in kept], [s for s, *_ in kept],
+        items.append(WsiItem(lemma, tid, [t for _, t, _, _ in kept], labels,
                              [p for *_, p in kept], [ids for _, _, ids, _ in kept]))
-    return items[:max_lemmas] if max_lemmas else items
+    return items
 
 
 def classification_split(n_train: int, n_test: int) -> tuple[list, list]:
@@ -219,21 +256,21 @@ def classification_split(n_train: int, n_test: int) -> tuple[list, list]:
 # --- evaluations ------------------------------------------------------------------------------
 
 def sense_ids_at_targets(queries: Encoded, sense_dict: SenseDictionary, items: list[WsiItem],
-                         metric: str | None = None) -> list[np.ndarray]:
+                         metric: str | None = None, chunk: int = 8192) -> list[np.ndarray]:
     """Per lemma, the nearest-sense index of the target token in each example, [n_examples].
 
     ``queries`` holds the raw states of every item's examples, in item order; ``metric``
     defaults to the dictionary's own (its ``meta["metric"]``, else the paper's "dot").
     """
     metric = metric or sense_dict.meta.get("metric", "dot")
-    out, k = [], 0
-    for it in items:
-        h = np.stack([queries.states[k + j][p] for j, p in enumerate(it.positions)])
-        k += len(it.positions)
-        ids = np.full((len(h), 1), it.token_id, np.int32)
-        idx, _, _ = nearest_sense(sense_dict, ids, h[:, None, :], metric=metric)
-        out.append(np.asarray(idx[:, 0]))
-    return out
+    if not items:
+        return []
+    # Every lemma's targets in one look-up, in apply_senses' shape (each row carries its own token
+    # id): the same compiled program as apply_senses for the dictionary's metric, not one per lemma.
+    h = np.stack([queries.states[i][p] for i, p in enumerate(p for it in items for p in it.positions)])
+    ids = np.concatenate([np.full(len(it.positions), it.token_id, np.int32) for it in items])
+    idx, _ = _nearest_fixed_shape(sense_dict, ids, h, metric, chunk)
+    return np.split(idx, np.cumsum([len(it.positions) for it in items])[:-1])
 
 
 def wsi_scores(items: list[WsiItem], sense_ids: list[np.ndarray]) -> dict:
@@ -341,9 +378,7 @@ def run_suite(variants: dict[str, Variant], teacher_dict: SenseDictionary, token
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     special = set(tokenizer.all_special_ids)
-    items = [it for it in wsi_items(tokenizer, cfg.max_per_lemma, max_length=cfg.max_length)
-             if sum(c >= 2 for c in Counter(it.labels).values()) >= cfg.min_synsets]
-    items = items[:cfg.max_lemmas] if cfg.max_lemmas else items
+    items = wsi_items(tokenizer, cfg.max_per_lemma, cfg.max_lemmas, cfg.max_length, cfg.min_synsets)
     pairs = wic_pairs(items, cfg.wic_pairs_per_lemma, cfg.seed)
     log(f"evaluation: {len(items)} WSI lemmas, {sum(len(i.labels) for i in items)} examples, {len(pairs)} WiC pairs")
     report = {"wsi": {}, "wic": {}, "classification": {}, "retrieval": {}}

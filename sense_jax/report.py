@@ -7,6 +7,7 @@ them with the WordNet suite (:mod:`sense_jax.evaluation`) and writes ``report.js
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import statistics
 import time
@@ -28,16 +29,20 @@ from sense_jax.store import open_store
 from sense_jax.students import truncated_student
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _states(module, params, ids, mask, adaptor):
+    h = module.apply({"params": params}, ids, mask).astype(jnp.float32)
+    return h if adaptor is None else h @ adaptor[0].T + adaptor[1]
+
+
 def _jit_states(module, params, adaptor: dict | None = None) -> StatesFn:
-    """``(ids, mask) -> [B, T, D_teacher]``: a model, then optionally a torch-layout linear adaptor."""
+    """``(ids, mask) -> [B, T, D_teacher]``: a model, then optionally a torch-layout linear adaptor.
+
+    One jitted function for every model, the module a static argument (Linen modules compare by
+    their config): students of one architecture (the SKD and MSE students) share their compiled
+    programs, one per padded shape, instead of compiling each shape once per student."""
     w = None if adaptor is None else (jnp.asarray(adaptor["weight"]), jnp.asarray(adaptor["bias"]))
-
-    @jax.jit
-    def f(params, ids, mask):
-        h = module.apply({"params": params}, ids, mask).astype(jnp.float32)
-        return h if w is None else h @ w[0].T + w[1]
-
-    return lambda ids, mask: f(params, ids, mask)
+    return lambda ids, mask: _states(module, params, ids, mask, w)
 
 
 def build_variants(teacher_dir, senses_dir, senses_k1_dir, skd_dir=None, mse_dir=None,

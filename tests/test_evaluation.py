@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import Counter
@@ -64,6 +65,34 @@ def test_apply_senses_equals_nearest_sense():
         np.testing.assert_array_equal(got.states[n], want)
 
 
+def test_sense_ids_at_targets_equal_nearest_sense_per_lemma_in_one_compiled_shape():
+    """Each lemma's target states, looked up alone, give the same sense ids as the batched look-up;
+    lemmas of 2, 5 and 3 examples (and a chunk boundary inside a lemma) add no compiled program
+    beyond apply_senses' one shape (the per-lemma look-up compiled one per example count)."""
+    rng = np.random.default_rng(1)
+    sd = SenseDictionary.from_arrays(rng.normal(size=(9, 4)).astype(np.float32), [0, 3, 5, 9],
+                                     meta={"metric": "l2"})
+    items, states = [], []
+    for tid, n in ((0, 2), (2, 5), (1, 3)):
+        positions = rng.integers(0, 3, n).tolist()
+        items.append(ev.WsiItem(f"w{tid}", tid, ["t"] * n, list("ab" * n)[:n], positions, [[0]] * n))
+        states += [rng.normal(size=(3, 4)).astype(np.float32) for _ in range(n)]
+    queries = ev.Encoded([np.zeros(3, np.int32)] * len(states), states)
+    ev.apply_senses(queries, sd, chunk=4)  # apply_senses' own program (dictionary, metric, chunk)
+    before = nearest_sense._cache_size()
+    got = [ev.sense_ids_at_targets(queries, sd, items, metric, chunk=4) for metric in (None, "l2")]
+    assert nearest_sense._cache_size() == before
+    k = 0
+    for i, it in enumerate(items):
+        h = np.stack([states[k + j][p] for j, p in enumerate(it.positions)])
+        k += len(it.positions)
+        want = nearest_sense(sd, np.full((1, len(h)), it.token_id, np.int32), h[None], metric="l2")[0][0]
+        for g in got:
+            assert g[i].dtype == np.int32
+            np.testing.assert_array_equal(g[i], np.asarray(want))
+    assert ev.sense_ids_at_targets(queries, sd, [], chunk=4) == []
+
+
 def test_wsi_items_select_single_token_lemmas_with_two_synsets(minilm_dir):
     from transformers import AutoTokenizer
 
@@ -81,6 +110,12 @@ def test_wsi_items_select_single_token_lemmas_with_two_synsets(minilm_dir):
         for ids, p in zip(it.token_ids, it.positions):
             assert ids[p] == it.token_id
     assert all(wordnet.load_examples()) and "bank" in {it.lemma for it in items}
+    # min_synsets and max_lemmas (which stop early, after the first blocks of lemmas) select the
+    # same items as filtering and cutting the whole list (the 40th is lemma 1,644: seven blocks of 256).
+    two = [it for it in items if sum(c >= 2 for c in Counter(it.labels).values()) >= 2]
+    for n, m, want in ((40, 2, two[:40]), (12, 0, items[:12])):
+        got = ev.wsi_items(tok, max_per_lemma=40, max_lemmas=n, min_synsets=m)
+        assert [dataclasses.astuple(x) for x in got] == [dataclasses.astuple(x) for x in want]
 
 
 def _byte_level_bpe(texts, add_prefix_space=False):
@@ -176,3 +211,45 @@ def test_inspect_refuses_a_negative_context_count(tmp_path, capsys):
                  "--contexts", "-1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--contexts must be >= 0, got -1" in err and len(err.splitlines()) == 1
+
+
+def test_report_states_of_two_models_of_one_architecture_share_one_program():
+    """The report's states function (report._jit_states) of a second model with the same
+    architecture (the SKD and MSE students) runs without tracing again, and gives its own
+    model's states (module.apply), adaptor applied; each used to trace and compile anew."""
+    import jax
+    import jax.monitoring
+
+    from sense_jax.models import get_family
+    from sense_jax.models.bert import BertConfig
+    from sense_jax.report import _jit_states
+
+    cfg = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=16, max_position_embeddings=16, add_pooler=False)
+    family = get_family("bert")
+    shapes = jax.eval_shape(family.init_fn(cfg), jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    models = []
+    for _ in range(2):  # two students: separately built modules of one config, their own weights
+        params = jax.tree.map(lambda x: rng.normal(0, 0.3, x.shape).astype(np.float32), shapes)
+        adaptor = {"weight": rng.normal(size=(12, 8)).astype(np.float32), "bias": rng.normal(size=12).astype(np.float32)}
+        models.append((family.make_module(cfg), params, adaptor))
+    ids = rng.integers(1, 50, (2, 6)).astype(np.int32)
+    mask = np.ones_like(ids)
+    first = np.asarray(_jit_states(*models[0])(ids, mask))
+    traces = []
+
+    def listen(event, secs, **kw):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            traces.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        second = np.asarray(_jit_states(*models[1])(ids, mask))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert traces == []
+    for (module, params, adaptor), got in zip(models, (first, second)):
+        want = np.asarray(module.apply({"params": params}, ids, mask)) @ adaptor["weight"].T + adaptor["bias"]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(first, second)

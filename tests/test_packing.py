@@ -58,13 +58,20 @@ def _family(cfg):
     return get_family(cfg.model_type)
 
 
+def _init_value(path, x):
+    # The init's own vectors (norm scales 1, biases 0); matrices are all redrawn below.
+    return np.ones(x.shape, np.float32) if path[-1].key == "scale" else np.zeros(x.shape, np.float32)
+
+
 @functools.lru_cache(maxsize=None)
 def _params(cfg, seed=0):
-    params = jax.jit(_family(cfg).init_fn(cfg))(jax.random.PRNGKey(seed))
+    # The parameter tree by shape only (eval_shape: the init is traced, never compiled).
+    shapes = jax.eval_shape(_family(cfg).init_fn(cfg), jax.random.PRNGKey(seed))
     rng = np.random.default_rng(seed)
     # Weights at 0.3 (not the init's 0.02) so that attention weights are far from uniform.
-    return jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), jnp.float32) if x.ndim >= 2 else x,
-                        params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.asarray(rng.normal(0, 0.3, x.shape) if x.ndim >= 2 else _init_value(path, x),
+                                    jnp.float32), shapes)
 
 
 def _passages(cfg, seed=1):
@@ -93,10 +100,26 @@ def _forward(cfg):
     return jax.jit(fn)
 
 
+# Every forward of a config runs at one padded shape [B_PAD, T_PAD] (extra rows and columns are
+# padding: mask 0, segment 0), so a family compiles two programs (with and without segment ids)
+# for the whole module instead of two per test; right padding leaves the real tokens' states
+# unchanged (each family's padded parity with transformers is tested in its own file).
+B_PAD, T_PAD = 5, 18
+
+
 def _apply(module, params, ids, mask, tt, seg=None):
-    """All hidden states [L + 1, B, T, D] (jitted: one compile per shape, not one per op)."""
-    seg = None if seg is None else jnp.asarray(seg)
-    return np.asarray(_forward(module.cfg)(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(tt), seg))
+    """All hidden states [L + 1, B, T, D] of the [B, T] inputs (computed at [B_PAD, T_PAD])."""
+    B, T = ids.shape
+    pad = module.cfg.pad_token_id or 0
+
+    def padded(x, fill=0):
+        out = np.full((B_PAD, T_PAD), fill, np.int32)
+        out[:B, :T] = x
+        return jnp.asarray(out)
+
+    seg = None if seg is None else padded(seg)
+    h = _forward(module.cfg)(params, padded(ids, pad), padded(mask), padded(tt), seg)
+    return np.asarray(h)[:, :B, :T]
 
 
 def _packed_inputs(cfg, passages, types, packed):

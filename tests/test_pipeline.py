@@ -28,8 +28,10 @@ def tiny_teacher(tmp_path_factory, minilm_dir):
 def _cfg(tmp_path, teacher, **kw) -> PipelineConfig:
     # The smallest run through every stage and table, with as few compiled shapes as possible:
     # max_length 8 (the smallest length bucket) gives one training-step program per run, and
-    # n_per_token 16 (the smallest k-means bucket) one k-means program per K.
+    # n_per_token 16 (the smallest k-means bucket) one k-means program per K; the 400 glosses in
+    # one extraction batch, one forward program (batches of 64 fell in 5 length buckets).
     base = dict(out=str(tmp_path / "run"), teacher=str(teacher), n_glosses=400, n_heldout=50, n_per_token=16,
+                extract_batch_size=512,
                 k=3, epochs=0.25, batch_size=16, max_length=8, student_layers=1, eval_max_lemmas=12,
                 eval_train=60, eval_test=30, speed_sentences=8, progress=False,
                 teacher_cache="on")  # auto would skip it at epochs 0.25: it would not pay

@@ -190,12 +190,15 @@ def teacher_senses(finetuned, sentences):
     return sd.save(finetuned["dir"] / "teacher_senses"), t
 
 
-@pytest.mark.parametrize("objective,extra", [("skd", {"sense_replace": "true"}), ("task_only", {}),
+@pytest.mark.parametrize("objective,extra", [("task_only", {}),
                                              ("logit_kd", {"kd_temperature": 2.0, "kd_alpha": 0.7}),
                                              ("mse", {"mse_weight": 0.5}),
-                                             # a fresh narrower student: the adaptor maps 16 -> 32 for the head
-                                             ("skd", {"student": "fresh", "student_hidden_size": 16,
-                                                      "student_heads": 2, "student_intermediate_size": 32})])
+                                             # SKD with sense replacement, on a fresh narrower student: the
+                                             # adaptor maps 16 -> 32 for the dictionary and the head (the
+                                             # teacher-initialised student runs in the three cases above)
+                                             ("skd", {"sense_replace": "true", "student": "fresh",
+                                                      "student_hidden_size": 16, "student_heads": 2,
+                                                      "student_intermediate_size": 32})])
 def test_task_distillation_keeps_the_teachers_head_frozen_bit_for_bit(objective, extra, finetuned, teacher_senses,
                                                                     task_assets, tmp_path):
     from sense_jax import trainer as T
@@ -321,3 +324,35 @@ def test_evaluate_task_refuses_a_dictionary_of_another_teacher(finetuned, task_a
         lines = [x for x in cap.err.splitlines() if x.strip()]
         assert rc == 2 and len(lines) == 1 and "another teacher or tokenizer" in lines[0], cap.err
         assert cap.out == ""
+
+
+def test_a_second_classifier_of_the_same_model_evaluates_without_tracing_again(finetuned, task_assets):
+    """``load_classifier`` shares one jitted evaluator per architecture: a task pipeline scores
+    each student twice (without, with senses) and students of one size alike; each load used to
+    trace and compile its programs anew."""
+    import types
+
+    import jax.monitoring
+
+    from sense_jax.task_train import evaluate_task, load_classifier, load_task_data
+
+    def score():
+        ev, params = load_classifier(finetuned["export"], batch_size=8, max_length=16)
+        spec = types.SimpleNamespace(task="", task_data=str(task_assets["data"]), text_fields="sentence",
+                                     label_field="label", task_regression=False, eval_data="", seed=0,
+                                     max_train_examples=0, max_eval_examples=0)
+        return evaluate_task(ev, params, load_task_data(spec, vocabulary=ev.vocabulary, with_train=False))
+
+    first = score()
+    traces = []
+
+    def listen(event, secs, **kw):  # traces of the evaluator (loading the model traces its init shapes)
+        if event == "/jax/core/compile/jaxpr_trace_duration" and kw.get("fun_name") == "ev":
+            traces.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        assert score()["accuracy"] == first["accuracy"] == 1.0
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert traces == []

@@ -121,6 +121,16 @@ def _fingerprints(encoder_params: dict, vocab_size: int, tokenizer) -> tuple[str
     return (teacher_fingerprint(encoder_params, vocab_size, tokenizer) if tokenizer is not None else None), v1
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_eval(student_module, head_config, metric: str):
+    """One jitted evaluator per (encoder, head config, metric): classifiers of one architecture
+    (a task pipeline's students, each scored without and with senses) share its compiled programs
+    instead of compiling each shape once per :func:`load_classifier` call. Linen modules and the
+    family configs are frozen dataclasses, hashed by value."""
+    cfg = types.SimpleNamespace(metric=metric)
+    return jax.jit(make_task_eval(cfg, student_module, functools.partial(head_logits, head_config)))
+
+
 def load_classifier(source: str | Path, *, senses: str | None = None, batch_size: int = 32,
                     max_length: int = 128, metric: str = "dot"):
     """A classifier ready for :func:`evaluate_task`: ``(evaluator, params)``; ``evaluator.vocabulary``
@@ -135,8 +145,6 @@ def load_classifier(source: str | Path, *, senses: str | None = None, batch_size
     Raises:
       SenseJaxError: neither a task run nor a model with a head; a dictionary of another model.
     """
-
-
     source = Path(source)
     vocabulary = recorded_vocabulary(source) if source.is_dir() else None
     if (source / BEST_DIR).is_dir():
@@ -173,7 +181,11 @@ def load_classifier(source: str | Path, *, senses: str | None = None, batch_size
         fp, fp_v1 = fingerprints()
         check_sense_dict(sense_dict, width_cfg, source=senses, fingerprint=fp, embedding_fingerprint=fp_v1)
     cfg = types.SimpleNamespace(batch_size=batch_size, max_length=max_length, pad_to_buckets=True, metric=metric)
-    ev = jax.jit(make_task_eval(cfg, family.make_module(scfg), functools.partial(head_logits, hcfg)))
+    module = family.make_module(scfg)
+    try:
+        ev = _jitted_eval(module, hcfg, metric)
+    except TypeError:  # a config holding an unhashable value: its own evaluator, as before
+        ev = _jitted_eval.__wrapped__(module, hcfg, metric)
     frozen = {} if sense_dict is None else {"senses": sense_dict}
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     evaluator = types.SimpleNamespace(
