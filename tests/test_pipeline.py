@@ -82,6 +82,8 @@ def test_a_half_written_stage_is_redone_identically(finished, tiny_teacher):
     (tmp / "run" / "senses" / "meta.json").unlink()  # as if killed before completion was marked
     logs = []
     Pipeline(_cfg(tmp, tiny_teacher), log=logs.append).run(stages=("cluster",))
+    assert any(m.startswith("[cluster] K=3:") for m in logs), logs  # really clustered again
+    assert any(m.startswith("[cluster] done already") for m in logs), logs  # the complete K=1 kept
     assert senses.read_bytes() == before
 
 
