@@ -24,7 +24,7 @@ def _compile_cache(tmp_path_factory):
 DATA = Path(__file__).parent / "data"
 
 # The public benchmark copies (never in the repository): ../shared/evaldata beside the checkout, as
-# on the development machines and in CI; SENSE_JAX_EVALDATA names another copy of the same layout.
+# on the development machines; SENSE_JAX_EVALDATA names another copy of the same layout.
 EVALDATA = Path(os.environ.get("SENSE_JAX_EVALDATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "evaldata")
 
 
@@ -34,8 +34,8 @@ def need_evaldata(sub: str = "") -> Path:
     path = EVALDATA / sub if sub else EVALDATA
     if not path.is_dir():
         pytest.skip(f"{path} absent: the public benchmark copies are not in this checkout; this test runs "
-                    "where ../shared/evaldata sits beside the repository (as in CI) or SENSE_JAX_EVALDATA "
-                    "names a copy")
+                    "where ../shared/evaldata sits beside the repository (as on the development machines) or "
+                    "SENSE_JAX_EVALDATA names a copy")
     return path
 
 

@@ -52,6 +52,28 @@ def make_sense_dict(tokenizer, sentences, hidden_size: int = 32, seed: int = 0, 
     return SenseDictionary.from_arrays(centres, off, meta=meta)
 
 
+def make_skd_inputs(d: Path, minilm_dir: Path, sentences, dictionaries: dict[str, int] | None = None) -> dict:
+    """What a tiny SKD run reads, written under ``d``: the teacher (:func:`make_teacher`, at
+    ``d/teacher``), one sense dictionary per ``{name: seed}`` (default ``{"senses": 0}``, at
+    ``d/name``, each recording the teacher's fingerprint as a real one does) and the corpus
+    ``d/corpus.txt`` (``sentences``, one per line).
+
+    Returns ``{"dir", "teacher" (the loaded model), "teacher_dir", "corpus", "sentences"}`` plus
+    each dictionary's path under its name."""
+    import sense_jax
+    from sense_jax.fingerprints import teacher_fingerprint
+
+    teacher = sense_jax.load_model(make_teacher(d / "teacher", minilm_dir))
+    fp = teacher_fingerprint(teacher.params, TINY["vocab_size"], teacher.tokenizer)
+    out = {"dir": d, "teacher": teacher, "teacher_dir": d / "teacher", "corpus": d / "corpus.txt",
+           "sentences": sentences}
+    for name, seed in (dictionaries or {"senses": 0}).items():
+        make_sense_dict(teacher.tokenizer, sentences, seed=seed, meta={"teacher_fingerprint": fp}).save(d / name)
+        out[name] = d / name
+    out["corpus"].write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    return out
+
+
 def permute_tokenizer(teacher_dir: Path, out: Path, first: int = 1000) -> Path:
     """A copy of ``teacher_dir`` (same weights) whose tokenizer gives the tokens with ids
     ``first..V-1`` the reversed ids (``tokenizer.json`` and ``vocab.txt`` rewritten alike)."""

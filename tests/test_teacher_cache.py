@@ -16,7 +16,7 @@ import sense_jax
 from sense_jax import teacher_cache as tc
 from sense_jax.errors import SenseJaxError
 from sense_jax.training import cache as train_cache
-from skd_helpers import make_sense_dict, make_teacher, permute_tokenizer
+from skd_helpers import make_skd_inputs, permute_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -25,16 +25,7 @@ from sense_jax import trainer as T  # noqa: E402
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, minilm_dir, sentences):
-    from sense_jax.fingerprints import teacher_fingerprint
-
-    d = tmp_path_factory.mktemp("cache")
-    teacher = sense_jax.load_model(make_teacher(d / "teacher", minilm_dir))
-    fp = teacher_fingerprint(teacher.params, 30522, teacher.tokenizer)
-    make_sense_dict(teacher.tokenizer, sentences, meta={"teacher_fingerprint": fp}).save(d / "senses")
-    make_sense_dict(teacher.tokenizer, sentences, seed=1, meta={"teacher_fingerprint": fp}).save(d / "senses2")
-    (d / "corpus.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
-    return {"dir": d, "teacher_dir": d / "teacher", "senses": d / "senses", "senses2": d / "senses2",
-            "corpus": d / "corpus.txt", "sentences": sentences}
+    return make_skd_inputs(tmp_path_factory.mktemp("cache"), minilm_dir, sentences, {"senses": 0, "senses2": 1})
 
 
 def _cfg(assets, out, **kw):

@@ -17,7 +17,7 @@ import pytest
 
 import sense_jax
 from sense_jax.errors import SenseJaxError
-from skd_helpers import make_sense_dict, make_teacher, permute_tokenizer
+from skd_helpers import make_sense_dict, make_skd_inputs, make_teacher, permute_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,17 +30,8 @@ from sense_jax import trainer as T  # noqa: E402
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, minilm_dir, sentences):
-    """Tiny teacher dir, its sense dictionary on disk (with the teacher's fingerprint)."""
-    from sense_jax.fingerprints import teacher_fingerprint
-
-    d = tmp_path_factory.mktemp("skd")
-    teacher = sense_jax.load_model(make_teacher(d / "teacher", minilm_dir))
-    sd = make_sense_dict(teacher.tokenizer, sentences,
-                         meta={"teacher_fingerprint": teacher_fingerprint(teacher.params, 30522, teacher.tokenizer)})
-    sd.save(d / "senses")
-    (d / "corpus.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
-    return {"dir": d, "teacher": teacher, "teacher_dir": d / "teacher", "senses": d / "senses",
-            "corpus": d / "corpus.txt"}
+    """Tiny teacher dir, its sense dictionary on disk (with the teacher's fingerprint), the corpus."""
+    return make_skd_inputs(tmp_path_factory.mktemp("skd"), minilm_dir, sentences)
 
 
 def _cfg(assets, out, **kw):
