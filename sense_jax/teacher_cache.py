@@ -66,7 +66,7 @@ from sense_jax.batching import bucket_length
 from sense_jax.errors import SenseJaxError
 from sense_jax.fingerprints import config_hash, tokenizer_hash
 from sense_jax.io_utils import read_json, write_json_atomic
-from sense_jax.multiprocess import barrier, broadcast_ints
+from sense_jax.multiprocess import barrier, broadcast_ints, process_info
 
 CACHE_VERSION = 1
 COMPLETE_MARKER = "COMPLETE"
@@ -276,7 +276,7 @@ def build_teacher_cache(path: str | os.PathLike, *, identity: dict, passages: Se
 
     path = Path(path)
     work = path.with_name(path.name + WORK_SUFFIX)
-    proc0 = _process_index() == 0
+    proc0 = process_info()[0] == 0
     lengths = token_lengths(tokenizer, passages, max_length) if lengths is None else np.asarray(lengths, np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     order = np.argsort(lengths, kind="stable")
@@ -376,9 +376,3 @@ def _prepare_work(work: Path, job: dict, offsets: np.ndarray, targets_dtype: str
         shutil.rmtree(tmp, ignore_errors=True)
         raise SenseJaxError(f"cannot write the teacher cache {work}: {e.strerror or e}") from None
     return 0
-
-
-def _process_index() -> int:
-    import jax
-
-    return jax.process_index()
