@@ -145,3 +145,72 @@ def pack_passages(lengths: Sequence[int], row_length: int) -> Packing:
         segment[i] = count[r]
         fill[r] += n
     return Packing(T, lengths, row, offset, segment, fill[:n_rows].copy())
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedBatch:
+    """One batch of packed rows (:func:`packed_batches`).
+
+    Attributes:
+      input_ids: [R, T] int32, the passages' ids at their offsets, ``pad_id`` elsewhere.
+      segment_ids: [R, T] int32, 1..S per passage of a row, 0 at padding (rows past the last
+        passage are all padding: every batch has the same shape).
+      items: [n] int64, the passages of this batch (indices into the ``seqs`` given).
+      row: [n] int64, the row of each, within this batch.
+      offset: [n] int64, its first position in that row.
+    """
+
+    input_ids: np.ndarray
+    segment_ids: np.ndarray
+    items: np.ndarray
+    row: np.ndarray
+    offset: np.ndarray
+
+    @property
+    def attention_mask(self) -> np.ndarray:
+        """[R, T] int32: 1 at a passage's tokens, 0 at padding."""
+        return (self.segment_ids > 0).astype(np.int32)
+
+    def states_of(self, h: np.ndarray, lengths: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """``(passage, its states [n_i, ...])`` for every passage of the batch, from the model's
+        output ``h`` [R, T, ...] on this batch; ``lengths`` are all passages' lengths."""
+        for i, r, o in zip(self.items, self.row, self.offset):
+            yield int(i), h[r, o:o + lengths[i]]
+
+
+def packed_batches(seqs: Sequence[Sequence[int]], row_length: int, rows_per_batch: int,
+                   pad_id: int = 0) -> Iterator[PackedBatch]:
+    """Token id sequences packed several to a row (:func:`pack_passages`) in batches of a fixed
+    shape [rows_per_batch, row_length]: one compiled program for any mix of lengths.
+
+    Rows are taken in :func:`pack_passages`' order, ``rows_per_batch`` at a time; the last batch
+    is filled with empty rows. A model run on ``input_ids`` with ``segment_ids`` (attention within
+    a passage, positions restarting at each) gives each passage the states it has alone, within
+    float rounding (tests/test_packing.py).
+
+    Args:
+      seqs: N sequences of 1..``row_length`` token ids.
+      row_length: T, tokens per row.
+      rows_per_batch: R, rows per batch.
+      pad_id: the id at padding positions.
+
+    Raises:
+      ValueError: a sequence is empty or longer than ``row_length``.
+    """
+    lengths = np.array([len(s) for s in seqs], np.int64)
+    if not len(lengths):
+        return
+    pk = pack_passages(lengths, row_length)
+    seg = pk.segment_ids
+    by_row = np.argsort(pk.row, kind="stable")
+    starts = np.searchsorted(pk.row[by_row], np.arange(0, pk.n_rows + rows_per_batch, rows_per_batch))
+    for b, r0 in enumerate(range(0, pk.n_rows, rows_per_batch)):
+        items = by_row[starts[b]:starts[b + 1]]
+        ids = np.full((rows_per_batch, row_length), pad_id, np.int32)
+        segment_ids = np.zeros((rows_per_batch, row_length), np.int32)
+        n = min(rows_per_batch, pk.n_rows - r0)
+        segment_ids[:n] = seg[r0:r0 + n]
+        row, offset = pk.row[items] - r0, pk.offset[items]
+        for i, r, o in zip(items, row, offset):
+            ids[r, o:o + lengths[i]] = seqs[i]
+        yield PackedBatch(ids, segment_ids, items, row, offset)

@@ -1,9 +1,10 @@
 """The WordNet evaluation suite (METHOD §5): WSI, WiC-style pairs, classification, retrieval.
 
 Every model variant is seen through one interface, :class:`Variant`: a jitted function from
-``(input_ids [B, T], attention_mask [B, T])`` to hidden states [B, T, D_teacher] (students pass
-through their adaptor), and optionally a sense dictionary whose nearest senses replace those
-states (METHOD §2). Metrics come from scikit-learn.
+``(input_ids [B, T], attention_mask [B, T], segment_ids [B, T])`` to hidden states
+[B, T, D_teacher] (students pass through their adaptor), and optionally a sense dictionary whose
+nearest senses replace those states (METHOD §2). Texts are packed several to a row
+(:func:`encode`): one compiled program per model. Metrics come from scikit-learn.
 
 1. ``wsi``: usage examples (never in the dictionary's corpus) of lemmas that are one token of the
    teacher's vocabulary and have >= 2 synsets with examples containing that token. Sense id of an
@@ -37,12 +38,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from sense_jax import wordnet
-from sense_jax.batching import length_bucketed_batches, pad_batch
+from sense_jax.batching import packed_batches
 from sense_jax.errors import SenseJaxError
 from sense_jax.sense_dict import SenseDictionary, nearest_sense
 
-StatesFn = Callable[[np.ndarray, np.ndarray], jax.Array]
+StatesFn = Callable[[np.ndarray, np.ndarray, np.ndarray], jax.Array]
 EVAL_MAX_LENGTH = 128  # tokens per evaluated text: WordNet examples and definitions fit
+ROW_TOKENS = 2048  # tokens per packed forward call (16 rows of EVAL_MAX_LENGTH)
 
 
 @dataclasses.dataclass
@@ -51,7 +53,9 @@ class Variant:
 
     Attributes:
       name: report key, e.g. "teacher_senses".
-      states: ``(input_ids [B, T] int32, attention_mask [B, T] int32) -> [B, T, D_teacher]``.
+      states: ``(input_ids, attention_mask, segment_ids) -> [B, T, D_teacher]``, the inputs
+        [B, T] int32 packed rows (``segment_ids`` 1..S per text of a row, 0 at padding: attention
+        within a text, positions restarting at each).
       sense_dict: if set, states of tokens with an entry are replaced by their nearest sense.
     """
 
@@ -68,14 +72,27 @@ class Encoded:
     states: list[np.ndarray]
 
 
-def encode(variant: Variant, token_ids: list[list[int]], pad_id: int, batch_size: int = 64) -> Encoded:
-    """Run ``variant`` over tokenised texts in length-bucketed batches; returns ragged arrays."""
+def encode(variant: Variant, token_ids: list[list[int]], pad_id: int, row_length: int = EVAL_MAX_LENGTH,
+           rows_per_batch: int | None = None) -> Encoded:
+    """Run ``variant`` over tokenised texts; returns ragged arrays ([n_i] ids, [n_i, D] f32 states).
+
+    The texts are packed several to a row of ``row_length`` tokens, ``rows_per_batch`` rows per
+    call (default: :data:`ROW_TOKENS` tokens per call; :func:`sense_jax.batching.packed_batches`):
+    one input shape, so one compiled program per model for any mix of lengths, and a few percent
+    of padding instead of a length-bucketed batch's. Each text's states are its states alone
+    within float rounding (the models' ``segment_ids``).
+
+    Raises:
+      ValueError: a text is empty or longer than ``row_length`` (truncate it first; the row
+        length must fit the model's positions).
+    """
+    rows = rows_per_batch or max(1, ROW_TOKENS // row_length)
+    lengths = [len(t) for t in token_ids]
     out_states: list[np.ndarray | None] = [None] * len(token_ids)
-    for idx, L in length_bucketed_batches([len(t) for t in token_ids], batch_size):
-        ids, mask = pad_batch([token_ids[i] for i in idx], L, pad_id, batch_size)
-        h = np.asarray(variant.states(ids, mask), np.float32)
-        for row, i in enumerate(idx):
-            out_states[i] = h[row, :len(token_ids[i])]
+    for b in packed_batches(token_ids, row_length, rows, pad_id):
+        h = np.asarray(variant.states(b.input_ids, b.attention_mask, b.segment_ids), np.float32)
+        for i, states in b.states_of(h, lengths):
+            out_states[i] = states
     enc = Encoded([np.asarray(t, np.int32) for t in token_ids], out_states)
     return apply_senses(enc, variant.sense_dict) if variant.sense_dict is not None else enc
 
@@ -405,7 +422,7 @@ def run_suite(variants: dict[str, Variant], teacher_dict: SenseDictionary, token
     for name, v in variants.items():
         if id(v.states) not in raw:
             plain = dataclasses.replace(v, sense_dict=None)
-            raw[id(v.states)] = {k: encode(plain, toks, pad) for k, toks in
+            raw[id(v.states)] = {k: encode(plain, toks, pad, cfg.max_length) for k, toks in
                                  (("train", defs_train), ("test", defs_test), ("queries", queries),
                                   ("candidates", cand_tok))}
         enc = raw[id(v.states)]

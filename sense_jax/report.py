@@ -30,19 +30,20 @@ from sense_jax.students import truncated_student
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _states(module, params, ids, mask, adaptor):
-    h = module.apply({"params": params}, ids, mask).astype(jnp.float32)
+def _states(module, params, ids, mask, segment_ids, adaptor):
+    h = module.apply({"params": params}, ids, mask, segment_ids=segment_ids).astype(jnp.float32)
     return h if adaptor is None else h @ adaptor[0].T + adaptor[1]
 
 
 def _jit_states(module, params, adaptor: dict | None = None) -> StatesFn:
-    """``(ids, mask) -> [B, T, D_teacher]``: a model, then optionally a torch-layout linear adaptor.
+    """``(ids, mask, segment_ids) -> [B, T, D_teacher]`` (packed rows, :class:`sense_jax.evaluation.Variant`):
+    a model, then optionally a torch-layout linear adaptor.
 
     One jitted function for every model, the module a static argument (Linen modules compare by
     their config): students of one architecture (the SKD and MSE students) share their compiled
     programs, one per padded shape, instead of compiling each shape once per student."""
     w = None if adaptor is None else (jnp.asarray(adaptor["weight"]), jnp.asarray(adaptor["bias"]))
-    return lambda ids, mask: _states(module, params, ids, mask, w)
+    return lambda ids, mask, segment_ids: _states(module, params, ids, mask, segment_ids, w)
 
 
 def build_variants(teacher_dir, senses_dir, senses_k1_dir, skd_dir=None, mse_dir=None,
@@ -79,16 +80,17 @@ def param_bytes(params) -> tuple[int, int]:
 
 
 def measure_speed(variants: dict[str, Variant], token_ids: list[list[int]], pad_id: int,
-                  batch_size: int = 64, reps: int = 3) -> dict:
-    """Inference tokens/s of each variant on the same passages (compile excluded, median of reps)."""
+                  row_length: int, reps: int = 3) -> dict:
+    """Inference tokens/s of each variant on the same passages, packed as the evaluation reads
+    them (:func:`sense_jax.evaluation.encode`; compile excluded, median of ``reps``)."""
     n_tokens = sum(len(t) for t in token_ids)
     out = {}
     for name, v in variants.items():
-        encode(v, token_ids, pad_id, batch_size)  # compile every shape
+        encode(v, token_ids, pad_id, row_length)  # compile
         times = []
         for _ in range(reps):
             t = time.perf_counter()
-            encode(v, token_ids, pad_id, batch_size)
+            encode(v, token_ids, pad_id, row_length)
             times.append(time.perf_counter() - t)
         out[name] = {"tokens_per_s": n_tokens / statistics.median(times), "tokens": n_tokens}
     return out
@@ -161,7 +163,7 @@ def write_report(report_dir, *, teacher_dir, senses_dir, senses_k1_dir, store_di
     ids = tok(sample, truncation=True, max_length=length)["input_ids"]
     speed_variants = {k: v for k, v in variants.items()
                       if k in ("teacher", "teacher_senses", "skd_student", "skd_student_senses")}
-    report["speed"] = measure_speed(speed_variants, ids, tok.pad_token_id or 0)
+    report["speed"] = measure_speed(speed_variants, ids, tok.pad_token_id or 0, length)
     report["config"] = dict(config or {})
     report["timings_s"] = dict(timings or {})
 

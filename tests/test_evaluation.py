@@ -236,7 +236,8 @@ def test_report_states_of_two_models_of_one_architecture_share_one_program():
         models.append((family.make_module(cfg), params, adaptor))
     ids = rng.integers(1, 50, (2, 6)).astype(np.int32)
     mask = np.ones_like(ids)
-    first = np.asarray(_jit_states(*models[0])(ids, mask))
+    seg = mask.copy()
+    first = np.asarray(_jit_states(*models[0])(ids, mask, seg))
     traces = []
 
     def listen(event, secs, **kw):
@@ -245,7 +246,7 @@ def test_report_states_of_two_models_of_one_architecture_share_one_program():
 
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
-        second = np.asarray(_jit_states(*models[1])(ids, mask))
+        second = np.asarray(_jit_states(*models[1])(ids, mask, seg))
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     assert traces == []
@@ -253,3 +254,43 @@ def test_report_states_of_two_models_of_one_architecture_share_one_program():
         want = np.asarray(module.apply({"params": params}, ids, mask)) @ adaptor["weight"].T + adaptor["bias"]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert not np.allclose(first, second)
+
+
+def test_encode_packs_texts_and_gives_each_its_states_alone_in_one_program():
+    """``encode`` packs texts of any lengths into rows of one shape: every text gets the states
+    the model gives it alone (within 1e-5), and a second call with other lengths compiles nothing."""
+    import jax
+    import jax.monitoring
+
+    from sense_jax.models import get_family
+    from sense_jax.models.bert import BertConfig
+    from sense_jax.report import _jit_states
+
+    cfg = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=16, max_position_embeddings=40, add_pooler=False)
+    family = get_family("bert")
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda x: rng.normal(0, 0.3, x.shape).astype(np.float32),
+                          jax.eval_shape(family.init_fn(cfg), jax.random.PRNGKey(0)))
+    module = family.make_module(cfg)
+    variant = ev.Variant("m", _jit_states(module, params))
+    texts = [list(rng.integers(1, 50, n)) for n in (5, 1, 30, 12, 7, 40, 3)]
+    enc = ev.encode(variant, texts, pad_id=0, row_length=40, rows_per_batch=2)
+    for t, ids, h in zip(texts, enc.ids, enc.states):
+        x = np.asarray(t, np.int32)[None]
+        want = np.asarray(module.apply({"params": params}, x, np.ones_like(x)))[0]
+        np.testing.assert_array_equal(ids, t)
+        np.testing.assert_allclose(h, want, rtol=1e-5, atol=1e-5)
+    traces = []
+
+    def listen(event, secs, **kw):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            traces.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        ev.encode(variant, [list(rng.integers(1, 50, n)) for n in (2, 33, 9)], pad_id=0, row_length=40,
+                  rows_per_batch=2)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert traces == []

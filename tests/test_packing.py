@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sense_jax.batching import pack_passages
+from sense_jax.batching import pack_passages, packed_batches
 from sense_jax.models import count_in_segment, get_family
 from sense_jax.models.bert import BertConfig, position_ids
 from sense_jax.models.deberta_v2 import DebertaV2Config
@@ -259,3 +259,27 @@ def test_packer_invariants_on_random_lengths():
 def test_packer_refuses_a_passage_longer_than_a_row():
     with pytest.raises(ValueError, match="passage 1 has 9 tokens"):
         pack_passages([3, 9], 8)
+
+
+def test_packed_batches_have_one_shape_and_hold_every_sequence_once_at_its_offset():
+    seqs = [[7] * 5, [3], [9] * 8, [4, 5, 6], [2] * 6, [8, 8]]  # 25 tokens, rows of 8 -> 4 rows
+    batches = list(packed_batches(seqs, row_length=8, rows_per_batch=3, pad_id=-1))
+    assert [b.input_ids.shape for b in batches] == [(3, 8), (3, 8)]
+    assert all(b.segment_ids.shape == (3, 8) for b in batches)
+    assert (batches[1].segment_ids[1:] == 0).all() and (batches[1].input_ids[1:] == -1).all()  # filler rows
+    seen = []
+    for b in batches:
+        for i, r, o in zip(b.items, b.row, b.offset):
+            n = len(seqs[i])
+            assert list(b.input_ids[r, o:o + n]) == seqs[i]
+            assert len(set(b.segment_ids[r, o:o + n])) == 1 and b.segment_ids[r, o] > 0
+            seen.append(int(i))
+        assert ((b.input_ids == -1) == (b.segment_ids == 0)).all()
+        np.testing.assert_array_equal(b.attention_mask, b.segment_ids > 0)
+        h = np.arange(3 * 8).reshape(3, 8)  # "states": position numbers, to check the slices
+        for i, rows in b.states_of(h, [len(s) for s in seqs]):
+            j = list(b.items).index(i)
+            assert list(rows) == list(h[b.row[j], b.offset[j]:b.offset[j] + len(seqs[i])])
+    assert sorted(seen) == list(range(len(seqs)))
+    with pytest.raises(ValueError, match="passage 0 has 9 tokens; rows hold 1..8"):
+        next(packed_batches([[1] * 9], row_length=8, rows_per_batch=2))

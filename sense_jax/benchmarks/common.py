@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sense_jax.batching import length_bucketed_batches, pack_passages, pad_batch
+from sense_jax.batching import length_bucketed_batches, packed_batches, pad_batch
 from sense_jax.errors import SenseJaxError
 from sense_jax.fingerprints import teacher_fingerprint
 from sense_jax.hf_export import load_adaptor
@@ -304,7 +304,7 @@ def encode_targets(bm: BenchModel, targets: Sequence[Target], batch_size: int = 
 
     Every distinct passage is run once: identical sentences (the same sentence with several
     targets, or the same target list asked again) share one forward. Passages of up to
-    :data:`ROW_LENGTH` tokens are packed several to a row (:func:`sense_jax.batching.pack_passages`,
+    :data:`ROW_LENGTH` tokens are packed several to a row (:func:`sense_jax.batching.packed_batches`,
     ``segment_ids``: attention stays within a passage and positions restart, so each passage's
     states are those of the passage alone, within float rounding), :data:`ROW_TOKENS` tokens per
     batch: one compiled program for any mix of lengths and 2-5 % padding instead of 16-61 % with
@@ -374,25 +374,10 @@ def encode_targets(bm: BenchModel, targets: Sequence[Target], batch_size: int = 
     lengths = np.array([len(x) for x in plist], np.int64)
     short = np.flatnonzero(lengths <= R)
     if len(short):
-        pk = pack_passages(lengths[short], R)
-        seg = pk.segment_ids
-        rows = max(1, ROW_TOKENS // R)
-        by_row: dict[int, list[int]] = {}
-        for i in range(len(short)):
-            by_row.setdefault(int(pk.row[i]), []).append(i)
-        for r0 in range(0, pk.n_rows, rows):
-            ids = np.full((rows, R), pad, np.int32)
-            sg = np.zeros((rows, R), np.int32)
-            n = min(rows, pk.n_rows - r0)
-            sg[:n] = seg[r0:r0 + n]
-            for r in range(r0, r0 + n):
-                for i in by_row[r]:
-                    o = int(pk.offset[i])
-                    ids[r - r0, o:o + lengths[short[i]]] = plist[short[i]]
-            h = bm.states(ids, (sg > 0).astype(np.int32), sg)
-            for r in range(r0, r0 + n):
-                for i in by_row[r]:
-                    keep(int(short[i]), ids[r - r0], h[r - r0], int(pk.offset[i]))
+        for b in packed_batches([plist[p] for p in short], R, max(1, ROW_TOKENS // R), pad):
+            h = bm.states(b.input_ids, b.attention_mask, b.segment_ids)
+            for i, r, o in zip(b.items, b.row, b.offset):
+                keep(int(short[i]), b.input_ids[r], h[r], int(o))
     long = np.flatnonzero(lengths > R)
     for idx, L in length_bucketed_batches(lengths[long], batch_size):
         rows_p = [int(long[i]) for i in idx]
