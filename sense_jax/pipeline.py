@@ -71,8 +71,12 @@ class PipelineConfig:
     extract_batch_size: int = 64      # passages per device per extraction step
     student_layers: int = 2           # student = the teacher's first L layers (METHOD §3)
     epochs: float = 1.0               # passes of the student over the training passages
-    batch_size: int = 64              # training passages per step
+    batch_size: int = 64              # training passages per step (about, when packed)
     max_length: int = 64              # training tokens per passage (WordNet definitions fit)
+    pack_length: int = 0              # > 0: pack the training passages into rows of this many tokens
+                                      # (the trainer's pack_length, >= max_length), as many rows per step
+                                      # as hold batch_size passages of the corpus's mean length; 0: one
+                                      # passage per row, length-grouped and padded to length buckets
     learning_rate: float = 5e-4       # peak learning rate (warmup, then cosine decay)
     mse_baseline: bool = True         # also train a same-size student with plain MSE distillation
     teacher_cache: str = "auto"       # the teacher's SKD targets and hidden states computed once for both
@@ -105,6 +109,8 @@ def load_pipeline_config(path=None, overrides=(), out: str | None = None) -> Pip
             raise ConfigError(f"config: {key}={getattr(cfg, key)} must be >= 1")
     if cfg.epochs <= 0:
         raise ConfigError(f"config: epochs={cfg.epochs} must be > 0")
+    if cfg.pack_length and cfg.pack_length < cfg.max_length:
+        raise ConfigError(f"config: pack_length={cfg.pack_length} must be 0 or >= max_length={cfg.max_length}")
     return cfg
 
 
@@ -243,8 +249,10 @@ class Pipeline:
             student="truncate", eval_data=str(self.heldout_path() or ""), student_layers=self.cfg.student_layers,
             seed=self.cfg.seed, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
             learning_rate=self.cfg.learning_rate, progress=self.cfg.progress, log_every=10, tensorboard=False,
-            group_by_length=64, teacher_cache=self._teacher_cache(),
-            teacher_cache_max_bytes=self.cfg.teacher_cache_max_bytes)
+            group_by_length=0 if self.cfg.pack_length else 64, pack_length=self.cfg.pack_length,
+            teacher_cache=self._teacher_cache(), teacher_cache_max_bytes=self.cfg.teacher_cache_max_bytes)
+        if base.pack_length:
+            base = dataclasses.replace(base, batch_size=self._pack_rows(base))
         # The trainer counts its own training passages (its held-out split included).
         steps = trainer.steps_for_epochs(base, self.cfg.epochs)
         todo = [(n, w) for n, w in runs if not (self.out / f"{n}_student" / "adaptor.json").exists()]
@@ -262,9 +270,22 @@ class Pipeline:
                                       senses=base.senses if weights["skd_weight"] else "",
                                       warmup_steps=max(1, steps // 20), save_every=max(1, steps // 4),
                                       eval_every=max(1, steps // 4), **weights)
-            self.log(f"[distill] {name}: {steps} steps of {self.cfg.batch_size} passages")
+            per_step = (f"{base.batch_size} rows of {base.pack_length} tokens" if base.pack_length
+                        else f"{base.batch_size} passages")
+            self.log(f"[distill] {name}: {steps} steps of {per_step}")
             trainer.train(cfg, log=self.log)
             trainer.export_checkpoint(self.out / name, export, overwrite=True, log=self.log)
+
+    def _pack_rows(self, base) -> int:
+        """Rows of ``pack_length`` tokens per step that hold about ``batch_size`` training passages
+        of the corpus's mean length (truncated to ``max_length``), so that a packed step sees about
+        as many real tokens as an unpacked one."""
+        from sense_jax.training.data import run_passages, truncated_lengths
+        from sense_jax.training.setup import teacher_tokenizer
+
+        passages, _ = run_passages(base)
+        mean = float(truncated_lengths(teacher_tokenizer(base), passages, base.max_length).mean())
+        return max(1, round(self.cfg.batch_size * mean / base.pack_length))
 
     def _teacher_cache(self) -> str:
         """The trainer's ``teacher_cache`` value for both students: a shared path, or "off" (also for

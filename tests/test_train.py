@@ -420,7 +420,9 @@ _SPY = textwrap.dedent("""
 """)
 
 
-def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets, tmp_path):
+@pytest.mark.parametrize("pack", [0, 32])
+def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets, tmp_path, pack):
+    # pack 32: 4 rows of 32 tokens per micro-batch, each process tokenising its 2 rows' passages.
     import dataclasses
     import socket
 
@@ -428,7 +430,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     kw = dict(steps=2, batch_size=4, grad_accum=2, save_every=2, eval_every=0, eval_fraction=0.1,
-              plot=False)
+              plot=False, pack_length=pack)
 
     def spawn(out: str, devices: int, *flags: str, log: str = "unused") -> subprocess.Popen:
         cfg = _cfg(assets, tmp_path / out, **kw)
@@ -449,8 +451,11 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets
     # Each process tokenised only its half of every batch (4 training micro-batches, 1 held-out).
     seen = [[json.loads(x) for x in (tmp_path / f"texts{i}.jsonl").read_text().splitlines()]
             for i in ("0", "1", "-one")]
-    assert len(seen[2]) == 5 and all(len(b) == 4 for b in seen[2])
-    assert [a + b for a, b in zip(seen[0], seen[1])] == seen[2] and all(len(b) == 2 for b in seen[0])
+    assert [a + b for a, b in zip(seen[0], seen[1])] == seen[2] and len(seen[2]) == 5
+    if pack:  # several passages per row; each process its rows' passages
+        assert all(len(b) > 4 for b in seen[2][:4]) and all(len(b) > 0 for b in seen[0][:4] + seen[1][:4])
+    else:
+        assert all(len(b) == 4 for b in seen[2]) and all(len(b) == 2 for b in seen[0])
     held_out = [[r for r in map(json.loads, (tmp_path / out / "metrics.jsonl").read_text().splitlines())
                  if r["kind"] == "eval"] for out in ("two", "one")]
     assert held_out[0] == held_out[1] and len(held_out[0]) == 1
