@@ -252,7 +252,10 @@ class Pipeline:
             group_by_length=0 if self.cfg.pack_length else 64, pack_length=self.cfg.pack_length,
             teacher_cache=self._teacher_cache(), teacher_cache_max_bytes=self.cfg.teacher_cache_max_bytes)
         if base.pack_length:
-            base = dataclasses.replace(base, batch_size=self._pack_rows(base))
+            # batch_size counts rows; the held-out evaluation packs its first eval_batches x
+            # batch_size passages, so more batches evaluate the same passages as unpacked.
+            rows = self._pack_rows(base)
+            base = dataclasses.replace(base, batch_size=rows, eval_batches=-(-base.eval_batches * base.batch_size // rows))
         # The trainer counts its own training passages (its held-out split included).
         steps = trainer.steps_for_epochs(base, self.cfg.epochs)
         todo = [(n, w) for n, w in runs if not (self.out / f"{n}_student" / "adaptor.json").exists()]
