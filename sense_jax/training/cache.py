@@ -4,8 +4,8 @@ and the stream and step that read it (the cache itself: :mod:`sense_jax.teacher_
 ``teacher_cache`` (config): ``off``: the teacher runs inside every step (as before the cache);
 ``on``: the cache at ``out_dir/teacher_cache`` is built if absent and read; ``auto`` (default): as
 ``on`` when the run sees its passages more than once (``steps x batch_size x grad_accum`` >
-passages, or > packed rows per epoch with ``pack_length``) or a complete cache is already there, else ``off`` (for a single pass building it
-costs what it saves); a path: that cache, built if absent (the pipeline shares one between its
+passages, or > an epoch's packed rows with ``pack_length``) or a complete cache is already
+there, else ``off`` (for a single pass building it costs what it saves); a path: that cache, built if absent (the pipeline shares one between its
 two students). What a run reads:
 
 * SKD (``mse_weight`` 0): the targets; the step has no teacher forward;
