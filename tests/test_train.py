@@ -423,6 +423,7 @@ _SPY = textwrap.dedent("""
 @pytest.mark.parametrize("pack", [0, 32])
 def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets, tmp_path, pack):
     # pack 32: 4 rows of 32 tokens per micro-batch, each process tokenising its 2 rows' passages.
+    # (No teacher cache: its build would tokenise too; packed, 2 steps see the passages twice.)
     import dataclasses
     import socket
 
@@ -430,7 +431,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     kw = dict(steps=2, batch_size=4, grad_accum=2, save_every=2, eval_every=0, eval_fraction=0.1,
-              plot=False, pack_length=pack)
+              plot=False, pack_length=pack, teacher_cache="off")
 
     def spawn(out: str, devices: int, *flags: str, log: str = "unused") -> subprocess.Popen:
         cfg = _cfg(assets, tmp_path / out, **kw)
