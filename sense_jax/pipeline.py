@@ -73,10 +73,11 @@ class PipelineConfig:
     epochs: float = 1.0               # passes of the student over the training passages
     batch_size: int = 64              # training passages per step (about, when packed)
     max_length: int = 64              # training tokens per passage (WordNet definitions fit)
-    pack_length: int = 0              # > 0: pack the training passages into rows of this many tokens
-                                      # (the trainer's pack_length, >= max_length), as many rows per step
-                                      # as hold batch_size passages of the corpus's mean length; 0: one
-                                      # passage per row, length-grouped and padded to length buckets
+    pack: bool = True                 # pack the training passages into rows of max_length tokens (the
+                                      # trainer's pack_length), as many rows per step as hold batch_size
+                                      # passages of the corpus's mean length: one step program, little
+                                      # padding; false: one passage per row, length-grouped, padded to
+                                      # length buckets
     learning_rate: float = 5e-4       # peak learning rate (warmup, then cosine decay)
     mse_baseline: bool = True         # also train a same-size student with plain MSE distillation
     teacher_cache: str = "auto"       # the teacher's SKD targets and hidden states computed once for both
@@ -109,8 +110,6 @@ def load_pipeline_config(path=None, overrides=(), out: str | None = None) -> Pip
             raise ConfigError(f"config: {key}={getattr(cfg, key)} must be >= 1")
     if cfg.epochs <= 0:
         raise ConfigError(f"config: epochs={cfg.epochs} must be > 0")
-    if cfg.pack_length and cfg.pack_length < cfg.max_length:
-        raise ConfigError(f"config: pack_length={cfg.pack_length} must be 0 or >= max_length={cfg.max_length}")
     return cfg
 
 
@@ -249,7 +248,7 @@ class Pipeline:
             student="truncate", eval_data=str(self.heldout_path() or ""), student_layers=self.cfg.student_layers,
             seed=self.cfg.seed, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
             learning_rate=self.cfg.learning_rate, progress=self.cfg.progress, log_every=10, tensorboard=False,
-            group_by_length=0 if self.cfg.pack_length else 64, pack_length=self.cfg.pack_length,
+            group_by_length=0 if self.cfg.pack else 64, pack_length=self.cfg.max_length if self.cfg.pack else 0,
             teacher_cache=self._teacher_cache(), teacher_cache_max_bytes=self.cfg.teacher_cache_max_bytes)
         if base.pack_length:
             # batch_size counts rows; the held-out evaluation packs its first eval_batches x
