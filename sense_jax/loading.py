@@ -175,6 +175,18 @@ def _load_tokenizer(path: Path):
     return tok
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of the model directory ``path`` (converted or transformers), as
+    :func:`load_model` loads it, without its weights.
+
+    Raises:
+      SenseJaxError: no tokenizer files there, or they cannot be loaded (named)."""
+    tok = _load_tokenizer(Path(path))
+    if tok is None:
+        raise SenseJaxError(f"{path}: no tokenizer files")
+    return tok
+
+
 def load_model(path: str | os.PathLike, *, dtype: str = "float32", sharding: Any = None,
                adapter: Any = None, config_overrides: dict | None = None) -> Model:
     """Load a model for inference or training.

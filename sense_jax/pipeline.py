@@ -71,8 +71,13 @@ class PipelineConfig:
     extract_batch_size: int = 64      # passages per device per extraction step
     student_layers: int = 2           # student = the teacher's first L layers (METHOD §3)
     epochs: float = 1.0               # passes of the student over the training passages
-    batch_size: int = 64              # training passages per step
+    batch_size: int = 64              # training passages per step (about, when packed)
     max_length: int = 64              # training tokens per passage (WordNet definitions fit)
+    pack: bool = True                 # pack the training passages into rows of max_length tokens (the
+                                      # trainer's pack_length), as many rows per step as hold batch_size
+                                      # passages of the corpus's mean length: one step program, little
+                                      # padding; false: one passage per row, length-grouped, padded to
+                                      # length buckets
     learning_rate: float = 5e-4       # peak learning rate (warmup, then cosine decay)
     mse_baseline: bool = True         # also train a same-size student with plain MSE distillation
     teacher_cache: str = "auto"       # the teacher's SKD targets and hidden states computed once for both
@@ -243,8 +248,13 @@ class Pipeline:
             student="truncate", eval_data=str(self.heldout_path() or ""), student_layers=self.cfg.student_layers,
             seed=self.cfg.seed, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
             learning_rate=self.cfg.learning_rate, progress=self.cfg.progress, log_every=10, tensorboard=False,
-            group_by_length=64, teacher_cache=self._teacher_cache(),
-            teacher_cache_max_bytes=self.cfg.teacher_cache_max_bytes)
+            group_by_length=0 if self.cfg.pack else 64, pack_length=self.cfg.max_length if self.cfg.pack else 0,
+            teacher_cache=self._teacher_cache(), teacher_cache_max_bytes=self.cfg.teacher_cache_max_bytes)
+        if base.pack_length:
+            # batch_size counts rows; the held-out evaluation packs its first eval_batches x
+            # batch_size passages, so more batches evaluate the same passages as unpacked.
+            rows = self._pack_rows(base)
+            base = dataclasses.replace(base, batch_size=rows, eval_batches=-(-base.eval_batches * base.batch_size // rows))
         # The trainer counts its own training passages (its held-out split included).
         steps = trainer.steps_for_epochs(base, self.cfg.epochs)
         todo = [(n, w) for n, w in runs if not (self.out / f"{n}_student" / "adaptor.json").exists()]
@@ -262,9 +272,22 @@ class Pipeline:
                                       senses=base.senses if weights["skd_weight"] else "",
                                       warmup_steps=max(1, steps // 20), save_every=max(1, steps // 4),
                                       eval_every=max(1, steps // 4), **weights)
-            self.log(f"[distill] {name}: {steps} steps of {self.cfg.batch_size} passages")
+            per_step = (f"{base.batch_size} rows of {base.pack_length} tokens" if base.pack_length
+                        else f"{base.batch_size} passages")
+            self.log(f"[distill] {name}: {steps} steps of {per_step}")
             trainer.train(cfg, log=self.log)
             trainer.export_checkpoint(self.out / name, export, overwrite=True, log=self.log)
+
+    def _pack_rows(self, base) -> int:
+        """Rows of ``pack_length`` tokens per step that hold about ``batch_size`` training passages
+        of the corpus's mean length (truncated to ``max_length``), so that a packed step sees about
+        as many real tokens as an unpacked one."""
+        from sense_jax.training.data import run_passages, truncated_lengths
+        from sense_jax.training.setup import teacher_tokenizer
+
+        passages, _ = run_passages(base)
+        mean = float(truncated_lengths(teacher_tokenizer(base), passages, base.max_length).mean())
+        return max(1, round(self.cfg.batch_size * mean / base.pack_length))
 
     def _teacher_cache(self) -> str:
         """The trainer's ``teacher_cache`` value for both students: a shared path, or "off" (also for

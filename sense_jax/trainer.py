@@ -11,7 +11,7 @@ from __future__ import annotations
 from sense_jax.training.checkpoint import (
     check_resume, checkpoint_manager, open_checkpoints, read_meta, restore_latest, save_checkpoint)
 from sense_jax.training.config import PRESETS, RESUMABLE_CHANGES, DistillConfig, load_config
-from sense_jax.training.data import PassageStream, read_passages, split_held_out, tokenize
+from sense_jax.training.data import PackedStream, PassageStream, read_passages, split_held_out, tokenize
 from sense_jax.training.export import export_checkpoint
 from sense_jax.training.layout import Layout, layout_for, make_layout
 from sense_jax.training.hooks import LoopHooks
@@ -25,7 +25,8 @@ from sense_jax.training.step import (
 _check_resume = check_resume  # the name tests and older callers use
 
 __all__ = [
-    "DistillConfig", "INPUT_EMBEDDINGS", "Layout", "LoopHooks", "MetricsWriter", "PRESETS", "PassageStream",
+    "DistillConfig", "INPUT_EMBEDDINGS", "Layout", "LoopHooks", "MetricsWriter", "PRESETS", "PackedStream",
+    "PassageStream",
     "RESUMABLE_CHANGES", "Setup", "TrainResult", "TrainState", "TrainingDiverged", "check_resume",
     "checkpoint_manager", "evaluate", "export_checkpoint", "frozen_paths", "init_state", "layout_for",
     "load_config", "make_eval_step", "make_layout", "make_optimizer", "make_schedule", "make_step",

@@ -51,9 +51,13 @@ def counted(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("objective", ["skd", "mse"])
-def test_training_gives_the_same_figures_with_and_without_the_cache(assets, tmp_path, objective, counted):
+@pytest.mark.parametrize("objective,pack", [("skd", 0), ("mse", 0), ("skd", 24), ("mse", 24)])
+def test_training_gives_the_same_figures_with_and_without_the_cache(assets, tmp_path, objective, pack, counted):
+    # pack: rows of 24 tokens (passages of up to 8), 2 x 2 rows per step; the cache's per-passage
+    # values are placed at each passage's offset in its row.
     w = {} if objective == "skd" else dict(skd_weight=0, mse_weight=1, senses="")
+    if pack:
+        w.update(pack_length=pack, batch_size=2)
     off = T.train(_cfg(assets, tmp_path / "off", teacher_cache="off", **w))
     on = T.train(_cfg(assets, tmp_path / "on", teacher_cache="on", **w))
     assert off.setup.cached == () and counted.count(("final", 0)) == 1

@@ -420,7 +420,10 @@ _SPY = textwrap.dedent("""
 """)
 
 
-def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets, tmp_path):
+@pytest.mark.parametrize("pack", [0, 32])
+def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets, tmp_path, pack):
+    # pack 32: 4 rows of 32 tokens per micro-batch, each process tokenising its 2 rows' passages.
+    # (No teacher cache: its build would tokenise too; packed, 2 steps see the passages twice.)
     import dataclasses
     import socket
 
@@ -428,7 +431,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     kw = dict(steps=2, batch_size=4, grad_accum=2, save_every=2, eval_every=0, eval_fraction=0.1,
-              plot=False)
+              plot=False, pack_length=pack, teacher_cache="off")
 
     def spawn(out: str, devices: int, *flags: str, log: str = "unused") -> subprocess.Popen:
         cfg = _cfg(assets, tmp_path / out, **kw)
@@ -449,8 +452,11 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets
     # Each process tokenised only its half of every batch (4 training micro-batches, 1 held-out).
     seen = [[json.loads(x) for x in (tmp_path / f"texts{i}.jsonl").read_text().splitlines()]
             for i in ("0", "1", "-one")]
-    assert len(seen[2]) == 5 and all(len(b) == 4 for b in seen[2])
-    assert [a + b for a, b in zip(seen[0], seen[1])] == seen[2] and all(len(b) == 2 for b in seen[0])
+    assert [a + b for a, b in zip(seen[0], seen[1])] == seen[2] and len(seen[2]) == 5
+    if pack:  # several passages per row; each process its rows' passages
+        assert all(len(b) > 4 for b in seen[2][:4]) and all(len(b) > 0 for b in seen[0][:4] + seen[1][:4])
+    else:
+        assert all(len(b) == 4 for b in seen[2]) and all(len(b) == 2 for b in seen[0])
     held_out = [[r for r in map(json.loads, (tmp_path / out / "metrics.jsonl").read_text().splitlines())
                  if r["kind"] == "eval"] for out in ("two", "one")]
     assert held_out[0] == held_out[1] and len(held_out[0]) == 1
@@ -518,3 +524,148 @@ def test_freeze_embeddings_keeps_them_and_drops_their_optimizer_state(assets, fu
     # Switching the option on a resume would change the optimizer state: refused by name.
     with pytest.raises(SenseJaxError, match="freeze_embeddings=True, now freeze_embeddings=False"):
         T.train(_cfg(assets, tmp_path / "frozen", steps=4, eval_every=0, plot=False))
+
+
+# --- Packed rows (pack_length, issue 15 item 2) ------------------------------------------------
+
+
+@pytest.mark.parametrize("objective", ["skd", "mse"])
+def test_a_packed_batch_gives_the_unpacked_loss_and_gradient(assets, tmp_path, objective):
+    # The same 9 passages (4..16 tokens) once padded one per row [9, 16] and once packed into rows
+    # of 32 with segment ids: the step's loss, metrics and gradient agree (each passage attends
+    # only to itself and its positions restart, and every mean counts the same real tokens).
+    # SKD with an MSE term beside it; the MSE baseline without a dictionary.
+    from sense_jax.batching import pack_passages
+    from sense_jax.training.data import packed_rows
+
+    w = dict(mse_weight=0.5) if objective == "skd" else dict(skd_weight=0, mse_weight=1, senses="")
+    s = T.setup(_cfg(assets, tmp_path / "run", batch_size=1, grad_accum=1, pack_length=32, **w))
+    passages = assets["sentences"][:9]
+    plain = T.tokenize(s.teacher.tokenizer, passages, 16)
+    lengths = plain["attention_mask"].sum(1)
+    pk = pack_passages(lengths, 32)
+    assert pk.n_rows < len(passages) and lengths.min() < 16 == lengths.max()
+    packed = packed_rows(s.teacher.tokenizer, passages, pk.row, pk.offset, pk.n_rows, 32, 16)
+    np.testing.assert_array_equal(packed["segment_ids"], pk.segment_ids)
+    assert packed["attention_mask"].sum() == lengths.sum()
+    state = T.init_state(s)
+    step = s.raw_step
+    key = jax.random.PRNGKey(0)
+
+    def loss_and_grad(batch):
+        den = step.denominators_fn({k: v[None] for k, v in batch.items()}, s.frozen)
+        (loss, m), g = jax.jit(jax.value_and_grad(step.loss_fn, has_aux=True))(
+            state.params, batch, s.frozen, key, den)
+        return jax.device_get(m), _flat(g)
+
+    (mu, gu), (mp, gp) = loss_and_grad(plain), loss_and_grad(packed)
+    assert set(mu) == set(mp) and float(mu["loss"]) > 0
+    for k in mu:
+        np.testing.assert_allclose(float(mp[k]), float(mu[k]), rtol=1e-5, err_msg=k)
+    # Within 1e-5 of the largest gradient entry (some are zero but for rounding: a key bias
+    # cannot move a softmax).
+    scale = max(float(np.abs(g).max()) for g in gu.values())
+    assert scale > 1e-3
+    for k in gu:
+        np.testing.assert_allclose(gp[k], gu[k], rtol=0, atol=1e-5 * scale, err_msg=k)
+
+
+def test_the_packed_stream_holds_every_passage_once_per_epoch_and_restarts_anywhere(minilm_dir):
+    from transformers import AutoTokenizer
+
+    from sense_jax.training.data import tokenize
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
+    rng = np.random.default_rng(0)
+    passages = [" ".join(["word"] * int(n)) for n in rng.integers(1, 30, 50)]  # 3..16 tokens (max_length 16)
+    stream = T.PackedStream(passages, tok, batch_size=3, max_length=16, pack_length=40, seed=5)
+    lengths = stream.lengths()
+    assert lengths.max() == 16 and lengths.min() == 3
+    R, M = stream.rows_per_epoch, stream.per_epoch
+    assert int(lengths.sum()) / 40 <= R < len(passages) and M == -(-R // 3)
+    epochs = []
+    for epoch in range(2):
+        batches = [stream.micro_batch(epoch * M + r) for r in range(M)]
+        seen = np.concatenate([stream.indices(epoch * M + r) for r in range(M)])
+        # every passage once, and the last micro-batch's fill: the epoch's first rows again
+        fill = M * 3 - R
+        first = stream.layout(epoch * M, slice(0, fill))[0]
+        assert sorted(seen.tolist()) == sorted(list(range(len(passages))) + first.tolist())
+        for r, b in enumerate(batches):
+            assert all(v.shape == (3, 40) for v in b.values())
+            np.testing.assert_array_equal(b["attention_mask"], b["segment_ids"] > 0)
+            idx, row, offset = stream.layout(epoch * M + r)
+            # each passage's tokens, at its offset in its row, are its own tokenisation
+            alone = tokenize(tok, [passages[i] for i in idx], 16)
+            for i in range(len(idx)):
+                n = lengths[idx[i]]
+                assert offset[i] + n <= 40
+                np.testing.assert_array_equal(b["input_ids"][row[i], offset[i]:offset[i] + n],
+                                              alone["input_ids"][i, :n])
+                assert len(set(b["segment_ids"][row[i], offset[i]:offset[i] + n].tolist())) == 1
+        epochs.append([b["input_ids"] for b in batches])
+    assert any(not np.array_equal(a, b) for a, b in zip(*epochs))  # another order each epoch
+    # A new stream (a restarted process) gives micro-batch j without visiting the ones before.
+    again = T.PackedStream(passages, tok, batch_size=3, max_length=16, pack_length=40, seed=5)
+    for j in (M + 2, 1, 2 * M + 1, 0):
+        for k, v in again.micro_batch(j).items():
+            np.testing.assert_array_equal(v, stream.micro_batch(j)[k])
+    other = T.PackedStream(passages, tok, batch_size=3, max_length=16, pack_length=40, seed=6)
+    assert not np.array_equal(other.indices(0), stream.indices(0))
+    # Packing cuts the padding of the same epoch padded one passage per row to max_length.
+    assert stream.padding_fraction < 0.5 * (1 - lengths.sum() / (16 * len(passages)))
+    # A process's rows are its part of the micro-batch, and it tokenises only their passages.
+    parts = [stream.micro_batch(4, slice(0, 1)), stream.micro_batch(4, slice(1, 3))]
+    for k, v in stream.micro_batch(4).items():
+        np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), v)
+    mine = [set(stream.layout(4, rows)[0].tolist()) for rows in (slice(0, 1), slice(1, 3))]
+    assert not mine[0] & mine[1] and mine[0] | mine[1] == set(stream.indices(4).tolist())
+
+
+@pytest.fixture(scope="module")
+def packed_run(assets, tmp_path_factory):
+    """4 steps of 2 micro-batches of 2 rows of 32 tokens (passages of 4..16 tokens), evaluation
+    and checkpoints every 2 steps, no teacher cache."""
+    out = tmp_path_factory.mktemp("packed") / "run"
+    return T.train(_cfg(assets, out, **PACKED))
+
+
+PACKED = dict(steps=4, batch_size=2, grad_accum=2, pack_length=32, save_every=2, eval_every=2, plot=False,
+              teacher_cache="off")
+
+
+def test_a_packed_run_compiles_one_step_program_and_resumes_exactly(packed_run, assets, tmp_path):
+    r = packed_run
+    # Passages of 4..16 tokens (unpadded they would need the 8 and 16 buckets): one program.
+    assert int(r.state.step) == 4 and r.setup.raw_step.traces == 1
+    train = [x for x in r.history if x["kind"] == "train"]
+    evals = [x for x in r.history if x["kind"] == "eval"]
+    assert [x["step"] for x in evals] == [2, 4] and all(x["tokens"] > 0 for x in evals)
+    assert all(x["real_tokens"] > 2 * 2 * 16 for x in train)  # more than one 16-token passage per row
+    out = tmp_path / "run"
+    first = T.train(_cfg(assets, out, **PACKED), stop_after=2)
+    assert int(first.state.step) == 2
+    resumed = T.train(_cfg(assets, out, **PACKED))
+    assert resumed.resumed_from == 2 and int(resumed.state.step) == 4
+    _assert_same(_flat(resumed.state.params), _flat(r.state.params))
+    for a, b in zip(jax.tree.leaves(resumed.state.opt_state), jax.tree.leaves(r.state.opt_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Packing changes the data: a run may not resume with another pack_length.
+    with pytest.raises(sense_jax.ConfigError, match="pack_length=32, now pack_length=0"):
+        T.train(_cfg(assets, out, **dict(PACKED, pack_length=0, steps=5)))
+
+
+def test_packed_held_out_evaluation_equals_the_unpacked_one(packed_run):
+    s = packed_run.setup
+    passages = [
+        "The bank by the river bank flooded in spring.", "A bat flew.", "He will bank on it.",
+        "She sat on the bank.", "Interest rates at the bank rose again this year, as expected."]
+    import dataclasses
+
+    # batch_size 2 x eval_batches 3: all 5 passages, in 2 packed rows (one batch) or 3 padded batches
+    s = dataclasses.replace(s, cfg=dataclasses.replace(s.cfg, eval_batches=3))
+    unpacked = dataclasses.replace(s, cfg=dataclasses.replace(s.cfg, pack_length=0))
+    a = T.evaluate(s, packed_run.state.params, passages)
+    b = T.evaluate(unpacked, packed_run.state.params, passages)
+    assert a["tokens"] == b["tokens"] > 0
+    np.testing.assert_allclose([a["accuracy"], a["skd"]], [b["accuracy"], b["skd"]], rtol=1e-5)

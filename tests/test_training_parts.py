@@ -35,6 +35,27 @@ def test_steps_for_epochs_counts_the_trainers_own_training_passages():
     assert T.steps_for_epochs(T.DistillConfig(train_data=str(SENTENCES), batch_size=2, grad_accum=2), 1.0) == 10
 
 
+def test_steps_for_epochs_counts_packed_rows():
+    # pack_length 64, max_length 16: the 38 training passages (4..16 tokens with the fixture
+    # teacher's tokenizer) fill R rows, R >= their tokens / 64; batch_size counts rows.
+    import numpy as np
+
+    from sense_jax.loading import load_tokenizer
+    from sense_jax.training.data import run_passages, truncated_lengths
+
+    cfg = T.DistillConfig(train_data=str(SENTENCES), teacher=str(FIXTURE / "teacher"), batch_size=2,
+                          max_length=16, pack_length=64)
+    passages, _ = run_passages(cfg)
+    lengths = truncated_lengths(load_tokenizer(FIXTURE / "teacher"), passages, 16)
+    R = T.PackedStream(passages, load_tokenizer(FIXTURE / "teacher"), 2, 16, 64, 0).rows_per_epoch
+    assert len(passages) == 38 and np.ceil(lengths.sum() / 64) <= R <= np.ceil(lengths.sum() / 64) + 1 < 19
+    assert T.steps_for_epochs(cfg, 1.0) == -(-R // 2) and T.steps_for_epochs(cfg, 2.5) == -(-5 * R // 4)
+    with pytest.raises(ConfigError, match="pack_length=8: must be 0 or >= max_length=16"):
+        T.DistillConfig(max_length=16, pack_length=8)
+    with pytest.raises(ConfigError, match="group_by_length"):
+        T.DistillConfig(pack_length=256, group_by_length=4)
+
+
 def _by_path(tree) -> dict[tuple, object]:
     return {tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in p): x
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}

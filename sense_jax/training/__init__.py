@@ -23,6 +23,9 @@ Design (STYLE §8-10):
   over ``data`` on their ``embed`` axis (``fsdp=true``, :data:`sense_jax.sharding.FSDP_RULES`);
   multi-host (``sense-jax distill --distributed``): each process tokenises only its rows of every
   batch (:func:`process_rows`) and feeds them with ``make_array_from_process_local_data``;
+* batches: one passage per row padded to a length bucket (one step program per bucket), or
+  with ``pack_length`` > 0 several passages per row told apart by ``segment_ids``
+  (:class:`~sense_jax.training.data.PackedStream`): one step shape, one program, little padding;
 * per-step randomness: ``fold_in(rng, step)`` (the BERT student has no dropout, so nothing
   consumes it yet; it is threaded so stochastic extensions stay resumable);
 * the only documented non-determinism: none on CPU (resume is bit-exact); on GPU/TPU XLA's
@@ -36,7 +39,8 @@ Modules, one job each (``sense_jax.trainer`` re-exports their public names):
 
 * :mod:`~sense_jax.training.config`: :class:`DistillConfig` (validated in ``__post_init__``),
   presets, :func:`load_config`;
-* :mod:`~sense_jax.training.data`: corpus reading, :class:`PassageStream`, :func:`tokenize`;
+* :mod:`~sense_jax.training.data`: corpus reading, :class:`PassageStream`, :class:`PackedStream`,
+  :func:`tokenize`;
 * :mod:`~sense_jax.training.step`: :class:`TrainState`, the optimizer, frozen subtrees, the
   pure train and eval steps;
 * :mod:`~sense_jax.training.layout`: the mesh and every sharding (optimizer state included,

@@ -4,8 +4,8 @@ and the stream and step that read it (the cache itself: :mod:`sense_jax.teacher_
 ``teacher_cache`` (config): ``off``: the teacher runs inside every step (as before the cache);
 ``on``: the cache at ``out_dir/teacher_cache`` is built if absent and read; ``auto`` (default): as
 ``on`` when the run sees its passages more than once (``steps x batch_size x grad_accum`` >
-passages) or a complete cache is already there, else ``off`` (for a single pass building it
-costs what it saves); a path: that cache, built if absent (the pipeline shares one between its
+passages, or > an epoch's packed rows with ``pack_length``) or a complete cache is already
+there, else ``off`` (for a single pass building it costs what it saves); a path: that cache, built if absent (the pipeline shares one between its
 two students). What a run reads:
 
 * SKD (``mse_weight`` 0): the targets; the step has no teacher forward;
@@ -26,7 +26,7 @@ from sense_jax import teacher_cache as tc
 from sense_jax.losses import teacher_targets
 from sense_jax.sense_dict import gather_senses
 from sense_jax.sharding import process_rows
-from sense_jax.training.data import run_passages
+from sense_jax.training.data import place_in_rows, run_passages
 
 
 def cache_path(cfg) -> Path | None:
@@ -128,8 +128,10 @@ def ensure_teacher_cache(s, passages: Sequence[str], path: Path, *, hidden: bool
 
 
 class CachedStream:
-    """A :class:`~sense_jax.training.data.PassageStream` whose micro-batches also carry the
-    cache's ``keys`` (``targets`` [b, T] int32, ``teacher_hidden`` [b, T, D]) of their passages."""
+    """A :class:`~sense_jax.training.data.PassageStream` (or
+    :class:`~sense_jax.training.data.PackedStream`) whose micro-batches also carry the cache's
+    ``keys`` (``targets`` [b, T] int32, ``teacher_hidden`` [b, T, D]) of their passages; packed
+    rows get each passage's values at its offset in its row (-1 / zeros at padding)."""
 
     def __init__(self, stream, cache: tc.TeacherCache, keys: Sequence[str]):
         self.stream, self.cache, self.keys = stream, cache, tuple(keys)
@@ -137,17 +139,32 @@ class CachedStream:
     def step_batches(self, j: int, n: int, buckets: bool, rows: slice | None = None) -> list[dict]:
         mbs = self.stream.step_batches(j, n, buckets, rows)
         for m, mb in zip(range(j, j + n), mbs):
-            idx = self.stream.indices(m)
-            idx = idx if rows is None else idx[rows]
-            mask = mb["attention_mask"][:len(idx)]
-            extra = self.cache.rows(idx, mb["input_ids"].shape[1], mask, self.keys)
-            for k, v in extra.items():  # rows past the passages (a process's empty rows): nothing
-                full = np.zeros((mb["input_ids"].shape[0],) + v.shape[1:], v.dtype)
-                if k == "targets":
-                    full[:] = -1
-                full[:len(idx)] = v
-                mb[k] = full
+            extra = self._packed(m, mb, rows) if "segment_ids" in mb else self._padded(m, mb, rows)
+            mb.update(extra)
         return mbs
+
+    def _padded(self, m: int, mb: dict, rows: slice | None) -> dict:
+        idx = self.stream.indices(m)
+        idx = idx if rows is None else idx[rows]
+        mask = mb["attention_mask"][:len(idx)]
+        out = {}
+        for k, v in self.cache.rows(idx, mb["input_ids"].shape[1], mask, self.keys).items():
+            # rows past the passages (a process's empty rows): nothing
+            full = np.full((mb["input_ids"].shape[0],) + v.shape[1:], -1 if k == "targets" else 0, v.dtype)
+            full[:len(idx)] = v
+            out[k] = full
+        return out
+
+    def _packed(self, m: int, mb: dict, rows: slice | None) -> dict:
+        idx, row, offset = self.stream.layout(m, rows)
+        seg = mb["segment_ids"]
+        # Each passage's tokens in the batch (the positions of its segment in its row), checked
+        # against the cache's count by TeacherCache.rows.
+        counts = (seg[row] == seg[row, offset][:, None]).sum(1)
+        T = self.stream.T
+        mask = (np.arange(T)[None, :] < counts[:, None]).astype(np.int32)
+        return {k: place_in_rows(v, counts, row, offset, seg.shape, -1 if k == "targets" else 0)
+                for k, v in self.cache.rows(idx, T, mask, self.keys).items()}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
@@ -163,8 +180,9 @@ def use_teacher_cache(s, stream, passages: Sequence[str], log: Callable[[str], N
     path = cache_path(cfg)
     if path is None:
         return s, stream
+    rows_per_epoch = stream.rows_per_epoch if cfg.pack_length else len(passages)
     if cfg.teacher_cache.strip() == "auto" and not (path / tc.COMPLETE_MARKER).exists() \
-            and cfg.steps * cfg.batch_size * cfg.grad_accum <= len(passages):
+            and cfg.steps * cfg.batch_size * cfg.grad_accum <= rows_per_epoch:
         return s, stream  # one pass: building costs the teacher forwards it saves
     skd, mse = s.sense_dict is not None, cfg.mse_weight > 0 or s.sense_dict is None
     cache = ensure_teacher_cache(s, passages, path, hidden=mse, log=log)

@@ -37,11 +37,15 @@ class DistillConfig:
     # Optimisation.
     seed: int = 0                    # student init, data order, RNG
     steps: int = 1000                # optimizer updates
-    batch_size: int = 32             # passages per micro-batch (global, across devices)
+    batch_size: int = 32             # passages per micro-batch (global, across devices); packed rows
+                                     # with pack_length > 0
     grad_accum: int = 1              # micro-batches per update
     max_length: int = 128            # tokens per passage (truncated; the pad length's cap)
     pad_to_buckets: bool = True      # pad each step to the smallest length bucket that holds it
     group_by_length: int = 0         # sort passages by length in windows of this many micro-batches (0 = off)
+    pack_length: int = 0             # > 0: pack several passages into rows of this many tokens (segment ids;
+                                     # >= max_length; batch_size counts rows; one step shape, little padding;
+                                     # pad_to_buckets is moot). 0: one passage per row (PassageStream)
     learning_rate: float = 5e-4      # peak learning rate
     warmup_steps: int = 100          # linear warmup from 0
     end_learning_rate: float = 0.0   # value at the end of the cosine decay
@@ -126,7 +130,8 @@ def _validate(cfg: DistillConfig) -> DistillConfig:
         need(getattr(cfg, k) >= 1, k, "must be >= 1")
     for k in ("warmup_steps", "eval_every", "student_hidden_size", "student_heads",
               "student_intermediate_size", "clip_norm", "weight_decay", "skd_weight", "mse_weight",
-              "learning_rate", "end_learning_rate", "group_by_length", "teacher_cache_max_bytes"):
+              "learning_rate", "end_learning_rate", "group_by_length", "teacher_cache_max_bytes",
+              "pack_length"):
         need(getattr(cfg, k) >= 0, k, "must be >= 0")
     if not cfg.task and not cfg.task_data:
         need(cfg.skd_weight + cfg.mse_weight > 0, "skd_weight", "skd_weight + mse_weight must be > 0")
@@ -142,6 +147,12 @@ def _validate(cfg: DistillConfig) -> DistillConfig:
         need(0.0 <= cfg.kd_alpha <= 1.0, "kd_alpha", "must be in [0, 1]")
         need(bool(cfg.task) or bool(cfg.text_fields), "text_fields",
              "your own task data needs text_fields (sentence1[,sentence2]) and label_field")
+    if cfg.pack_length:
+        need(cfg.pack_length >= cfg.max_length, "pack_length", f"must be 0 or >= max_length={cfg.max_length}")
+        need(not cfg.group_by_length, "group_by_length",
+             "length grouping is for unpacked batches; set it to 0 with pack_length > 0")
+        need(not (cfg.task or cfg.task_data), "pack_length",
+             "packing is for SKD on passages; a task run's examples are not packed (set pack_length=0)")
     for k in ("patience", "max_train_examples", "max_eval_examples"):
         need(getattr(cfg, k) >= 0, k, "must be >= 0")
     need(0.0 <= cfg.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")

@@ -25,10 +25,10 @@ from sense_jax.sharding import process_rows
 from sense_jax.training.cache import use_teacher_cache
 from sense_jax.training.checkpoint import check_resume, checkpoint_manager, restore_latest, save_checkpoint
 from sense_jax.training.config import DistillConfig
-from sense_jax.training.data import PassageStream, eval_batches, run_passages
+from sense_jax.training.data import PackedStream, PassageStream, eval_batches, packed_eval_batches, run_passages
 from sense_jax.training.hooks import LoopHooks
 from sense_jax.training.metrics import MetricsWriter, plot_curves
-from sense_jax.training.setup import Setup, init_state, put_batch, setup
+from sense_jax.training.setup import Setup, init_state, put_batch, setup, teacher_tokenizer
 from sense_jax.training.step import TrainState
 
 
@@ -49,11 +49,15 @@ class TrainResult:
 
 
 def evaluate(s: Setup, params, eval_passages: Sequence[str]) -> dict:
-    """Held-out sense accuracy and SKD loss over at most ``eval_batches`` batches."""
-    B, T = s.cfg.batch_size, s.cfg.max_length
+    """Held-out sense accuracy and SKD loss over at most ``eval_batches`` batches (the same
+    passages packed with ``pack_length``: :func:`~sense_jax.training.data.packed_eval_batches`)."""
+    cfg = s.cfg
+    B, T = cfg.batch_size, cfg.pack_length or cfg.max_length
     rows = process_rows(s.layout.eval_batch, (B, T), 0)
     tot = {"skd_sum": 0.0, "correct": 0.0, "tokens": 0.0}
-    for b in eval_batches(s.teacher.tokenizer, eval_passages, B, T, s.cfg.eval_batches, rows):
+    batches = (packed_eval_batches(s.teacher.tokenizer, eval_passages, B, cfg.max_length, T, cfg.eval_batches, rows)
+               if cfg.pack_length else eval_batches(s.teacher.tokenizer, eval_passages, B, T, cfg.eval_batches, rows))
+    for b in batches:
         dev = {k: (jax.device_put(v, s.layout.eval_batch) if jax.process_count() == 1 else
                    jax.make_array_from_process_local_data(s.layout.eval_batch, v, (B, T))) for k, v in b.items()}
         m = jax.device_get(s.eval_step(params, dev))
@@ -63,12 +67,22 @@ def evaluate(s: Setup, params, eval_passages: Sequence[str]) -> dict:
     return {"accuracy": tot["correct"] / n, "skd": tot["skd_sum"] / n, "tokens": tot["tokens"]}
 
 
-def steps_for_epochs(cfg: DistillConfig, epochs: float) -> int:
+def steps_for_epochs(cfg: DistillConfig, epochs: float, tokenizer=None) -> int:
     """Optimizer updates that make ``epochs`` passes over the passages :func:`train` would train
     on with ``cfg`` (its corpus less the held-out share, exactly as :func:`train` splits it):
-    ``max(1, ceil(epochs x passages / (batch_size x grad_accum)))``; ``cfg.steps`` is ignored."""
+    ``max(1, ceil(epochs x passages / (batch_size x grad_accum)))``; ``cfg.steps`` is ignored.
+    With ``pack_length`` the passages are counted as the packed rows of an epoch
+    (:class:`~sense_jax.training.data.PackedStream`, tokenised with ``tokenizer``, by default
+    the teacher's).
+
+    Raises:
+      SenseJaxError: packing, and the teacher has no tokenizer files (named)."""
     passages, _ = run_passages(dataclasses.replace(cfg, eval_data=""), None, [] if cfg.eval_data else None)
-    return max(1, math.ceil(epochs * len(passages) / (cfg.batch_size * cfg.grad_accum)))
+    n = len(passages)
+    if cfg.pack_length:
+        n = PackedStream(passages, tokenizer or teacher_tokenizer(cfg), cfg.batch_size, cfg.max_length,
+                         cfg.pack_length, cfg.seed).rows_per_epoch
+    return max(1, math.ceil(epochs * n / (cfg.batch_size * cfg.grad_accum)))
 
 
 def train(cfg: DistillConfig, *, passages: Sequence[str] | None = None,
@@ -101,11 +115,18 @@ def train(cfg: DistillConfig, *, passages: Sequence[str] | None = None,
         return run(s, stream, hooks, stop_after=stop_after, log=log)
     passages, eval_passages = run_passages(cfg, passages, eval_passages)
     s = setup(cfg, sense_dict=sense_dict)
-    stream = PassageStream(passages, s.teacher.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed,
-                           cfg.group_by_length)
+    stream = make_stream(cfg, passages, s.teacher.tokenizer)
     hooks = skd_hooks(s, eval_passages)
     hooks.prepare = lambda s, stream: use_teacher_cache(s, stream, passages, log)
     return run(s, stream, hooks, stop_after=stop_after, log=log)
+
+
+def make_stream(cfg: DistillConfig, passages: Sequence[str], tokenizer) -> PassageStream | PackedStream:
+    """The run's training stream: packed rows with ``pack_length`` > 0, else one passage per row
+    (length-grouped with ``group_by_length``)."""
+    if cfg.pack_length:
+        return PackedStream(passages, tokenizer, cfg.batch_size, cfg.max_length, cfg.pack_length, cfg.seed)
+    return PassageStream(passages, tokenizer, cfg.batch_size, cfg.max_length, cfg.seed, cfg.group_by_length)
 
 
 def skd_hooks(s: Setup, eval_passages: Sequence[str]) -> LoopHooks:
@@ -176,7 +197,7 @@ def _loop(s: Setup, state, micro, start, stream, mngr, run_dir, stop_after, log,
           hooks: LoopHooks):
     cfg = s.cfg
     metrics_out = MetricsWriter(run_dir, resumed_from, cfg.tensorboard)
-    rows = process_rows(s.layout.batch, (cfg.grad_accum, cfg.batch_size, cfg.max_length), 1)
+    rows = process_rows(s.layout.batch, (cfg.grad_accum, cfg.batch_size, cfg.pack_length or cfg.max_length), 1)
     last_saved = resumed_from
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
     if hooks.stopped():  # a run that stopped early, started again

