@@ -76,6 +76,7 @@ class TaskPipelineConfig:
     objectives: str = "skd,task_only,logit_kd,mse"  # students to train (sense_jax.task_losses.OBJECTIVES)
     kd_temperature: float = 2.0       # logit_kd
     kd_alpha: float = 0.5             # logit_kd
+    skd_weight: float = 1.0           # skd: task + skd_weight × SKD (the paper's sum: 1)
     batch_size: int = 32              # examples per step
     max_length: int = 64              # tokens per example
     patience: int = 2                 # early stopping (dev evaluations, one per epoch)
@@ -103,6 +104,8 @@ def load_task_pipeline_config(path=None, overrides=(), out: str | None = None) -
     for key in ("teacher_epochs", "student_epochs"):
         if not getattr(cfg, key) > 0:
             raise ConfigError(f"config: {key}={getattr(cfg, key)} must be > 0")
+    if cfg.skd_weight < 0:
+        raise ConfigError(f"config: skd_weight={cfg.skd_weight} must be >= 0")
     bad = [o for o in objectives(cfg) if o not in OBJECTIVES]
     if bad or not objectives(cfg):
         raise ConfigError(f"config: objectives={cfg.objectives!r}: choose from {', '.join(OBJECTIVES)}")
@@ -177,7 +180,7 @@ class TaskPipeline:
                     objective=objective, seed=c.seed, batch_size=c.batch_size, max_length=c.max_length,
                     learning_rate=c.teacher_learning_rate if finetune else c.student_learning_rate,
                     student_layers=c.student_layers, kd_temperature=c.kd_temperature, kd_alpha=c.kd_alpha,
-                    mse_weight=1.0 if objective == "mse" else 0.0,
+                    mse_weight=1.0 if objective == "mse" else 0.0, skd_weight=c.skd_weight,
                     patience=c.patience, progress=c.progress, tensorboard=False, log_every=10,
                     group_by_length=16, keep_checkpoints=2)
         base.update(kw)

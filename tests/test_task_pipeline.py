@@ -79,3 +79,18 @@ def test_a_teacher_that_cannot_be_fine_tuned_on_the_data_stops_the_recipe_before
         lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
         assert rc == 2 and len(lines) == 1 and needle in lines[0], lines
         assert not out.exists()
+
+
+def test_the_recipe_passes_skd_weight_to_its_students_and_refuses_a_negative_one(tmp_path):
+    # Before: the pipeline had no skd_weight key (refused as unknown), so its SKD student always
+    # summed task + 1 × SKD, the setting under which the WiC SKD student's task loss never moved.
+    from sense_jax.errors import ConfigError
+    from sense_jax.task_pipeline import TaskPipeline, load_task_pipeline_config
+
+    cfg = load_task_pipeline_config(overrides=["task=wic", "skd_weight=0.1"], out=str(tmp_path / "out"))
+    pipe = TaskPipeline(cfg)
+    assert pipe._train_config("skd", "teacher", senses="senses", out_dir=str(tmp_path / "skd")).skd_weight == 0.1
+    default = TaskPipeline(load_task_pipeline_config(overrides=["task=wic"], out=str(tmp_path / "o2")))
+    assert default._train_config("skd", "teacher", senses="senses", out_dir=str(tmp_path / "skd")).skd_weight == 1.0
+    with pytest.raises(ConfigError, match="skd_weight=-0.5"):
+        load_task_pipeline_config(overrides=["task=wic", "skd_weight=-0.5"])
