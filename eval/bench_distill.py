@@ -114,6 +114,27 @@ def interleaved(sides: dict[str, dict], rounds: int) -> dict[str, dict[str, floa
     return {n: {ph: 1e3 * float(np.median(v)) for ph, v in d.items()} for n, d in times.items()}
 
 
+def timed_first_step(s, dev: list, state):
+    """Run the trainer's compiled step (``s.train_step``, a Setup's) once on ``dev[0]``.
+
+    Returns ``(seconds of that first step, compile included; the state after it; a blocking
+    callable that runs the next step on the next batch of ``dev``, in turn)``."""
+    import jax
+
+    t0 = time.perf_counter()
+    state, m = s.train_step(state, dev[0])
+    jax.block_until_ready(m)
+    first = time.perf_counter() - t0
+    holder = {"state": state, "i": 0}
+
+    def whole_step():
+        holder["i"] += 1
+        holder["state"], m = s.train_step(holder["state"], dev[holder["i"] % len(dev)])
+        jax.block_until_ready(m)
+
+    return first, state, whole_step
+
+
 def bench_ours(model_dir, sd, batches, overrides=()) -> dict:
     """Our jitted step and its phases as blocking callables (see :func:`interleaved`).
 
@@ -136,10 +157,7 @@ def bench_ours(model_dir, sd, batches, overrides=()) -> dict:
     dev = [T.put_batch(s, [b]) for b in batches]
     ready = jax.block_until_ready
 
-    t0 = time.perf_counter()
-    state, m = s.train_step(state, dev[0])
-    ready(m)
-    first = time.perf_counter() - t0
+    first, state, whole_step = timed_first_step(s, dev, state)
 
     # Phases alone, on the first batch, as the trainer computes them: gradients only for the
     # trainable subtrees (T.split_frozen), the teacher outside the differentiated function.
@@ -170,12 +188,6 @@ def bench_ours(model_dir, sd, batches, overrides=()) -> dict:
     grads = T.merge_frozen(grads, jax.tree.map(jax.numpy.zeros_like, fixed))
     upd = jax.jit(update)
     opt_state, params = jax.tree.map(lambda x: x.copy(), (state.opt_state, state.params))
-    holder = {"state": state, "i": 0}
-
-    def whole_step():
-        holder["i"] += 1
-        holder["state"], m = s.train_step(holder["state"], dev[holder["i"] % len(dev)])
-        ready(m)
 
     phases = {
         "teacher forward": lambda: ready(teacher(teacher_params, mb)),
@@ -196,8 +208,6 @@ def bench_cached(ours: dict, batches, passages) -> dict:
     Returns ``{"phases": {"whole step": fn}, "first_s", "build_s" (warm: the second build, whose
     program is compiled), "build_first_s" (the first, compile included), "passages"}``.
     """
-    import jax
-
     from sense_jax import trainer as T
     from sense_jax.training.cache import ensure_teacher_cache
     from sense_jax.training.setup import with_cached
@@ -216,18 +226,7 @@ def bench_cached(ours: dict, batches, passages) -> dict:
     for i, b in enumerate(batches):
         extra = cache.rows(np.arange(i * B, (i + 1) * B), b["input_ids"].shape[1], b["attention_mask"])
         dev.append(T.put_batch(sc, [{**b, **extra}]))
-    state = T.init_state(sc)
-    t0 = time.perf_counter()
-    state, m = sc.train_step(state, dev[0])
-    jax.block_until_ready(m)
-    first = time.perf_counter() - t0
-    holder = {"state": state, "i": 0}
-
-    def whole_step():
-        holder["i"] += 1
-        holder["state"], m = sc.train_step(holder["state"], dev[holder["i"] % len(dev)])
-        jax.block_until_ready(m)
-
+    first, _, whole_step = timed_first_step(sc, dev, T.init_state(sc))
     return {"phases": {"whole step": whole_step}, "first_s": first, "trainable": ours["trainable"],
             "build_s": times[1], "build_first_s": times[0], "passages": len(texts)}
 
@@ -264,18 +263,7 @@ def bench_packed(model_dir, sd, passages, rows: int, max_length: int, pack_lengt
         s, stream = with_cached(s, ("targets",)), CachedStream(stream, cache, ("targets",))
     mbs = [stream.step_batches(j, 1, True)[0] for j in range(stream.per_epoch)]
     dev = [T.put_batch(s, [mb]) for mb in mbs]
-    state = T.init_state(s)
-    t0 = time.perf_counter()
-    state, m = s.train_step(state, dev[0])
-    jax.block_until_ready(m)
-    first = time.perf_counter() - t0
-    holder = {"state": state, "i": 0}
-
-    def whole_step():
-        holder["i"] += 1
-        holder["state"], m = s.train_step(holder["state"], dev[holder["i"] % len(dev)])
-        jax.block_until_ready(m)
-
+    first, state, whole_step = timed_first_step(s, dev, T.init_state(s))
     trainable = T.split_frozen(state.params, T.frozen_paths(cfg, state.params))[0]
     return {"phases": {"whole step": whole_step}, "first_s": first,
             "trainable": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable)),

@@ -110,7 +110,7 @@ def plot_token_senses(store, sense_dict: SenseDictionary, token_id: int, label: 
     xy = pca.transform(x)
     c = pca.transform(sense_dict.token_senses(token_id).astype(np.float32))
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    sc = ax.scatter(xy[:, 0], xy[:, 1], c=k, cmap="tab10", s=8, alpha=0.7)
+    ax.scatter(xy[:, 0], xy[:, 1], c=k, cmap="tab10", s=8, alpha=0.7)
     ax.scatter(c[:, 0], c[:, 1], c=np.arange(len(c)), cmap="tab10", marker="X", s=120, edgecolors="black")
     ax.set_title(f"{label!r}: {len(x)} contexts, {len(c)} senses (PCA)")
     ax.set_xticks([]); ax.set_yticks([])
