@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -213,12 +214,30 @@ def test_inspect_refuses_a_negative_context_count(tmp_path, capsys):
     assert "--contexts must be >= 0, got -1" in err and len(err.splitlines()) == 1
 
 
+@contextlib.contextmanager
+def jaxpr_traces():
+    """The functions JAX traces inside the block (a list of events that grows as they happen):
+    empty when every call reused a compiled program."""
+    import jax.monitoring
+
+    traces = []
+
+    def listen(event, secs, **kw):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            traces.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield traces
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
 def test_report_states_of_two_models_of_one_architecture_share_one_program():
     """The report's states function (report._jit_states) of a second model with the same
     architecture (the SKD and MSE students) runs without tracing again, and gives its own
     model's states (module.apply), adaptor applied; each used to trace and compile anew."""
     import jax
-    import jax.monitoring
 
     from sense_jax.models import get_family
     from sense_jax.models.bert import BertConfig
@@ -238,17 +257,8 @@ def test_report_states_of_two_models_of_one_architecture_share_one_program():
     mask = np.ones_like(ids)
     seg = mask.copy()
     first = np.asarray(_jit_states(*models[0])(ids, mask, seg))
-    traces = []
-
-    def listen(event, secs, **kw):
-        if event == "/jax/core/compile/jaxpr_trace_duration":
-            traces.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with jaxpr_traces() as traces:
         second = np.asarray(_jit_states(*models[1])(ids, mask, seg))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     assert traces == []
     for (module, params, adaptor), got in zip(models, (first, second)):
         want = np.asarray(module.apply({"params": params}, ids, mask)) @ adaptor["weight"].T + adaptor["bias"]
@@ -260,7 +270,6 @@ def test_encode_packs_texts_and_gives_each_its_states_alone_in_one_program():
     """``encode`` packs texts of any lengths into rows of one shape: every text gets the states
     the model gives it alone (within 1e-5), and a second call with other lengths compiles nothing."""
     import jax
-    import jax.monitoring
 
     from sense_jax.models import get_family
     from sense_jax.models.bert import BertConfig
@@ -281,16 +290,7 @@ def test_encode_packs_texts_and_gives_each_its_states_alone_in_one_program():
         want = np.asarray(module.apply({"params": params}, x, np.ones_like(x)))[0]
         np.testing.assert_array_equal(ids, t)
         np.testing.assert_allclose(h, want, rtol=1e-5, atol=1e-5)
-    traces = []
-
-    def listen(event, secs, **kw):
-        if event == "/jax/core/compile/jaxpr_trace_duration":
-            traces.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with jaxpr_traces() as traces:
         ev.encode(variant, [list(rng.integers(1, 50, n)) for n in (2, 33, 9)], pad_id=0, row_length=40,
                   rows_per_batch=2)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     assert traces == []
