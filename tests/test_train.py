@@ -472,9 +472,10 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets
         assert step == 2 and data["micro_batches"] == 4
         restored[out] = _flat(state.params)
     _assert_same(restored["two"], restored["one"])
-    # The checkpoint of 2 processes resumes on 1.
-    r = T.train(_cfg(assets, tmp_path / "two", **dict(kw, steps=3)))
-    assert r.resumed_from == 2 and int(r.state.step) == 3
+    if not pack:  # (the same restore path packed or not: run once)
+        # The checkpoint of 2 processes resumes on 1.
+        r = T.train(_cfg(assets, tmp_path / "two", **dict(kw, steps=3)))
+        assert r.resumed_from == 2 and int(r.state.step) == 3
 
 
 def test_checkpoints_from_before_the_fingerprints_still_resume(full_run, tmp_path):
