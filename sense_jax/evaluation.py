@@ -423,16 +423,19 @@ def run_suite(variants: dict[str, Variant], teacher_dict: SenseDictionary, token
     groups = [[cand_index[s] for s in lemma_synsets[it.lemma]] for it in items for _ in it.labels]
     gold = [lemma_synsets[it.lemma].index(lab) for it in items for lab in it.labels]
 
-    # Raw states once per model (variants that share ``states`` differ only by the dictionary).
-    raw: dict[int, dict[str, Encoded]] = {}
+    # Raw states once per model: consecutive variants that share ``states`` differ only by the
+    # dictionary. Only the current model's are kept (~0.5 GB of f32 states per MiniLM-sized
+    # model at the default sizes; keeping every model's made the evaluation the pipeline's peak).
+    raw: tuple[int, dict[str, Encoded]] | None = None
     sense_ids: dict[str, list[np.ndarray]] = {}
     for name, v in variants.items():
-        if id(v.states) not in raw:
+        if raw is None or raw[0] != id(v.states):
             plain = dataclasses.replace(v, sense_dict=None)
-            raw[id(v.states)] = {k: encode(plain, toks, pad, cfg.max_length) for k, toks in
-                                 (("train", defs_train), ("test", defs_test), ("queries", queries),
-                                  ("candidates", cand_tok))}
-        enc = raw[id(v.states)]
+            raw = enc = None  # the previous model's states go before this one's are computed
+            raw = (id(v.states), {k: encode(plain, toks, pad, cfg.max_length) for k, toks in
+                                  (("train", defs_train), ("test", defs_test), ("queries", queries),
+                                   ("candidates", cand_tok))})
+        enc = raw[1]
         if name in SENSE_VARIANTS_FOR_WSI:
             d = v.sense_dict if name == "teacher_one_sense" else teacher_dict
             sense_ids[name] = sense_ids_at_targets(enc["queries"], d, items)
