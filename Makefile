@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/sense-jax pipeline --out $(OUT)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile tests
 
 convert-demo: $(VENV)/.installed
 	$(PY) -m eval.demo

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_LINE = re.compile(r"^\[(\w+)\] (\d+)s$")
+STAGE_LINE = re.compile(r"^\[(\w+)\] (\d+)s(?:$|, peak RSS so far)")  # older commits end at "s"
 CLI = "import sys; from sense_jax.cli import main; sys.exit(main(sys.argv[1:]))"
 
 

@@ -362,12 +362,24 @@ class Pipeline:
 
 def run_stages(pipeline: Any, stages: Sequence[str]) -> None:
     """Run ``pipeline.stage_<name>()`` for each stage in order, recording its wall time (seconds)
-    in ``pipeline.timings`` and logging it (the main job and the task recipe alike)."""
+    in ``pipeline.timings`` and logging it with the process's peak resident memory so far (GiB;
+    the stage that raises it is the one to look at), the main job and the task recipe alike."""
     for stage in stages:
         t = time.perf_counter()
         getattr(pipeline, f"stage_{stage}")()
         pipeline.timings[stage] = time.perf_counter() - t
-        pipeline.log(f"[{stage}] {pipeline.timings[stage]:.0f}s")
+        pipeline.log(f"[{stage}] {pipeline.timings[stage]:.0f}s, peak RSS so far {peak_rss_bytes() / 2**30:.2f} GiB")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size in bytes (``getrusage``: KiB on Linux, bytes on
+    macOS); 0 where the ``resource`` module is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
 def check_config_unchanged(out: Path, cfg: Any, ignore: Sequence[str]) -> None:

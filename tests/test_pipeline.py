@@ -65,6 +65,20 @@ def test_pipeline_writes_a_complete_report(finished):
     assert {"curves_skd.png", "curves_mse.png"} <= {p.name for p in report_dir.glob("*.png")}
 
 
+def test_each_stage_logs_its_time_and_the_peak_memory_so_far(finished):
+    import re
+
+    from sense_jax.pipeline import peak_rss_bytes
+
+    _, logs = finished
+    lines = [re.fullmatch(r"\[(\w+)\] \d+s, peak RSS so far (\d+\.\d\d) GiB", m) for m in logs]
+    peaks = {m[1]: float(m[2]) for m in lines if m}
+    assert list(peaks) == ["convert", "corpus", "extract", "cluster", "distill", "evaluate"], logs
+    # getrusage's high-water mark only rises, and this process has held every stage's memory
+    assert list(peaks.values()) == sorted(peaks.values()) and 0 < peaks["convert"]
+    assert peaks["evaluate"] <= peak_rss_bytes() / 2**30 + 0.005
+
+
 def test_rerun_skips_every_stage_and_changes_nothing(finished, tiny_teacher):
     tmp, _ = finished
     before = (tmp / "run" / "report" / "report.json").read_bytes()
