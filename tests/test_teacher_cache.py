@@ -232,3 +232,32 @@ def test_hidden_states_over_the_budget_are_not_cached(built, tmp_path):
     cache = train_cache.ensure_teacher_cache(small, passages, tmp_path / "c", hidden=True, log=logs.append)
     assert cache.hidden is None and cache.targets is not None
     assert any("teacher_cache_max_bytes=1000; not cached" in m for m in logs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_row_file_reads_and_writes_the_rows_numpy_sees(tmp_path, dtype):
+    import ml_dtypes
+
+    view = ml_dtypes.bfloat16 if dtype == "bfloat16" else None
+    stored = np.uint16 if view else np.float32
+    rng = np.random.default_rng(0)
+    want = rng.normal(size=(11, 5)).astype(view or np.float32)
+    np.save(tmp_path / "h.npy", np.zeros((11, 5), stored))
+    f = tc.RowFile(tmp_path / "h.npy", writable=True)
+    f.write(0, want[:4].view(stored))
+    f.write(4, want[4:].view(stored))
+    f.close()
+    # numpy reads what was written; RowFile reads numpy's file back, any slice
+    np.testing.assert_array_equal(np.load(tmp_path / "h.npy").view(want.dtype), want)
+    r = tc.RowFile(tmp_path / "h.npy", view=view)
+    assert r.shape == (11, 5) and r.dtype == want.dtype
+    np.testing.assert_array_equal(r.read(3, 6), want[3:9])
+    with pytest.raises(SenseJaxError, match=r"rows 9:13 are past its end"):
+        r.read(9, 4)
+    data = (tmp_path / "h.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[:-7])
+    with pytest.raises(SenseJaxError, match=r"cut\.npy is truncated"):
+        tc.RowFile(tmp_path / "cut.npy")
+    np.save(tmp_path / "v.npy", np.zeros(4, np.float32))
+    with pytest.raises(SenseJaxError, match=r"v\.npy: expected a 2-D C-order array"):
+        tc.RowFile(tmp_path / "v.npy")
