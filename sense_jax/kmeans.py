@@ -76,10 +76,21 @@ arithmetic does not depend on its chunk either, so the dictionary is the same, b
 whatever the device count or chunk size (tested: 1 and 2 CPU devices). The k-means++ uniforms
 are drawn by a separate small program (the threefry RNG is a third of the clustering program's
 compile time), so the clustering program compiles once per (chunk size, bucket size) shape; the
-driver compiles those shapes ahead of time on a thread pool. Compilation (~1 s per shape, about
-12 shapes for K=10 and up to 1000 samples) dominates small builds; the persistent XLA cache,
-which :func:`build_sense_dictionary` turns on (:func:`sense_jax.compile_cache.enable_compile_cache`),
-removes it from later runs.
+driver compiles those shapes ahead of time on a thread pool.
+
+Compile time: compiling dominates a first build. The program is ~150 small XLA fusions, each
+compiled by LLVM (LLVM was two thirds of the compile's CPU samples), so its compile time does not
+depend on its shape: 3.5-4.5 s per bucket program with XLA's defaults (D=384, K=10, 2 CPU
+devices, load 3-4), whatever the sample count (16-1024). The driver cuts it three ways: its
+chunks hold only tokens with more than K samples (and empty slots), so its program leaves out
+the few-samples branch (``clustered_only``: 0.5 s less); it compiles with
+:data:`CPU_COMPILER_OPTIONS` (local to these programs: ~40% less, Lloyd steps as fast); and its
+sample-count buckets are an octave apart (7 programs up to 1024 samples instead of 13): 1.4-2 s
+per program. XLA's CPU compiler already spreads one compile's code generation over the cores
+(a compiling thread's own CPU time was 0.3-0.5 s of a 4-7 s compile), so compiling on a thread
+pool overlaps the compiles with the uniforms and the first chunks rather than multiplying
+throughput. The persistent XLA cache, which :func:`build_sense_dictionary` turns on
+(:func:`sense_jax.compile_cache.enable_compile_cache`), removes compiling from later runs.
 """
 
 from __future__ import annotations
@@ -97,10 +108,13 @@ ADAPTIVE_RULES = ("bic",)
 _HI = jax.lax.Precision.HIGHEST
 
 # XLA options for the k-means programs on the CPU backend only (the driver compiles them with
-# these; other programs, e.g. the encoder, keep XLA's defaults). The program is ~150 small
-# fusions, each compiled by LLVM: the classic loop emitters instead of the fusion emitters and
-# no expensive LLVM passes compile it in about half the time, with no slower Lloyd steps
-# (measured: see the module docstring).
+# these; other programs, e.g. the encoder, keep XLA's defaults: a global O0 slowed the encoder).
+# The program is ~150 small fusions, each compiled by LLVM: the classic loop emitters instead of
+# the fusion emitters and no expensive LLVM passes compile it ~40% faster with Lloyd steps as
+# fast (2 CPU devices: bucket programs of 16 / 128 / 1024 samples 4.1 / 4.9 / 4.4 s -> 2.5 /
+# 2.5 / 2.7 s to compile, 0.24 / 0.14 / 0.60 s -> 0.17 / 0.09 / 0.57 s to run their chunks, same
+# inertia to 6 digits; load 3-4). Rejected: xla_backend_optimization_level 0 (compile 2x
+# faster, Lloyd steps 1.5-6x slower) and 1 (no clear gain, other rounding).
 CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False, "xla_llvm_disable_expensive_passes": True}
 
 

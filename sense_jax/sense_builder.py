@@ -323,9 +323,11 @@ def plan_chunks(part: Partition, n_dev: int, D: int, s: ClusterSettings) -> list
 class ChunkRunner:
     """Runs planned chunks on ``devices`` (a 1-D mesh ``("tokens",)``) and collects the senses.
 
-    Every distinct (T, N) program is compiled ahead of time on a thread pool, overlapping the
-    uniforms, the first gathers and the first chunks' execution (on 2 CPU cores the compiles
-    themselves ran mostly one after another: ~1 s each).
+    Every distinct (T, N) program (one per bucket) is compiled ahead of time on a thread pool,
+    overlapping the uniforms, the first gathers and the first chunks' execution; on CPU with
+    :data:`sense_jax.kmeans.CPU_COMPILER_OPTIONS`. XLA's CPU compiler already spreads each
+    compile over the cores, so on 2 cores two compiles in flight take about twice as long each
+    (1.4-2 CPU s per program; see :mod:`sense_jax.kmeans`).
     """
 
     def __init__(self, store, part: Partition, s: ClusterSettings, seed: int, devices, chunks):
