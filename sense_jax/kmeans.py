@@ -80,13 +80,13 @@ driver compiles those shapes ahead of time on a thread pool.
 
 Compile time: compiling dominates a first build. The program is ~150 small XLA fusions, each
 compiled by LLVM (LLVM was two thirds of the compile's CPU samples), so its compile time does not
-depend on its shape: 3.5-4.5 s per bucket program with XLA's defaults (D=384, K=10, 2 CPU
+depend on its shape: 3.8-4.9 s per bucket program with XLA's defaults (D=384, K=10, 2 CPU
 devices, load 3-4), whatever the sample count (16-1024). The driver cuts it three ways: its
 chunks hold only tokens with more than K samples (and empty slots), so its program leaves out
 the few-samples branch (``clustered_only``: 0.5 s less); it compiles with
 :data:`CPU_COMPILER_OPTIONS` (local to these programs: ~40% less, Lloyd steps as fast); and its
-sample-count buckets are an octave apart (7 programs up to 1024 samples instead of 13): 1.4-2 s
-per program. XLA's CPU compiler already spreads one compile's code generation over the cores
+sample-count buckets are an octave apart (7 programs up to 1024 samples instead of 13): 1.3-2.2
+CPU s per program. XLA's CPU compiler already spreads one compile's code generation over the cores
 (a compiling thread's own CPU time was 0.3-0.5 s of a 4-7 s compile), so compiling on a thread
 pool overlaps the compiles with the uniforms and the first chunks rather than multiplying
 throughput. The persistent XLA cache, which :func:`build_sense_dictionary` turns on
