@@ -76,10 +76,21 @@ arithmetic does not depend on its chunk either, so the dictionary is the same, b
 whatever the device count or chunk size (tested: 1 and 2 CPU devices). The k-means++ uniforms
 are drawn by a separate small program (the threefry RNG is a third of the clustering program's
 compile time), so the clustering program compiles once per (chunk size, bucket size) shape; the
-driver compiles those shapes ahead of time on a thread pool. Compilation (~1 s per shape, about
-12 shapes for K=10 and up to 1000 samples) dominates small builds; the persistent XLA cache,
-which :func:`build_sense_dictionary` turns on (:func:`sense_jax.compile_cache.enable_compile_cache`),
-removes it from later runs.
+driver compiles those shapes ahead of time on a thread pool.
+
+Compile time: compiling dominates a first build. The program is ~150 small XLA fusions, each
+compiled by LLVM (LLVM was two thirds of the compile's CPU samples), so its compile time does not
+depend on its shape: 3.8-4.9 s per bucket program with XLA's defaults (D=384, K=10, 2 CPU
+devices, load 3-4), whatever the sample count (16-1024). The driver cuts it three ways: its
+chunks hold only tokens with more than K samples (and empty slots), so its program leaves out
+the few-samples branch (``clustered_only``: 0.5 s less); it compiles with
+:data:`CPU_COMPILER_OPTIONS` (local to these programs: ~40% less, Lloyd steps as fast); and its
+sample-count buckets are an octave apart (7 programs up to 1024 samples instead of 13): 1.3-2.2
+CPU s per program. XLA's CPU compiler already spreads one compile's code generation over the cores
+(a compiling thread's own CPU time was 0.3-0.5 s of a 4-7 s compile), so compiling on a thread
+pool overlaps the compiles with the uniforms and the first chunks rather than multiplying
+throughput. The persistent XLA cache, which :func:`build_sense_dictionary` turns on
+(:func:`sense_jax.compile_cache.enable_compile_cache`), removes compiling from later runs.
 """
 
 from __future__ import annotations
@@ -95,6 +106,16 @@ from sense_jax.errors import SenseJaxError
 
 ADAPTIVE_RULES = ("bic",)
 _HI = jax.lax.Precision.HIGHEST
+
+# XLA options for the k-means programs on the CPU backend only (the driver compiles them with
+# these; other programs, e.g. the encoder, keep XLA's defaults: a global O0 slowed the encoder).
+# The program is ~150 small fusions, each compiled by LLVM: the classic loop emitters instead of
+# the fusion emitters and no expensive LLVM passes compile it ~40% faster with Lloyd steps as
+# fast (2 CPU devices: bucket programs of 16 / 128 / 1024 samples 4.1 / 4.9 / 4.4 s -> 2.5 /
+# 2.5 / 2.7 s to compile, 0.24 / 0.14 / 0.60 s -> 0.17 / 0.09 / 0.57 s to run their chunks, same
+# inertia to 6 digits; load 3-4). Rejected: xla_backend_optimization_level 0 (compile 2x
+# faster, Lloyd steps 1.5-6x slower) and 1 (no clear gain, other rounding).
+CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False, "xla_llvm_disable_expensive_passes": True}
 
 
 class KMeansResult(NamedTuple):
@@ -290,16 +311,22 @@ def _cluster(p: _Points, u, k_active, init, max_iter, tol, *, k: int, has_init: 
     )
 
 
-def _kmeans_one(x, mask, u, k_active, init, max_iter, tol, *, k: int, has_init: bool, spherical: bool = False):
+def _kmeans_one(x, mask, u, k_active, init, max_iter, tol, *, k: int, has_init: bool, spherical: bool = False,
+                clustered_only: bool = False):
     """k-means of one token with ``k_active <= k`` clusters. x [N, D] f32 (zeroed at padding).
 
     A token with ``n <= k`` real points keeps them as senses whatever ``k_active`` is. The
     branch is a ``lax.cond``: a real branch when tokens are mapped one at a time (CPU), both
-    sides computed and selected when they are vmapped.
+    sides computed and selected when they are vmapped. ``clustered_only`` (static) promises
+    that every token has ``n > k`` real points or none (padding slots, whose output is
+    discarded: 0 senses): the branch is left out, which takes a fifth off the program's
+    compile time (0.5 of 2.4 s, D=384, K=10) and, vmapped, skips a computed-then-dropped side.
     """
     if x.shape[0] <= k:  # static: every token of this shape keeps its samples
         return _keep_samples(x, mask, k=k)
     p = _Points(x, x.T, jnp.sum(x * x, axis=-1), mask)
+    if clustered_only:
+        return _cluster(p, u, k_active, init, max_iter, tol, k=k, has_init=has_init, spherical=spherical)
     return jax.lax.cond(
         jnp.sum(mask) <= k,
         lambda: _keep_samples(x, mask, k=k),
@@ -343,7 +370,7 @@ def _uniforms_by_id(root, token_ids, *, k, adaptive, k_min):
 
 
 def _token_program(x, mask, u, init, max_iter, tol, *, k: int, adaptive: str | None,
-                   k_min: int, has_init: bool, spherical: bool = False):
+                   k_min: int, has_init: bool, spherical: bool = False, clustered_only: bool = False):
     x = jnp.where(mask[:, None], x.astype(jnp.float32), 0.0)
     # Checked by the driver, not a host pass. A squared norm that is not finite in f32 catches
     # NaN/inf and also finite vectors whose squares overflow (|x| > ~1.8e19): their distances
@@ -353,12 +380,13 @@ def _token_program(x, mask, u, init, max_iter, tol, *, k: int, adaptive: str | N
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     if adaptive is None:
         return dict(_kmeans_one(x, mask, u[0], k, init, max_iter, tol, k=k, has_init=has_init,
-                                    spherical=spherical), finite=finite)
+                                spherical=spherical, clustered_only=clustered_only), finite=finite)
     n = jnp.sum(mask)
     D = x.shape[-1]
 
     def one(kc, uc):
-        r = _kmeans_one(x, mask, uc, kc, init, max_iter, tol, k=k, has_init=has_init, spherical=spherical)
+        r = _kmeans_one(x, mask, uc, kc, init, max_iter, tol, k=k, has_init=has_init, spherical=spherical,
+                        clustered_only=clustered_only)
         return r, _bic(r, n, D)
 
     best, best_bic = one(jnp.int32(k_min), u[0])
@@ -375,20 +403,22 @@ def _token_program(x, mask, u, init, max_iter, tol, *, k: int, adaptive: str | N
     return dict(best, finite=finite)
 
 
-@jax.jit(static_argnames=("k", "adaptive", "k_min", "has_init", "loop", "map_batch", "spherical"))
+@jax.jit(static_argnames=("k", "adaptive", "k_min", "has_init", "loop", "map_batch", "spherical",
+                          "clustered_only"))
 def _batched(x, mask, u, init, max_iter, tol, *, k, adaptive, k_min, has_init, loop="vmap",
-             map_batch=1, spherical=False):
+             map_batch=1, spherical=False, clustered_only=False):
     """The batched program: x [T, N, D], mask [T, N], u [T, C, k, L] uniforms, init [T, k, D].
 
     ``loop="vmap"`` runs the T tokens in lockstep (every while loop runs as long as the slowest
     token's: the shape for accelerators); ``"map"`` runs them one after another with
     ``lax.map`` (each token its own iteration count, branches really skipped, the token's points
     stay in cache: the fast shape for CPUs), ``map_batch`` tokens in lockstep at a time
-    (:func:`map_batch_size`).
+    (:func:`map_batch_size`). ``clustered_only``: every token has more than k real points or
+    none (the driver's chunks), see :func:`_kmeans_one`.
     """
     fn = lambda xt, mt, ut, it: _token_program(xt, mt, ut, it, max_iter, tol, k=k,
                                                adaptive=adaptive, k_min=k_min, has_init=has_init,
-                                               spherical=spherical)
+                                               spherical=spherical, clustered_only=clustered_only)
     if loop == "map":
         return jax.lax.map(lambda args: fn(*args), (x, mask, u, init),
                            batch_size=min(map_batch, x.shape[0]) if map_batch > 1 else None)

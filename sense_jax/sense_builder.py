@@ -32,23 +32,29 @@ from tqdm.auto import tqdm
 from sense_jax.compile_cache import enable_compile_cache
 from sense_jax.errors import SenseJaxError
 from sense_jax.fingerprints import store_fingerprint
-from sense_jax.kmeans import (_bad_rows, _bad_rows_message, _batched, _uniforms_by_id, map_batch_size,
-                              n_local_trials, validate_k, validate_loop)
+from sense_jax.kmeans import (CPU_COMPILER_OPTIONS, _bad_rows, _bad_rows_message, _batched, _uniforms_by_id,
+                              map_batch_size, n_local_trials, validate_k, validate_loop)
 from sense_jax.provenance import provenance
 from sense_jax.sense_dict import METRICS, STORAGE_DTYPES, SenseDictionary, source_record, teacher_mismatch
 from sense_jax.store import Store, open_store
 
 
 def bucket_size(n: int, minimum: int = 16) -> int:
-    """Padded sample count for a token with ``n`` samples: the smallest ``minimum * sqrt(2)^i``
+    """Padded sample count for a token with ``n`` samples: the smallest ``minimum * 2^i``
     (rounded up to a multiple of 8) that holds ``n``.
 
-    Samples per token are Zipfian, so padding everyone to the largest would waste ~10x; these
-    geometric buckets waste at most ~45% and on average under 20%, with two compiled shapes per
-    octave (16, 24, 32, 48, 64, 96, 128, 184, 256, 368, 512, 728, 1024 for ``minimum=16``).
+    Samples per token are Zipfian, so padding everyone to the largest would waste ~10x. Each
+    bucket is one compiled k-means program (1.3-2.2 CPU s to compile, whatever its sample count:
+    see :mod:`sense_jax.kmeans`), and compiling dominates a first build, so the buckets are an
+    octave apart: 7 programs up to 1024 samples (16, 32, 64, ..., 1024 for ``minimum=16``),
+    padding at most 2x and on the default run's store 1.37x (half-octave buckets: 13 programs,
+    1.17x; the Lloyd steps run one token at a time, so padding costs less than in proportion).
+    A token's padded size changes the last bits of its arithmetic, so the dictionary's bytes
+    depend on this rule (not on devices or chunks): on the default run's store the half-octave
+    buckets gave other bytes, at mean inertia 647.905 vs 647.901 now (scikit-learn 648.311).
     """
     i = 0
-    while (size := int(math.ceil(minimum * math.sqrt(2) ** i / 8 - 1e-6) * 8)) < n:
+    while (size := int(math.ceil(minimum * 2 ** i / 8 - 1e-6) * 8)) < n:
         i += 1
     return size
 
@@ -82,7 +88,8 @@ def _sharded_program(mesh, *, k: int, adaptive: str | None, k_min: int, loop: st
     device runs :func:`_batched` on its own tokens (``jax.shard_map``, no collectives)."""
     def local(x, mask, u, init, max_iter, tol):
         return _batched(x, mask, u, init, max_iter, tol, k=k, adaptive=adaptive, k_min=k_min,
-                        has_init=False, loop=loop, map_batch=map_batch, spherical=spherical)
+                        has_init=False, loop=loop, map_batch=map_batch, spherical=spherical,
+                        clustered_only=True)
 
     tokens = P("tokens")
     # check_vma=False: the per-token while loops start from unvarying constants.
@@ -319,9 +326,11 @@ def plan_chunks(part: Partition, n_dev: int, D: int, s: ClusterSettings) -> list
 class ChunkRunner:
     """Runs planned chunks on ``devices`` (a 1-D mesh ``("tokens",)``) and collects the senses.
 
-    Every distinct (T, N) program is compiled ahead of time on a thread pool, overlapping the
-    uniforms, the first gathers and the first chunks' execution (on 2 CPU cores the compiles
-    themselves ran mostly one after another: ~1 s each).
+    Every distinct (T, N) program (one per bucket) is compiled ahead of time on a thread pool,
+    overlapping the uniforms, the first gathers and the first chunks' execution; on CPU with
+    :data:`sense_jax.kmeans.CPU_COMPILER_OPTIONS`. XLA's CPU compiler already spreads each
+    compile over the cores, so on 2 cores two compiles in flight take about twice as long each
+    (1.3-2.2 CPU s per program; see :mod:`sense_jax.kmeans`).
     """
 
     def __init__(self, store, part: Partition, s: ClusterSettings, seed: int, devices, chunks):
@@ -356,7 +365,8 @@ class ChunkRunner:
                     jax.ShapeDtypeStruct((rows, 1, 1), jnp.float32, sharding=sharded))
             program = _sharded_program(self.mesh, **self.statics, loop=s.loop, map_batch=map_batch_size(N, D),
                                        spherical=bool(s.spherical))
-            _COMPILED[cache_key] = program.lower(*spec, *self.scalars).compile()
+            options = CPU_COMPILER_OPTIONS if self.devices[0].platform == "cpu" else None
+            _COMPILED[cache_key] = program.lower(*spec, *self.scalars).compile(compiler_options=options)
         return _COMPILED[cache_key]
 
     def _uniforms(self, root) -> np.ndarray:
