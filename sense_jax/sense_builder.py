@@ -289,8 +289,7 @@ def partition_by_sample_count(store, k: int, spherical: bool) -> Partition:
     big = tokens[n[tokens] > k]
     senses: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     if small.size:
-        rows = np.concatenate([np.arange(offsets[t], offsets[t + 1]) for t in small])
-        vec = np.asarray(store.vectors[rows])
+        vec = np.concatenate([store.read_rows(offsets[t], offsets[t + 1]) for t in small])
         starts = np.concatenate([[0], np.cumsum(n[small])[:-1]])
         _check_finite_rows(vec, small, starts, n[small], str(store.path))
         for t, s0 in zip(small, starts):
@@ -391,7 +390,7 @@ class ChunkRunner:
         mask = np.zeros((T, size), bool)
         slots = self._slots(ids.size, T // self.n_dev)
         for i, t in zip(slots, ids):
-            x[i, :n[t]] = store.vectors[offsets[t]:offsets[t + 1]]
+            x[i, :n[t]] = store.read_rows(offsets[t], offsets[t + 1])
             mask[i, :n[t]] = True
         u = np.zeros((T, *self.u_all.shape[1:]), np.float32)
         u[slots] = self.u_all[[self.u_row[int(t)] for t in ids]]
@@ -404,7 +403,7 @@ class ChunkRunner:
         bad = np.flatnonzero(~res["finite"][slots])
         if bad.size:  # NaN/inf found in the program: name the token and sample from the store
             t = int(ids[bad[0]])
-            _check_finite_rows(np.asarray(store.vectors[offsets[t]:offsets[t + 1]]), np.array([t]),
+            _check_finite_rows(store.read_rows(offsets[t], offsets[t + 1]), np.array([t]),
                                np.array([0]), n[[t]], str(store.path))
         overflow = np.flatnonzero(~np.isfinite(res["inertia"][slots]))
         if overflow.size:  # finite squared norms whose distances still overflow float32

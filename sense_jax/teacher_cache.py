@@ -73,7 +73,7 @@ from numpy.lib.format import open_memmap
 from sense_jax.batching import bucket_length
 from sense_jax.errors import SenseJaxError
 from sense_jax.fingerprints import config_hash, tokenizer_hash
-from sense_jax.io_utils import read_json, write_json_atomic
+from sense_jax.io_utils import RowFile, read_json, write_json_atomic
 from sense_jax.multiprocess import barrier, broadcast_ints, process_info
 
 CACHE_VERSION = 1
@@ -134,72 +134,6 @@ def cache_identity(*, teacher_params: Any, teacher_config: Any, compute_dtype: s
             "passages": passages_fingerprint(passages), "max_length": int(max_length),
             "dictionary": None if sense_dict is None else dictionary_fingerprint(sense_dict),
             "metric": None if sense_dict is None else metric}
-
-
-class RowFile:
-    """A [S, D] array of a ``.npy`` file, read and written by whole rows with ``os.pread`` /
-    ``os.pwrite`` (see the module docstring: a memory map would count every page a run touched
-    in the process's resident memory).
-
-    Attributes:
-      shape: (S, D). dtype: the stored dtype, or ``view`` (bfloat16 over stored uint16 bits).
-
-    Raises:
-      SenseJaxError: the file is missing, is not a 2-D C-order ``.npy`` array, or is shorter
-        than its header says (truncated).
-    """
-
-    def __init__(self, path: Path, view: np.dtype | None = None, writable: bool = False):
-        self.path = Path(path)
-        try:
-            with open(self.path, "rb") as f:
-                version = np.lib.format.read_magic(f)
-                shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                                         else np.lib.format.read_array_header_2_0(f))
-                self._data_offset = f.tell()
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            raise SenseJaxError(f"teacher cache file missing: {self.path}") from None
-        except (ValueError, OSError) as e:
-            raise SenseJaxError(f"teacher cache file {self.path} is unreadable ({e})") from None
-        if len(shape) != 2 or fortran or dtype.hasobject:
-            raise SenseJaxError(f"teacher cache file {self.path}: expected a 2-D C-order array, got "
-                                f"{dtype} {shape}{' (Fortran order)' if fortran else ''}")
-        self.shape, self._stored = tuple(int(x) for x in shape), np.dtype(dtype)
-        self.dtype = np.dtype(view) if view is not None else self._stored
-        self._row_bytes = self.shape[1] * self._stored.itemsize
-        if size < self._data_offset + self.shape[0] * self._row_bytes:
-            raise SenseJaxError(f"teacher cache file {self.path} is truncated ({size} bytes for "
-                                f"{self.shape[0]} rows of {self._row_bytes} bytes)")
-        self._fd = os.open(self.path, os.O_RDWR if writable else os.O_RDONLY)
-
-    def read(self, start: int, n: int) -> np.ndarray:
-        """Rows ``start:start + n`` as a new [n, D] array of :attr:`dtype`."""
-        nbytes = n * self._row_bytes
-        buf = os.pread(self._fd, nbytes, self._data_offset + start * self._row_bytes)
-        if len(buf) != nbytes:
-            raise SenseJaxError(f"teacher cache file {self.path}: rows {start}:{start + n} are past its end")
-        return np.frombuffer(buf, self._stored).reshape(n, self.shape[1]).view(self.dtype)
-
-    def write(self, start: int, rows: np.ndarray) -> None:
-        """Store ``rows`` [n, D] (of :attr:`dtype`) at rows ``start:start + n``."""
-        data = np.ascontiguousarray(rows, self.dtype).view(self._stored).tobytes()
-        offset = self._data_offset + start * self._row_bytes
-        while data:  # pwrite may write less than asked
-            done = os.pwrite(self._fd, data, offset)
-            data, offset = data[done:], offset + done
-
-    def sync(self) -> None:
-        """Wait until the written rows are on disk (before recording a chunk as done)."""
-        os.fsync(self._fd)
-
-    def close(self, _close=os.close) -> None:  # os.close bound early: __del__ may run at exit
-        if getattr(self, "_fd", -1) >= 0:
-            _close(self._fd)
-            self._fd = -1
-
-    def __del__(self):
-        self.close()
 
 
 @dataclasses.dataclass

@@ -107,3 +107,21 @@ def test_an_unwritable_out_file_is_refused_before_the_work_and_leaves_no_tempora
             lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
             assert rc == 2 and len(lines) == 1 and needle in lines[0], (argv, lines)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_store_rows_read_by_pread_equal_the_memory_map(tmp_path, dtype):
+    import ml_dtypes
+
+    from sense_jax.store import STORE_DTYPES, open_store, write_store
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(9, 4)).astype(STORE_DTYPES[dtype])
+    write_store(tmp_path / "s", vectors, np.array([0, 2, 2, 9]), np.array([2, 0, 7]),
+                np.zeros((9, 2), np.int64), {"dtype": dtype})
+    store = open_store(tmp_path / "s")
+    got = store.read_rows(2, 9)
+    assert got.dtype == (ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
+    np.testing.assert_array_equal(got, vectors[2:9])
+    np.testing.assert_array_equal(store.read_rows(2, 9), store.token_vectors(2))
+    assert store.read_rows(2, 2).shape == (0, 4)
