@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import numpy as np
 
@@ -65,6 +65,32 @@ def check_out_spares_sources(out: str | os.PathLike, *sources: str | os.PathLike
         s = Path(src).resolve()
         if s == o or o in s.parents:
             raise ConfigError(f"output {out} {'is' if s == o else 'holds'} the input {src}: choose another output directory")
+
+
+def check_replaceable(out: str | os.PathLike, is_artefact: Callable[[Path], bool], what: str) -> None:
+    """Refuse to replace (``--overwrite``) anything at ``out`` but an artefact of this command's
+    kind or an empty directory: a user's file or directory there would be deleted.
+
+    Args:
+      is_artefact: True for a directory holding this kind of artefact (and nothing else).
+      what: the artefact's name for the message ("a sense dictionary").
+
+    Raises:
+      ConfigError: ``out`` is a file, or a non-empty directory that ``is_artefact`` rejects (named).
+    """
+    p = Path(out)
+    if not p.exists():
+        return
+    if p.is_dir() and (not any(p.iterdir()) or is_artefact(p)):
+        return
+    raise ConfigError(f"{out} exists and is not {what}: --overwrite replaces only {what} or an empty "
+                      "directory; choose another output path")
+
+
+def holds_only(path: Path, names: Collection[str], required: Collection[str]) -> bool:
+    """True when directory ``path`` holds every name of ``required`` and nothing outside ``names``."""
+    present = {e.name for e in path.iterdir()}
+    return set(required) <= present <= set(names)
 
 
 def replace_directory(src: Path, dst: Path) -> None:
