@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
@@ -38,7 +39,12 @@ def check_known(cls, keys, where: str) -> None:
 
 
 def coerce(cls, key: str, value: Any, where: str) -> Any:
-    """Check/convert ``value`` to the type of field ``key`` of ``cls``; strings are parsed."""
+    """Check/convert ``value`` to the type of field ``key`` of ``cls``; strings are parsed.
+
+    Raises:
+      ConfigError: ``value`` is not of the field's type, or is a non-finite float (inf, nan:
+        no float setting of sense_jax takes one).
+    """
     typ = _fields(cls)[key].type
     typ = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
     try:
@@ -58,7 +64,10 @@ def coerce(cls, key: str, value: Any, where: str) -> Any:
         if typ == "float":
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            f = float(value)
+            if not math.isfinite(f):  # inf / nan pass every range check (nan fails them misleadingly)
+                raise ConfigError(f"{where}: {key}={value!r} must be a finite number")
+            return f
         if value is None:
             return ""
         if not isinstance(value, (str, int, float)):

@@ -64,7 +64,7 @@ from sense_jax.extract_forward import forward_stage
 from sense_jax.extract_job import (IDENTITY_KEYS, WORK_SUFFIX, Counted, Job, existing_is_done,  # noqa: F401
                                    fail_point, load_counted, prepare_work_dir, save_counted, work_dir)
 from sense_jax.fingerprints import config_hash, teacher_fingerprint, tokenizer_hash
-from sense_jax.io_utils import replace_directory
+from sense_jax.io_utils import check_out_spares_sources, replace_directory
 from sense_jax.loading import Model, load_model
 from sense_jax.multiprocess import allgather_many, barrier, broadcast_ints, process_info
 from sense_jax.provenance import provenance
@@ -210,7 +210,8 @@ def extract(model_or_path: Any, corpus_path: str | os.PathLike, out: str | os.Pa
       chunk_passages: passages per tokenisation call in the counting pass.
       compute_dtype: the teacher's compute dtype ("float32" or "bfloat16"); default: the
         model's own (float32 when loading from a path). Part of the store's identity.
-      overwrite: replace a complete store at ``out`` made with other settings.
+      overwrite: replace a complete store at ``out`` made with other settings (or a partial
+        one, or an empty directory; never anything else).
       progress: show tqdm progress bars (tokens/s and ETA) on process 0.
       pack: pack several passages per row (segment ids; rows of one or two lengths, so at most
         two compiled forward programs, and less padding; :mod:`sense_jax.extract_forward`).
@@ -225,6 +226,8 @@ def extract(model_or_path: Any, corpus_path: str | os.PathLike, out: str | os.Pa
       SenseJaxError: N < 1, unknown dtype or layer, missing corpus, empty corpus, output not
         writable, or an existing store at ``out`` made with another teacher / seed / settings.
         An existing complete store is never modified unless ``overwrite``.
+      ConfigError: ``out`` (or ``out.partial``) is or holds the corpus or the teacher, or is
+        something else than an extraction store or an empty directory (even with ``overwrite``).
     """
     enable_compile_cache()
 
@@ -232,10 +235,17 @@ def extract(model_or_path: Any, corpus_path: str | os.PathLike, out: str | os.Pa
         raise SenseJaxError(f"n_per_token (N) must be an integer >= 1, got {n_per_token!r}")
     if dtype not in STORE_DTYPES:
         raise SenseJaxError(f"unknown store dtype {dtype!r}; choose from {sorted(STORE_DTYPES)}")
-    if batch_size < 1 or window_passages < 1 or chunk_passages < 1:
-        raise SenseJaxError("batch_size, window_passages and chunk_passages must be >= 1")
+    for name, value in (("batch_size", batch_size), ("window_passages", window_passages),
+                        ("chunk_passages", chunk_passages)):
+        if value < 1:
+            raise SenseJaxError(f"{name} must be >= 1, got {value}")
     out = Path(out).absolute()
     corpus_files(corpus_path)  # raises on a missing corpus before any model loading
+    # The store replaces OUT, and OUT.partial is discarded when its settings differ: neither may
+    # hold the corpus or the teacher being read.
+    teacher_path = model_or_path.path if isinstance(model_or_path, Model) else model_or_path
+    for replaced in (out, work_dir(out)):
+        check_out_spares_sources(replaced, corpus_path, teacher_path)
 
     model, teacher = _load_teacher(model_or_path, compute_dtype)
     n_layers = int(getattr(model.config, "num_hidden_layers"))

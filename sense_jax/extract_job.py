@@ -25,9 +25,9 @@ from typing import Callable
 import numpy as np
 
 from sense_jax.errors import SenseJaxError
-from sense_jax.io_utils import read_json, write_json_atomic
+from sense_jax.io_utils import check_replaceable, holds_only, read_json, write_json_atomic
 from sense_jax.multiprocess import broadcast_ints
-from sense_jax.store import COMPLETE_MARKER
+from sense_jax.store import COMPLETE_MARKER, STORE_FILES
 
 WORK_SUFFIX = ".partial"
 # Keys of meta.json that identify what a store holds; a store at OUT that differs in any of
@@ -103,12 +103,11 @@ def check_existing(out: Path, identity: dict, overwrite: bool) -> bool:
     if not out.exists():
         return False
     if not out.is_dir():
-        if overwrite:
-            return False
         raise SenseJaxError(f"{out} exists and is not a store directory; choose another output path")
     meta_path = out / "meta.json"
     if not (out / COMPLETE_MARKER).exists() or not meta_path.exists():
-        if overwrite:
+        if overwrite:  # a user's directory is never replaced, only a store's leftovers
+            check_replaceable(out, lambda p: holds_only(p, STORE_FILES, ()), "an extraction store")
             return False
         raise SenseJaxError(f"{out} exists and is not a complete extraction store; choose another "
                             "output path or pass overwrite=True (--overwrite)")

@@ -165,15 +165,21 @@ class Pipeline:
     def run(self, stages=DEFAULT_STAGES) -> Path:
         enable_compile_cache()
         stages = tuple(stages)
-        self.out.mkdir(parents=True, exist_ok=True)
+        make_out_dir(self.out)
         self._check_config_unchanged()
         self._check_inputs(stages)
         run_stages(self, stages)
         return self.report_dir
 
     def _check_config_unchanged(self) -> None:
+        o = self.out
+        started = (o / "teacher" / METADATA_FILE, o / "corpus" / "glosses.txt", o / "store" / COMPLETE_MARKER,
+                   o / "senses" / META_FILE, o / "senses_k1" / META_FILE, o / "skd" / "config.json",
+                   o / "mse" / "config.json", o / "skd_student" / "adaptor.json", o / "mse_student" / "adaptor.json",
+                   o / "report" / "report.json", o / "benchmarks" / "benchmarks.json")
         check_config_unchanged(self.out, self.cfg, ignore=("progress", "out", "evaldata", "benchmark_layers",
-                                                           "teacher_cache", "teacher_cache_max_bytes"))
+                                                           "teacher_cache", "teacher_cache_max_bytes"),
+                               started=started)
 
     # --- stages -------------------------------------------------------------------------------
 
@@ -382,17 +388,39 @@ def peak_rss_bytes() -> int:
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
-def check_config_unchanged(out: Path, cfg: Any, ignore: Sequence[str]) -> None:
+def make_out_dir(out: Path) -> None:
+    """Create the pipeline's output directory ``out`` (and its parents).
+
+    Raises:
+      ConfigError: ``out`` is an existing file, or cannot be created (named).
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file among its parents, no permission
+        raise ConfigError(f"--out {out}: cannot create it ({e.strerror or e})") from None
+
+
+def check_config_unchanged(out: Path, cfg: Any, ignore: Sequence[str], started: Sequence[Path] = ()) -> None:
     """A re-run into the same ``out`` must use the same settings (else outputs would mix): the
     first run writes ``out/pipeline_config.json``; a later one with another value of any key but
     ``ignore`` raises ConfigError naming each key. A key added to the config class after that run
-    compares as its default."""
+    compares as its default.
+
+    ``started``: each stage's completion marker (and each training run's ``config.json``, which
+    a later run would resume from). While none of them exists, nothing made with the recorded
+    settings is kept, so a run with other settings replaces the record (a run that failed before
+    any stage completed, e.g. on a wrong teacher path, must not lock the directory)."""
     f = out / "pipeline_config.json"
     now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
     if f.exists():
         before = json.loads(f.read_text(encoding="utf-8"))
         defaults = {fld.name: fld.default for fld in dataclasses.fields(type(cfg))}
         diff = sorted(k for k in now if before.get(k, defaults.get(k)) != now[k])
+        if diff and not any(Path(p).exists() for p in started):
+            write_json_atomic(f, now)
+            return
         if diff:
             changes = ", ".join(f"{k}: {before.get(k)!r} then, {now[k]!r} now" for k in diff)
             raise ConfigError(f"{out} was made with other settings ({changes}); choose another --out")

@@ -37,10 +37,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from sense_jax.errors import SenseJaxError
-from sense_jax.io_utils import atomic_directory, read_json, write_json_atomic
+from sense_jax.io_utils import atomic_directory, check_replaceable, holds_only, read_json, write_json_atomic
 
 TENSORS_FILE = "senses.safetensors"
 META_FILE = "meta.json"
+
+
+def is_dictionary_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory holding a sense dictionary's files and nothing else
+    (what ``--overwrite`` may replace)."""
+    path = Path(path)
+    return path.is_dir() and holds_only(path, (TENSORS_FILE, META_FILE), (TENSORS_FILE,))
 FORMAT_VERSION = 1  # meta["format_version"]; dictionaries written before it are version 1 too
 METRICS = ("dot", "cos", "l2")
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -312,8 +319,11 @@ class SenseDictionary:
             merges them (:meth:`astype`).
 
         Raises:
-          SenseJaxError: unknown dtype; ``out`` exists and not ``overwrite``.
+          SenseJaxError: unknown dtype; ``out`` exists and not ``overwrite``; ``out`` is something
+            else than a sense dictionary or an empty directory (never replaced).
         """
+        if overwrite:
+            check_replaceable(out, is_dictionary_dir, "a sense dictionary")
         sd = self.astype(dtype) if dtype is not None else self
         tensors = {"centres": np.ascontiguousarray(np.asarray(sd.centres)),
                    "offsets": np.asarray(sd.offsets, np.int64),

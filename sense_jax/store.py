@@ -36,6 +36,8 @@ from sense_jax.errors import SenseJaxError
 from sense_jax.io_utils import RowFile, atomic_directory, read_json, write_json_atomic
 
 COMPLETE_MARKER = "COMPLETE"
+# Every file of a store directory (what ``extract --overwrite`` may replace).
+STORE_FILES = ("vectors.npy", "offsets.npy", "counts.npy", "sources.npy", "meta.json", COMPLETE_MARKER)
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 

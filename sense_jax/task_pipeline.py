@@ -36,7 +36,7 @@ from sense_jax.corpus import iter_passages
 from sense_jax.errors import ConfigError
 from sense_jax.extract import extract
 from sense_jax.io_utils import atomic_directory, write_json_atomic
-from sense_jax.pipeline import check_config_unchanged, run_stages
+from sense_jax.pipeline import check_config_unchanged, make_out_dir, run_stages
 from sense_jax.sense_builder import build_sense_dictionary
 from sense_jax.sense_dict import META_FILE
 from sense_jax.store import COMPLETE_MARKER, open_store
@@ -142,13 +142,17 @@ class TaskPipeline:
         self.data()  # bad data is refused before anything is written
         if "finetune" in stages and self.cfg.teacher and not (self.teacher_model / TASK_META_FILE).exists():
             self._check_teacher()  # and a teacher that is missing or whose head does not fit the data
-        self.out.mkdir(parents=True, exist_ok=True)
+        make_out_dir(self.out)
         self._check_config_unchanged()
         run_stages(self, stages)
         return self.report_dir
 
     def _check_config_unchanged(self) -> None:
-        check_config_unchanged(self.out, self.cfg, ignore=("progress", "out"))
+        runs = [self.teacher_run] + [self.out / o for o in OBJECTIVES]
+        started = [self.corpus_path, self.store_dir / COMPLETE_MARKER, self.senses_dir / META_FILE,
+                   self.report_dir / "report.json"] + [r / "config.json" for r in runs] + \
+                  [r / "model" / TASK_META_FILE for r in runs]
+        check_config_unchanged(self.out, self.cfg, ignore=("progress", "out"), started=started)
 
     def data(self):
         """The task's splits (read once; :func:`sense_jax.task_train.load_task_data`), against the

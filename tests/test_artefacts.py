@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -26,6 +29,61 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         with atomic_directory(tmp_path / "out"):
             raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_write_leaves_nothing_and_keeps_the_old_artefact(tmp_path, monkeypatch):
+    """Fresh-user trial: an interrupted ``convert --overwrite`` left a ``.OUT.tmp-*`` beside OUT.
+    A KeyboardInterrupt in the block, or between the two renames that replace OUT, leaves OUT
+    as it was and nothing else."""
+    from sense_jax import io_utils
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "f").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(out, overwrite=True) as tmp:
+            (tmp / "f").write_text("new")
+            raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "f").read_text() == "old"
+    calls = []
+
+    def replace(src, dst):  # the second rename (new -> out) is interrupted
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return os_replace(src, dst)
+
+    os_replace = os.replace
+    monkeypatch.setattr(io_utils.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(out, overwrite=True) as tmp:
+            (tmp / "f").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "f").read_text() == "old"
+
+
+def test_a_writer_thread_that_outlives_an_interrupt_leaves_nothing(tmp_path):
+    """What the interrupted ``convert`` did: Orbax's writer thread went on after the main
+    thread's KeyboardInterrupt and re-created the removed temporary directory. The process
+    (killed by the interrupt) must end with nothing beside OUT."""
+    script = textwrap.dedent(f"""
+        import threading, time
+        from pathlib import Path
+        from sense_jax.io_utils import atomic_directory
+
+        def late_writer(tmp):  # writes on after the block's cleanup, as Orbax's commit thread
+            while tmp.exists():
+                time.sleep(0.01)
+            (tmp / "params").mkdir(parents=True)
+            (tmp / "params" / "late").write_text("x")
+
+        with atomic_directory(Path({str(tmp_path / 'out')!r})) as tmp:
+            threading.Thread(target=late_writer, args=(tmp,)).start()
+            raise KeyboardInterrupt
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert "KeyboardInterrupt" in r.stderr
     assert list(tmp_path.iterdir()) == []
 
 

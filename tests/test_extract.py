@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -469,3 +470,47 @@ def test_packed_extraction_same_samples_close_vectors_at_most_two_programs(tiny,
         ex.extract(tiny[1], corpus, out, pack=True, **RUN)
     monkeypatch.setattr(extract_job, "FAULT_HOOK", None)
     assert _digest(ex.extract(tiny[1], corpus, out, pack=True, **RUN)) == _digest(packed)
+
+
+def _tree_bytes(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_spares_the_inputs_and_user_directories(tiny, corpus, tmp_path, capsys):
+    """Fresh-user trial: ``extract TEACHER CORPUS OUT --overwrite`` deleted the corpus or the
+    teacher when OUT held them, and wiped a user's directory at OUT (only a store may be replaced);
+    ``--batch-size 0`` and ``--window 0`` named three settings. Now each is refused (exit 2, one
+    line naming what is at fault) and nothing is touched."""
+    from sense_jax.cli import main
+
+    teacher = str(tiny[0])
+    for d in ("o1", "o3.partial"):
+        (tmp_path / d).mkdir()
+        shutil.copy(corpus, tmp_path / d / "corpus.txt")
+    shutil.copytree(teacher, tmp_path / "o2" / "teacher")
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "keep.txt").write_text("mine")
+    (tmp_path / "file.txt").write_text("mine too")
+    (tmp_path / "empty").mkdir()
+    before = _tree_bytes(tmp_path)
+    o1 = tmp_path / "o1"
+    for (t, c, out, *flags), msg in [
+        ((teacher, o1 / "corpus.txt", o1), f"output {o1} holds the input {o1 / 'corpus.txt'}"),
+        ((tmp_path / "o2" / "teacher", corpus, tmp_path / "o2"), "holds the input"),
+        ((teacher, corpus, corpus), f"output {corpus} is the input {corpus}"),
+        ((teacher, tmp_path / "o3.partial" / "corpus.txt", tmp_path / "o3"), "o3.partial holds the input"),
+        ((teacher, corpus, tmp_path / "user"), f"{tmp_path / 'user'} exists and is not an extraction store"),
+        ((teacher, corpus, tmp_path / "file.txt"), f"{tmp_path / 'file.txt'} exists and is not a store"),
+        ((teacher, corpus, tmp_path / "new", "--batch-size", "0"), "--batch-size must be >= 1, got 0"),
+        ((teacher, corpus, tmp_path / "new", "--window", "0"), "--window must be >= 1, got 0"),
+    ]:
+        capsys.readouterr()
+        assert main(["extract", str(t), str(c), str(out), "--overwrite", "-n", "3", *flags, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
+        assert _tree_bytes(tmp_path) == before and not (tmp_path / "new").exists()
+    with pytest.raises(SenseJaxError, match="^window_passages must be >= 1, got 0$"):
+        ex.extract(tiny[1], corpus, tmp_path / "new", **dict(RUN, window_passages=0))
+    # an empty directory may be replaced
+    ex.extract(tiny[1], corpus, tmp_path / "empty", **RUN, overwrite=True)
+    assert (tmp_path / "empty" / "COMPLETE").exists()

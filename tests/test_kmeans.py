@@ -603,3 +603,38 @@ def test_cluster_int8(built, tmp_path):
     S, D = sd.centres.shape
     # 3 bytes saved per element, 4 spent per sense on its scale (header sizes differ a little).
     assert abs((size("f32") - size("i8")) - (3 * S * D - 4 * S)) < 100
+
+
+def _tree_bytes(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_cluster_overwrite_never_deletes_the_store_or_a_user_directory(tmp_path, capsys):
+    """Fresh-user trial: ``cluster STORE STORE --overwrite`` exited 0 and replaced the store by the
+    dictionary; ``cluster DIR/st2 DIR --overwrite`` deleted st2 with DIR; a user's directory or
+    file at OUT was replaced. Now each is refused (exit 2, one line naming OUT), before clustering,
+    and nothing is touched."""
+    zipf_store(tmp_path / "st")
+    zipf_store(tmp_path / "d" / "st2")
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "keep.txt").write_text("mine")
+    (tmp_path / "file.txt").write_text("mine too")
+    V = open_store(tmp_path / "st").vocab_size
+    SenseDictionary.from_arrays(np.ones((V, 8), np.float32), np.arange(V + 1)).save(tmp_path / "o" / "A")
+    before = _tree_bytes(tmp_path)
+    st, st2 = str(tmp_path / "st"), str(tmp_path / "d" / "st2")
+    for args, msg in [
+        ([st, st], f"output {st} is the input {st}"),
+        ([st2, str(tmp_path / "d")], f"output {tmp_path / 'd'} holds the input {st2}"),
+        ([st, str(tmp_path / "o"), "--add-to", str(tmp_path / "o" / "A")], "holds the input"),
+        ([st, str(tmp_path / "user")], f"{tmp_path / 'user'} exists and is not a sense dictionary"),
+        ([st, str(tmp_path / "file.txt")], f"{tmp_path / 'file.txt'} exists and is not a sense dictionary"),
+    ]:
+        capsys.readouterr()
+        assert main(["cluster", *args, "--overwrite", "--k", "2", "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
+        assert _tree_bytes(tmp_path) == before
+    with pytest.raises(SenseJaxError, match="is not a sense dictionary"):  # the library call too
+        SenseDictionary.load(tmp_path / "o" / "A").save(tmp_path / "user", overwrite=True)
+    assert _tree_bytes(tmp_path) == before

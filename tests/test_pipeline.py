@@ -137,3 +137,59 @@ def test_both_students_read_one_teacher_cache_built_once(finished):
     assert len(reads) == 2 and reads[0].endswith("targets from it") and "teacher_hidden" in reads[1]
     meta = json.loads((tmp / "run" / "teacher_cache" / "meta.json").read_text())
     assert meta["targets"] and meta["hidden"] and meta["targets_dtype"] == "int8"
+
+
+def test_out_that_is_a_file_is_refused_by_name(tmp_path, capsys):
+    """Fresh-user trial: ``pipeline --out FILE`` exited 1 with a FileExistsError traceback."""
+    from sense_jax.cli import main
+
+    f = tmp_path / "f.txt"
+    f.write_text("mine")
+    for cmd in (["pipeline", "--out", str(f), "--stages", "convert"],
+                ["pipeline", "--out", str(f / "run"), "--stages", "convert"]):
+        capsys.readouterr()
+        assert main(cmd) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"--out {f}" in err and len(err.splitlines()) == 1, err
+    assert f.read_text() == "mine"
+
+
+def test_a_run_that_completed_no_stage_does_not_lock_its_output(tmp_path, tiny_teacher):
+    """Fresh-user trial: a run that failed before any stage completed (a wrong teacher path) left
+    pipeline_config.json, and the corrected re-run into the same --out was refused as "made with
+    other settings". Now the record is replaced while no stage output is complete; once one is,
+    other settings are refused again."""
+    with pytest.raises(SenseJaxError):
+        Pipeline(_cfg(tmp_path, tmp_path / "not_a_model")).run(stages=("convert",))
+    assert (tmp_path / "run" / "pipeline_config.json").exists()
+    Pipeline(_cfg(tmp_path, tiny_teacher)).run(stages=("convert",))
+    recorded = json.loads((tmp_path / "run" / "pipeline_config.json").read_text())
+    assert recorded["teacher"] == str(tiny_teacher)
+    with pytest.raises(ConfigError, match=r"made with other settings \(k: 3 then, 5 now\)"):
+        Pipeline(_cfg(tmp_path, tiny_teacher, k=5)).run(stages=("convert",))
+
+
+def test_a_recorded_config_is_kept_once_any_stage_output_is_complete(tmp_path):
+    """check_config_unchanged, as both recipes call it: another config replaces the record
+    while no marker of ``started`` exists (a training run's config.json counts: it would resume)."""
+    from sense_jax.pipeline import check_config_unchanged
+
+    started = [tmp_path / "store" / "COMPLETE", tmp_path / "skd" / "config.json"]
+    check_config_unchanged(tmp_path, PipelineConfig(k=3), ignore=("out",), started=started)
+    check_config_unchanged(tmp_path, PipelineConfig(k=4), ignore=("out",), started=started)
+    assert json.loads((tmp_path / "pipeline_config.json").read_text())["k"] == 4
+    for marker in started:
+        marker.parent.mkdir()
+        marker.write_text("x")
+        with pytest.raises(ConfigError, match=r"other settings \(k: 4 then, 5 now\)"):
+            check_config_unchanged(tmp_path, PipelineConfig(k=5), ignore=("out",), started=started)
+        marker.unlink()
+
+
+def test_a_run_without_the_evaluate_stage_does_not_name_a_report(tmp_path, tiny_teacher, capsys):
+    from sense_jax.cli import main
+
+    out = tmp_path / "run"
+    assert main(["pipeline", "--out", str(out), "--set", f"teacher={tiny_teacher}", "--stages", "convert"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"done; no report yet in {out / 'report'} (the evaluate stage has not run)"

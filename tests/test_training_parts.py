@@ -23,6 +23,29 @@ def test_a_directly_built_config_is_checked():
         T.DistillConfig(metric="dotty")
 
 
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_floats_are_refused_as_such(value, tmp_path):
+    """Fresh-user trial: ``--set learning_rate=inf`` was accepted (the run died on a NaN loss,
+    metrics.jsonl got "lr": NaN); ``nan`` was refused as "must be >= 0". Every float setting is
+    now refused when not finite, saying so: --set, a config file, a directly built config, the
+    pipeline's and the task recipe's configs."""
+    from sense_jax.pipeline import load_pipeline_config
+    from sense_jax.task_pipeline import load_task_pipeline_config
+
+    with pytest.raises(ConfigError, match=f"^--set: learning_rate='{value}' must be a finite number$"):
+        T.load_config(None, [f"learning_rate={value}"])
+    f = tmp_path / "c.yaml"
+    f.write_text(f"kd_alpha: .{value.lstrip('-')}\n" if value != "-inf" else "kd_alpha: -.inf\n")
+    with pytest.raises(ConfigError, match=f"config file {f}: kd_alpha=.* must be a finite number"):
+        T.load_config(f)
+    with pytest.raises(ConfigError, match=f"^config: clip_norm={value}: must be a finite number$"):
+        T.DistillConfig(clip_norm=float(value))
+    with pytest.raises(ConfigError, match="epochs='.*' must be a finite number"):
+        load_pipeline_config(None, [f"epochs={value}"])
+    with pytest.raises(ConfigError, match="student_learning_rate='.*' must be a finite number"):
+        load_task_pipeline_config(None, ["task=sst2", f"student_learning_rate={value}"])
+
+
 def test_steps_for_epochs_counts_the_trainers_own_training_passages():
     # 40 passages; eval_fraction 0.05 holds out int(40 * 0.05) = 2, so 38 train: ceil(38 / 3) = 13.
     cfg = T.DistillConfig(train_data=str(SENTENCES), batch_size=3)

@@ -38,7 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--add-to", metavar="DICT", default=None,
                    help="existing dictionary to add to: the store's tokens replace its entries; "
                         "refused when the store comes from another teacher, tokenizer or layer")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is a sense dictionary (or an empty directory); never the "
+                        "store or another directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -67,7 +69,8 @@ def use_cpu_devices(n: int | None) -> None:
 def run(args: argparse.Namespace) -> int:
     # The library (JAX, models) is imported when the command runs: `sense-jax --help` imports every command module.
     from sense_jax.sense_builder import ClusterSettings, build_with_settings
-    from sense_jax.sense_dict import SenseDictionary
+    from sense_jax.io_utils import check_out_spares_sources, check_replaceable
+    from sense_jax.sense_dict import SenseDictionary, is_dictionary_dir
     from sense_jax.store import open_store
 
     import jax
@@ -83,8 +86,14 @@ def run(args: argparse.Namespace) -> int:
         metric=args.metric, spherical=args.spherical, option_names=True)
     use_cpu_devices(args.cpu_devices)
     out = Path(args.out)
+    # Replacing OUT deletes what it holds: never the store being read, nor (unless OUT is the
+    # dictionary added to, read whole before the write) the dictionary added to.
+    check_out_spares_sources(out, args.store)
+    if args.add_to and Path(args.add_to).resolve() != out.resolve():
+        check_out_spares_sources(out, args.add_to)
     if out.exists() and not args.overwrite:  # fail before the (long) clustering
         raise SenseJaxError(f"{out} already exists; pass --overwrite to replace it")
+    check_replaceable(out, is_dictionary_dir, "a sense dictionary")
     store = open_store(args.store)
     base = SenseDictionary.load(args.add_to) if args.add_to else None
     sd = build_with_settings(store, settings, seed=args.seed, base=base, progress=not args.no_progress)

@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "vectors equal the unpacked run's within float rounding, and the store "
                         "records packed: true)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a complete store at OUT made with other settings")
+                   help="replace a complete store at OUT made with other settings (only an "
+                        "extraction store or an empty directory; never one holding the corpus or teacher)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _distributed.add_arguments(p)
 
@@ -46,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
     # The library (JAX, models) is imported when the command runs: `sense-jax --help` imports every command module.
     import jax
 
+    from sense_jax.errors import ConfigError
+
+    for flag, value in (("--batch-size", args.batch_size), ("--window", args.window)):
+        if value < 1:  # the library names its arguments; the user typed flags
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     _distributed.initialize(args)
 
     from sense_jax.extract import extract, summary_lines

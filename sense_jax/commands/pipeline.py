@@ -50,8 +50,16 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise ConfigError(f"--stages: unknown stage(s) {bad}; choose from {list(STAGES)}")
     report = Pipeline(cfg).run(stages)
-    print(f"report: {report / 'report.md'} (and report.json, PNG plots) in {report}")
+    _say_where(report, "report.json, PNG plots")
     return 0
+
+
+def _say_where(report, also: str) -> None:
+    """The last line of a run: where its report is, or that no stage has written one yet."""
+    if (report / "report.md").exists():
+        print(f"report: {report / 'report.md'} (and {also}) in {report}")
+    else:
+        print(f"done; no report yet in {report} (the evaluate stage has not run)")
 
 
 def _is_task_run(args: argparse.Namespace) -> bool:
@@ -72,5 +80,5 @@ def _run_task(args: argparse.Namespace) -> int:
         return 0
     stages = [s.strip() for s in (args.stages or ",".join(TASK_STAGES)).split(",") if s.strip()]
     report = TaskPipeline(cfg).run(stages)
-    print(f"report: {report / 'report.md'} (and report.json) in {report}")
+    _say_where(report, "report.json")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -125,6 +126,9 @@ def _validate(cfg: DistillConfig) -> DistillConfig:
         if not ok:
             raise ConfigError(f"config: {key}={getattr(cfg, key)!r}: {what}")
 
+    for k, f in _FIELDS.items():  # before the range checks: nan fails them with a misleading reason
+        if f.type in (float, "float"):
+            need(math.isfinite(getattr(cfg, k)), k, "must be a finite number")
     for k in ("steps", "batch_size", "grad_accum", "max_length", "save_every", "keep_checkpoints",
               "eval_batches", "log_every", "student_layers", "mesh_model"):
         need(getattr(cfg, k) >= 1, k, "must be >= 1")
