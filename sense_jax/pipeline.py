@@ -172,11 +172,12 @@ class Pipeline:
         return self.report_dir
 
     def _check_config_unchanged(self) -> None:
-        o = self.out
-        started = (o / "teacher" / METADATA_FILE, o / "corpus" / "glosses.txt", o / "store" / COMPLETE_MARKER,
-                   o / "senses" / META_FILE, o / "senses_k1" / META_FILE, o / "skd" / "config.json",
-                   o / "mse" / "config.json", o / "skd_student" / "adaptor.json", o / "mse_student" / "adaptor.json",
-                   o / "report" / "report.json", o / "benchmarks" / "benchmarks.json")
+        runs = ("skd", "mse")
+        started = (self.teacher_dir / METADATA_FILE, self.out / "corpus" / "glosses.txt",
+                   self.store_dir / COMPLETE_MARKER, self.senses_dir / META_FILE, self.senses_k1_dir / META_FILE,
+                   *(self.out / r / "config.json" for r in runs),
+                   *(self.out / f"{r}_student" / "adaptor.json" for r in runs),
+                   self.report_dir / "report.json", self.out / "benchmarks" / "benchmarks.json")
         check_config_unchanged(self.out, self.cfg, ignore=("progress", "out", "evaldata", "benchmark_layers",
                                                            "teacher_cache", "teacher_cache_max_bytes"),
                                started=started)
