@@ -33,7 +33,7 @@ from flax import traverse_util
 
 from sense_jax.errors import ConfigError, ConversionError
 from sense_jax.hf_checkpoint import read_hf_config, read_hf_state_dict  # noqa: F401  (also named here)
-from sense_jax.io_utils import atomic_directory, write_json_atomic
+from sense_jax.io_utils import atomic_directory, check_replaceable, holds_only, write_json_atomic
 from sense_jax.lora import merge_lora
 from sense_jax.models import ModelFamily, get_family
 from sense_jax.models.heads import abstract_head_params, head_labels_for
@@ -355,10 +355,25 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def is_converted_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory holding a converted model's files and nothing else (what
+    ``overwrite`` may replace)."""
+    path = Path(path)
+    return path.is_dir() and holds_only(path, (METADATA_FILE, "config.json", PARAMS_DIR, *TOKENIZER_FILES),
+                                        (METADATA_FILE,))
+
+
 def write_converted(out: str | os.PathLike, converted: Converted, tokenizer_dir: Path | None,
                     *, source: str, overwrite: bool = False, extra_metadata: dict | None = None) -> Path:
-    """Write a converted model directory atomically (nothing appears at ``out`` on failure)."""
+    """Write a converted model directory atomically (nothing appears at ``out`` on failure).
+
+    Raises:
+      SenseJaxError: ``out`` exists and not ``overwrite``; ConfigError: ``out`` is a file or a
+        directory other than a converted model or an empty one (``overwrite`` never deletes it).
+    """
     out = Path(out)
+    if overwrite:
+        check_replaceable(out, is_converted_dir, "a converted model directory")
     with atomic_directory(out, overwrite=overwrite) as tmp:
         hf_config = dict(converted.hf_config)
         with open(tmp / "config.json", "w", encoding="utf-8") as f:

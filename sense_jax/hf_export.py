@@ -17,7 +17,8 @@ from safetensors.numpy import load_file, save_file
 
 from sense_jax.convert import TOKENIZER_FILES, copy_tokenizer_files, params_to_hf
 from sense_jax.errors import SenseJaxError
-from sense_jax.io_utils import atomic_directory, write_json_atomic
+from sense_jax.io_utils import atomic_directory, check_replaceable, holds_only, write_json_atomic
+from sense_jax.labelled import VOCABULARY_FILE
 from sense_jax.loading import load_model
 from sense_jax.models.heads import head_type
 
@@ -43,6 +44,26 @@ def student_hf_config(teacher_hf_config: dict, student_cfg: Any) -> dict:
     return cfg
 
 
+HEAD_FILE = "head.safetensors"  # an exported task student's classification head
+TASK_META_FILE = "sense_jax_task.json"  # an exported task model's record (task, metrics, run)
+# Everything an exported directory may hold: what ``overwrite`` may replace.
+EXPORT_FILES = ("config.json", "model.safetensors", "adaptor.safetensors", "adaptor.json", HEAD_FILE,
+                VOCABULARY_FILE, TASK_META_FILE, *TOKENIZER_FILES)
+
+
+def is_exported_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory holding an exported model's files and nothing else."""
+    path = Path(path)
+    return path.is_dir() and holds_only(path, EXPORT_FILES, ("config.json", "model.safetensors"))
+
+
+def check_exported_replaceable(out: str | os.PathLike, overwrite: bool) -> None:
+    """With ``overwrite``, refuse an ``out`` that is a file or a directory other than an exported
+    model or an empty one (ConfigError naming it): a user's directory is never deleted."""
+    if overwrite:
+        check_replaceable(out, is_exported_dir, "an exported model directory")
+
+
 def export_hf(out: str | os.PathLike, family: Any, student_cfg: Any, student_params: dict,
               teacher_hf_config: dict, *, tokenizer_dir: str | os.PathLike | None = None,
               adaptor: dict | None = None, pooler: dict | None = None, extra_meta: dict | None = None,
@@ -60,8 +81,9 @@ def export_hf(out: str | os.PathLike, family: Any, student_cfg: Any, student_par
     reports its pooler missing).
 
     Raises:
-      SenseJaxError: ``out`` exists and not ``overwrite``; ConversionError: a parameter has no
-        transformers name.
+      SenseJaxError: ``out`` exists and not ``overwrite``; ConfigError: ``out`` is a file or a
+        directory other than an exported model or an empty one; ConversionError: a parameter has
+        no transformers name.
     """
     params = {k: v for k, v in student_params.items() if k not in family.head_params}
     cfg = student_cfg
@@ -69,6 +91,7 @@ def export_hf(out: str | os.PathLike, family: Any, student_cfg: Any, student_par
         params["pooler"] = pooler
         cfg = dataclasses.replace(student_cfg, add_pooler=True)
     state = params_to_hf(family, params)
+    check_exported_replaceable(out, overwrite)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         with open(tmp / "config.json", "w", encoding="utf-8") as f:
             json.dump(student_hf_config(teacher_hf_config, cfg), f, indent=2, sort_keys=True)
@@ -116,7 +139,8 @@ def export_model(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
     (:func:`export_hf`).
 
     Raises:
-      SenseJaxError: ``out`` exists and not ``overwrite``; see :func:`sense_jax.load_model`.
+      SenseJaxError: ``out`` exists and not ``overwrite``; ConfigError: ``out`` is a file or a
+        directory other than an exported model or an empty one; see :func:`sense_jax.load_model`.
     """
     model = load_model(src)
     family, cfg = model.family, model.config
@@ -136,6 +160,7 @@ def export_model(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
     if not isinstance(id2label, dict) or len(id2label) != cfg.num_labels:
         hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
         hf_config["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+    check_exported_replaceable(out, overwrite)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         with open(tmp / "config.json", "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)

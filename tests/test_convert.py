@@ -185,6 +185,40 @@ def test_overwrite_replaces_only_after_success(tmp_path, tiny_dir):
     assert sense_jax.load_model(out).config.num_hidden_layers == 2
 
 
+def test_overwrite_never_deletes_a_user_directory_or_file(tmp_path, tiny_dir, capsys):
+    """Fresh-user trial: ``convert SRC ~/work --overwrite`` and ``export RUN ~/work --overwrite``
+    replaced whatever directory OUT named. Only an artefact of the command's own kind (or an
+    empty directory) is replaced now; anything else is refused by name and left as it was."""
+    from sense_jax.cli import main
+    from sense_jax.hf_export import export_model
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    (tmp_path / "file.txt").write_text("mine too")
+    model = cv.convert(tiny_dir, tmp_path / "m")
+    for out in (user, tmp_path / "file.txt"):
+        assert main(["convert", str(tiny_dir), str(out), "--overwrite"]) == 2
+        assert f"{out} exists and is not a converted model directory" in capsys.readouterr().err
+        with pytest.raises(SenseJaxError, match="is not an exported model directory"):
+            export_model(model, out, overwrite=True)
+    assert (user / "notes.txt").read_text() == "mine" and (tmp_path / "file.txt").read_text() == "mine too"
+    assert main(["export", str(model), str(user), "--overwrite"]) == 2
+    assert "is not an exported model directory" in capsys.readouterr().err
+    # An exported directory is not a converted one, and the other way round.
+    exported = export_model(model, tmp_path / "hf")
+    with pytest.raises(SenseJaxError, match="is not a converted model directory"):
+        cv.convert(tiny_dir, exported, overwrite=True)
+    with pytest.raises(SenseJaxError, match="is not an exported model directory"):
+        export_model(model, model, overwrite=True)
+    # Their own kind, or an empty directory, is replaced as before.
+    (tmp_path / "empty").mkdir()
+    for out in (model, tmp_path / "empty"):
+        assert main(["convert", str(tiny_dir), str(out), "--overwrite"]) == 0
+    assert export_model(model, exported, overwrite=True) == exported
+    assert (user / "notes.txt").read_text() == "mine"
+
+
 def test_offline_hub_id_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConversionError, match="could not be fetched from the hub"):

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from sense_jax.convert import _match, copy_tokenizer_files, params_to_hf
 from sense_jax.errors import SenseJaxError
-from sense_jax.hf_export import export_hf, load_adaptor
+from sense_jax.hf_export import HEAD_FILE, TASK_META_FILE, check_exported_replaceable, export_hf, load_adaptor
 from sense_jax.io_utils import atomic_directory, read_json, write_json_atomic
 from sense_jax.labelled import VOCABULARY_FILE, LabelVocabulary
 from sense_jax.loading import load_model
@@ -43,8 +43,6 @@ def best_manager(run_dir: Path, create: bool = True):
     return ocp.CheckpointManager((Path(run_dir) / BEST_DIR).absolute(), options=options,
                                  item_names=("params", "meta"))
 
-
-TASK_META_FILE = "sense_jax_task.json"
 
 
 def restore_best(run_dir: str | Path) -> tuple[dict, dict]:
@@ -90,8 +88,6 @@ def restore_best(run_dir: str | Path) -> tuple[dict, dict]:
     meta["family_config"] = {"student": scfg, "head": hcfg}
     return jax.device_get(params), meta
 
-
-HEAD_FILE = "head.safetensors"
 
 
 def load_exported_student(path: str | Path) -> tuple[Any, Any, dict, Any, Any]:
@@ -191,6 +187,7 @@ def export_task(run_dir: str | Path, out: str | Path, *, overwrite: bool = False
             "provenance": provenance(), "trained_with": meta.get("provenance")}
     if meta["config"].get("objective") == "finetune":
         state = classifier_state_dict(family, hcfg, params["student"], params["head"])
+        check_exported_replaceable(out, overwrite)
         with atomic_directory(out, overwrite=overwrite) as tmp:
             with open(tmp / "config.json", "w", encoding="utf-8") as f:
                 json.dump(classifier_hf_config(meta["teacher_hf_config"], hcfg, vocab), f, indent=2, sort_keys=True)
@@ -206,6 +203,7 @@ def export_task(run_dir: str | Path, out: str | Path, *, overwrite: bool = False
     info["head_config"] = dataclasses.asdict(hcfg)
     # the teacher whose dictionary the student's senses come from (checked by evaluate-task --senses)
     info.update(teacher_fingerprint=meta.get("teacher_fingerprint"), embedding_fingerprint=meta.get("embedding_fingerprint"))
+    check_exported_replaceable(out, overwrite)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         student = export_hf(tmp / "student", family, scfg, params["student"], meta["teacher_hf_config"],
                             tokenizer_dir=tok_dir, adaptor=params["adaptor"], pooler=head.get("pooler"),
