@@ -43,7 +43,7 @@ per row, as the reference does.
 The header names the machine (CPU model, cores the process may use, AVX-512 or not), XLA's
 device count and flags, and torch's intra-op threads. ``--freeze-embeddings`` runs our side with
 the trainer's ``freeze_embeddings=true`` as well (the student's input embeddings stay the
-teacher's; see the README).
+teacher's; see docs/distillation.md).
 
     .venv/bin/python -m eval.bench_distill [--batch 16] [--length 64] [--rounds 7] [--freeze-embeddings]
                                            [--pack-length 128]

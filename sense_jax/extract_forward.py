@@ -15,7 +15,7 @@ decreasing (:func:`sense_jax.batching.pack_passages`) into rows of one or two fi
 (:func:`pack_row_lengths`), ``batch_size`` rows per device per step, so that the whole run
 compiles at most two forward programs; the model masks attention within each passage and
 restarts its positions (``segment_ids``), so the same occurrences get the same vectors within
-float rounding (the README's extraction section gives the difference measured).
+float rounding (docs/senses.md's extraction section gives the difference measured).
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ never be selected. :func:`nearest_sense` scores the gathered rows as they are (n
 and gathers the chosen row alone from the flat centres for the replaced state.
 
 On disk: ``senses.safetensors`` (centres, offsets, counts, and scales for an int8 codebook) +
-``meta.json``; no pickle. The layout is versioned (``meta["format_version"]``, see the README's
-"Sense dictionary format" section) and readable without JAX by :mod:`sense_jax.senses_numpy`.
+``meta.json``; no pickle. The layout is versioned (``meta["format_version"]``, see docs/senses.md,
+"Sense dictionary format") and readable without JAX by :mod:`sense_jax.senses_numpy`.
 
 No token has two equal senses: equal senses get equal SKD logits, so the student's
 cross-entropy for that token could never fall below log 2. Every path that can produce them
@@ -311,7 +311,7 @@ class SenseDictionary:
 
     def save(self, out: str | os.PathLike, *, dtype: str | None = None, overwrite: bool = False) -> Path:
         """Write ``senses.safetensors`` + ``meta.json`` to directory ``out`` atomically, in the
-        layout of format version :data:`FORMAT_VERSION` (README, "Sense dictionary format").
+        layout of format version :data:`FORMAT_VERSION` (docs/senses.md, "Sense dictionary format").
 
         Args:
           dtype: storage dtype of the centres ("float32", "bfloat16", "float16", "int8" with

@@ -1,11 +1,11 @@
 """Read a sense dictionary with numpy alone (no JAX, no safetensors package, no sense_jax).
 
 This file imports nothing but the standard library and numpy, so it can be copied next to a
-PyTorch (or any) project and used as is. It reads the directory layout documented in the README
-("Sense dictionary format"), format versions up to :data:`FORMAT_VERSION`: ``meta.json`` and
-``senses.safetensors``, whose layout (an 8-byte little-endian header length, a JSON header of
-``{name: {dtype, shape, data_offsets}}``, then the raw little-endian tensors) is parsed here
-directly, so bfloat16 centres need no ml_dtypes either.
+PyTorch (or any) project and used as is. It reads the directory layout documented in sense_jax's
+docs/senses.md ("Sense dictionary format"), format versions up to :data:`FORMAT_VERSION`:
+``meta.json`` and ``senses.safetensors``, whose layout (an 8-byte little-endian header
+length, a JSON header of ``{name: {dtype, shape, data_offsets}}``, then the raw little-endian
+tensors) is parsed here directly, so bfloat16 centres need no ml_dtypes either.
 
 Usage::
 

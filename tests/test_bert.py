@@ -74,8 +74,9 @@ def test_padding_does_not_change_real_positions(minilm, sentences):
     assert np.abs(a[0] - b[0, :n]).max() < 1e-5
 
 
-# Measured on this checkpoint and batch (README): max |bf16 - f32| = 0.036, mean 0.0027, on
-# hidden states of mean magnitude 0.32; per-token cosine >= 0.99987. Bounds with ~3x headroom:
+# Measured on this checkpoint and batch (docs/performance.md): max |bf16 - f32| = 0.036, mean
+# 0.0027, on hidden states of mean magnitude 0.32; per-token cosine >= 0.99987. Bounds with
+# ~3x headroom:
 BF16_MAX_ABS = 0.1
 BF16_MIN_COSINE = 0.999
 

@@ -4,7 +4,7 @@
 and :func:`evaluate` in Python. One module per benchmark; :mod:`sense_jax.benchmarks.common`
 holds the one rule that maps a word of a whitespace-tokenised sentence to its tokens and the
 variants (``contextual``, ``senses_dot`` / ``senses_cos`` / ``senses_l2``, ``one_sense``,
-``static``). The data is never shipped: every evaluator takes a path (see the README for the
+``static``). The data is never shipped: every evaluator takes a path (see docs/benchmarks.md for the
 sources; ``../shared/evaldata`` in this project's workspace).
 """
 

@@ -318,7 +318,7 @@ def encode_targets(bm: BenchModel, targets: Sequence[Target], batch_size: int = 
       window: None (default) reads the whole sentence. Else the passage is the target word's
         tokens with at most ``window`` tokens of context on each side (fewer where the sentence
         ends first) between the special tokens: fewer tokens to read (CoarseWSD-20's sentences
-        hold ~39 tokens), different figures (see the README), and a target beyond the model's
+        hold ~39 tokens), different figures (see docs/benchmarks.md), and a target beyond the model's
         maximum length is still covered.
 
     Returns:

@@ -13,7 +13,8 @@ HELP = "score a model (and a sense dictionary) on a public benchmark: scws, wic,
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=TASKS, help="benchmark")
-    p.add_argument("--data", required=True, help="the benchmark's file or folder (layout: see the README)")
+    p.add_argument("--data", required=True,
+                   help="the benchmark's file or folder (layout: see docs/benchmarks.md)")
     p.add_argument("--model", required=True,
                    help="converted sense_jax dir, transformers dir, or exported student (with adaptor)")
     p.add_argument("--senses", default=None, help="sense dictionary built from that teacher (and layer)")
@@ -29,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sentences per forward batch for sentences longer than a packed row (128 tokens)")
     p.add_argument("--window", type=int, default=None, metavar="W",
                    help="read only W tokens of context on each side of the target (default: the whole "
-                        "sentence; faster, different figures: see the README)")
+                        "sentence; faster, different figures: see docs/benchmarks.md)")
     p.add_argument("--lemma-names", action="store_true",
                    help="wsd: glosses also name each synset's other lemmas (LMMS-style sense texts)")
     p.add_argument("--shots", type=int, default=None, metavar="N",
