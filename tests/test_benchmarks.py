@@ -248,6 +248,11 @@ def test_wic_accuracy_follows_the_tuned_threshold(tiny, tmp_path):
         pred = sim[name] >= m["threshold"]
         assert m["accuracy"] == pytest.approx(100 * accuracy_score([p.label for p in dev], pred))
     assert res["coverage"] == {"pairs": 2, "covered": 2, "tune_pairs": 4}
+    # avg_sim_c's temperature is WiC's to set too (SCWS's softmax), and recorded
+    assert res["temperature"] == scws.TEMPERATURE
+    hot = wic.similarities(tiny, sd, dev, temperature=100.0)
+    assert not np.allclose(hot["avg_sim_c"], sim["avg_sim_c"])
+    assert wic.evaluate(tiny, root, sd, "senses", temperature=100.0)["temperature"] == 100.0
 
 
 # --- CoarseWSD-20 --------------------------------------------------------------------------------
@@ -435,6 +440,12 @@ def test_cli_end_to_end_and_bad_input(tiny, tiny_dir, tmp_path, capsys):
     assert "--shots 2: a number >= 1, for coarsewsd20 only" in capsys.readouterr().err
     assert main(["evaluate", "wordsim", "--data", str(data), "--model", str(tiny_dir), "--window", "-1"]) == 2
     assert "--window must be >= 0" in capsys.readouterr().err
+    # --temperature was accepted and ignored by every task but scws (wic's avg_sim_c uses it too)
+    assert main(["evaluate", "wordsim", "--data", str(data), "--model", str(tiny_dir), "--temperature", "0.1"]) == 2
+    assert "--temperature is for scws and wic only (their avg_sim_c), not wordsim" in capsys.readouterr().err
+    for bad in ("0", "-1", "nan", "inf"):
+        assert main(["evaluate", "wic", "--data", str(data), "--model", str(tiny_dir), "--temperature", bad]) == 2
+        assert f"--temperature must be a finite number > 0, got {float(bad)}" in capsys.readouterr().err
 
 
 # --- the shared copies (where present) -----------------------------------------------------------

@@ -30,7 +30,7 @@ def evaluate(task: str, data, model, senses=None, layer: int | None = None, **op
         :class:`~sense_jax.sense_dict.SenseDictionary` already loaded with
         :func:`~sense_jax.benchmarks.common.load_senses`, or None.
       layer: hidden-state index (None = last layer).
-      options: task options (``split``, ``tune_split`` for wic; ``temperature`` for scws;
+      options: task options (``split``, ``tune_split`` for wic; ``temperature`` for scws and wic;
         ``shots`` for coarsewsd20; ``batch_size``, ``window`` for all).
 
     Raises:

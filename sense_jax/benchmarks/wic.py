@@ -120,22 +120,27 @@ def similarities(bm: C.BenchModel, sense_dict, pairs: list[WicPair], batch_size:
 
 
 def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, split: str = "dev",
-             tune_split: str = "train", batch_size: int = 32, window: int | None = None) -> dict:
+             tune_split: str = "train", batch_size: int = 32, window: int | None = None,
+             temperature: float = scws.TEMPERATURE) -> dict:
     """WiC accuracy (x 100) on ``split`` of every similarity, thresholded on ``tune_split``.
 
     Pairs with an uncovered occurrence count as wrong on the evaluated split (and are left out
-    of tuning); ``coverage`` says how many.
+    of tuning); ``coverage`` says how many. ``temperature``: of ``avg_sim_c`` / ``max_sim_c``'s
+    p(sense | context) (SCWS's, :func:`sense_jax.benchmarks.scws.sense_probabilities`).
 
     Raises:
       BenchmarkDataError: missing or malformed files; a split without gold labels.
+      SenseJaxError: ``temperature`` not > 0.
     """
+    if not temperature > 0:
+        raise C.SenseJaxError(f"temperature must be > 0, got {temperature}")
     sets = {}
     for name in dict.fromkeys((tune_split, split)):
         data_file, gold_file = split_files(data, name)
         pairs = read_wic(data_file, gold_file)
         if any(p.label is None for p in pairs):
             raise C.data_error(gold_file, None, f"gold labels of split {name} are missing")
-        sets[name] = (pairs, similarities(bm, sense_dict, pairs, batch_size, window=window))
+        sets[name] = (pairs, similarities(bm, sense_dict, pairs, batch_size, temperature, window=window))
     tune_pairs, tune_sim = sets[tune_split]
     eval_pairs, eval_sim = sets[split]
     y_tune = np.array([p.label for p in tune_pairs])
@@ -150,4 +155,4 @@ def evaluate(bm: C.BenchModel, data, sense_dict=None, senses_path=None, split: s
     cov = {"pairs": len(eval_pairs), "covered": int((~np.isnan(eval_sim["contextual"])).sum()),
            "tune_pairs": len(tune_pairs)}
     return C.result("wic", data, bm, senses_path, cov, variants, REFERENCE, split=split, tune_split=tune_split,
-                    window=window)
+                    window=window, temperature=temperature)

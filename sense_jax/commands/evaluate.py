@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from sense_jax.benchmarks import TASKS
 from sense_jax.errors import SenseJaxError
@@ -24,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="dev", help="wic: split to report (default dev)")
     p.add_argument("--tune-split", default="train", help="wic: split the threshold is chosen on (default train)")
     p.add_argument("--temperature", type=float, default=None,
-                   help="scws: softmax temperature of p(sense | context) over cosines "
+                   help="scws, wic: softmax temperature of p(sense | context) over cosines (avg_sim_c) "
                         "(default: sense_jax.benchmarks.scws.TEMPERATURE)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="sentences per forward batch for sentences longer than a packed row (128 tokens)")
@@ -61,9 +62,11 @@ def run(args: argparse.Namespace) -> int:
         options["shots"] = args.shots
     if args.task == "wic":
         options.update(split=args.split, tune_split=args.tune_split)
-    if args.task == "scws" and args.temperature is not None:
-        if not args.temperature > 0:
-            raise SenseJaxError(f"--temperature must be > 0, got {args.temperature}")
+    if args.temperature is not None:  # the AvgSimC / MaxSimC softmax, which scws and wic report
+        if args.task not in ("scws", "wic"):
+            raise SenseJaxError(f"--temperature is for scws and wic only (their avg_sim_c), not {args.task}")
+        if not math.isfinite(args.temperature) or args.temperature <= 0:
+            raise SenseJaxError(f"--temperature must be a finite number > 0, got {args.temperature}")
         options["temperature"] = args.temperature
     res = evaluate(args.task, args.data, args.model, args.senses, args.layer, **options)
     if args.out:
