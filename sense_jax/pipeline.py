@@ -40,7 +40,7 @@ from sense_jax.config import load_config
 from sense_jax.convert import METADATA_FILE, convert, read_hf_config
 from sense_jax.errors import ConfigError, SenseJaxError
 from sense_jax.extract import extract
-from sense_jax.io_utils import atomic_directory, write_json_atomic
+from sense_jax.io_utils import atomic_directory, read_json, write_json_atomic
 from sense_jax.models import check_input_length, get_family
 from sense_jax.sense_builder import build_sense_dictionary
 from sense_jax.sense_dict import META_FILE
@@ -367,15 +367,33 @@ class Pipeline:
         self.log(f"[benchmarks] {len(paths)} benchmark(s) x {len(runs)} run(s): {out / 'benchmarks.md'}")
 
 
+TIMINGS_FILE = "timings.json"  # OUT/timings.json: seconds spent on each stage, over every run into OUT
+
+
 def run_stages(pipeline: Any, stages: Sequence[str]) -> None:
-    """Run ``pipeline.stage_<name>()`` for each stage in order, recording its wall time (seconds)
-    in ``pipeline.timings`` and logging it with the process's peak resident memory so far (GiB;
-    the stage that raises it is the one to look at), the main job and the task recipe alike."""
+    """Run ``pipeline.stage_<name>()`` for each stage in order, the main job and the task recipe
+    alike, logging each one's wall time (s) with the process's peak resident memory so far (GiB;
+    the stage that raises it is the one to look at).
+
+    ``pipeline.timings`` (what the report shows as ``timings_s``) holds each stage's seconds
+    summed over every run into ``pipeline.out``, kept in ``OUT/timings.json``: a resumed run adds
+    the seconds it spent (about 0 for a stage already complete) to those of the runs before, so
+    its report still gives the time the stages took, not the time this run took to skip them."""
+    path = pipeline.out / TIMINGS_FILE
+    try:
+        spent = {k: float(v) for k, v in read_json(path, "stage timings").items()} if path.exists() else {}
+    except (SenseJaxError, TypeError, ValueError):
+        spent = {}  # a damaged record costs only the earlier runs' times
+    pipeline.timings.update(spent)
     for stage in stages:
         t = time.perf_counter()
-        getattr(pipeline, f"stage_{stage}")()
-        pipeline.timings[stage] = time.perf_counter() - t
-        pipeline.log(f"[{stage}] {pipeline.timings[stage]:.0f}s, peak RSS so far {peak_rss_bytes() / 2**30:.2f} GiB")
+        try:
+            getattr(pipeline, f"stage_{stage}")()
+        finally:  # a stage that fails or is interrupted still took the time (a resumed one goes on from it)
+            took = time.perf_counter() - t
+            pipeline.timings[stage] = pipeline.timings.get(stage, 0.0) + took
+            write_json_atomic(path, pipeline.timings)
+        pipeline.log(f"[{stage}] {took:.0f}s, peak RSS so far {peak_rss_bytes() / 2**30:.2f} GiB")
 
 
 def peak_rss_bytes() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import pytest
 from transformers import BertConfig
@@ -87,6 +88,38 @@ def test_rerun_skips_every_stage_and_changes_nothing(finished, tiny_teacher):
     for stage in ("convert", "corpus", "extract", "cluster", "distill", "evaluate"):
         assert any(line.startswith(f"[{stage}] done already") for line in logs), stage
     assert (tmp / "run" / "report" / "report.json").read_bytes() == before
+
+
+def test_stage_times_add_up_over_the_runs_into_one_output(tmp_path):
+    """A resumed run's report gave the seconds it took to skip the finished stages (about 0) as
+    their times; OUT/timings.json now sums each stage's seconds over every run, failed ones too."""
+    from sense_jax.pipeline import TIMINGS_FILE, run_stages
+
+    class Job:  # run_stages' contract: out, timings, log and one stage_<name>() per stage
+        def __init__(self, fail=False):
+            self.out, self.timings, self.logs, self.fail, self.seen = tmp_path, {}, [], fail, None
+            self.log = self.logs.append
+
+        def stage_work(self):
+            time.sleep(0.05)
+            if self.fail:
+                raise SenseJaxError("killed")
+
+        def stage_report(self):
+            self.seen = dict(self.timings)  # what a report written now would show
+
+    with pytest.raises(SenseJaxError):
+        run_stages(Job(fail=True), ["work", "report"])
+    first = json.loads((tmp_path / TIMINGS_FILE).read_text())
+    assert set(first) == {"work"} and first["work"] >= 0.05  # the failed stage's time is kept
+    job = Job()
+    run_stages(job, ["work", "report"])
+    second = json.loads((tmp_path / TIMINGS_FILE).read_text())
+    assert second["work"] >= first["work"] + 0.05 and job.seen["work"] == second["work"]
+    assert job.timings == second and set(second) == {"work", "report"}
+    (tmp_path / TIMINGS_FILE).write_text("[1, 2]")  # a damaged record loses only the earlier times
+    run_stages(Job(), ["report"])
+    assert set(json.loads((tmp_path / TIMINGS_FILE).read_text())) == {"report"}
 
 
 def test_a_half_written_stage_is_redone_identically(finished, tiny_teacher):
