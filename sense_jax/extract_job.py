@@ -98,6 +98,12 @@ def work_dir(out: Path) -> Path:
     return out.with_name(out.name + WORK_SUFFIX)
 
 
+def is_store_dir(path: Path) -> bool:
+    """True when directory ``path`` holds a store's data files and nothing but a store's files
+    (what ``overwrite`` may replace: a user's directory, or a user's file beside a store, never)."""
+    return holds_only(path, STORE_FILES, [f for f in STORE_FILES if f != COMPLETE_MARKER])
+
+
 def check_existing(out: Path, identity: dict, overwrite: bool) -> bool:
     """True when ``out`` already is a complete store of this exact extraction (nothing to do)."""
     if not out.exists():
@@ -107,7 +113,7 @@ def check_existing(out: Path, identity: dict, overwrite: bool) -> bool:
     meta_path = out / "meta.json"
     if not (out / COMPLETE_MARKER).exists() or not meta_path.exists():
         if overwrite:  # a user's directory is never replaced, only a store's leftovers
-            check_replaceable(out, lambda p: holds_only(p, STORE_FILES, ()), "an extraction store")
+            check_replaceable(out, is_store_dir, "an extraction store")
             return False
         raise SenseJaxError(f"{out} exists and is not a complete extraction store; choose another "
                             "output path or pass overwrite=True (--overwrite)")
@@ -115,7 +121,8 @@ def check_existing(out: Path, identity: dict, overwrite: bool) -> bool:
     diff = [k for k in IDENTITY_KEYS if meta.get(k) != identity.get(k)]
     if not diff:
         return True
-    if overwrite:
+    if overwrite:  # files a user added beside the store's are never deleted with it
+        check_replaceable(out, is_store_dir, "an extraction store")
         return False
     detail = ", ".join(f"{k}: stored {meta.get(k)!r} vs requested {identity.get(k)!r}"
                        for k in diff if k != "corpus_files_fingerprint")

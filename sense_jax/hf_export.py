@@ -18,9 +18,9 @@ from safetensors.numpy import load_file, save_file
 from sense_jax.convert import TOKENIZER_FILES, copy_tokenizer_files, params_to_hf
 from sense_jax.errors import SenseJaxError
 from sense_jax.io_utils import atomic_directory, check_replaceable, holds_only, write_json_atomic
-from sense_jax.labelled import VOCABULARY_FILE
 from sense_jax.loading import load_model
 from sense_jax.models.heads import head_type
+from sense_jax.provenance import provenance
 
 
 # What an export holds: float32 weights (the params are float32; narrowing them would lose the
@@ -46,15 +46,27 @@ def student_hf_config(teacher_hf_config: dict, student_cfg: Any) -> dict:
 
 HEAD_FILE = "head.safetensors"  # an exported task student's classification head
 TASK_META_FILE = "sense_jax_task.json"  # an exported task model's record (task, metrics, run)
-# Everything an exported directory may hold: what ``overwrite`` may replace.
+EXPORT_MARKER = "sense_jax_export.json"  # written by every export: what sense_jax may replace
+# Everything an exported directory may hold: what ``overwrite`` may replace. The label
+# vocabulary's name is sense_jax.labelled.VOCABULARY_FILE's (a higher layer; tests/test_convert.py
+# checks that they agree).
 EXPORT_FILES = ("config.json", "model.safetensors", "adaptor.safetensors", "adaptor.json", HEAD_FILE,
-                VOCABULARY_FILE, TASK_META_FILE, *TOKENIZER_FILES)
+                "label_vocabulary.json", TASK_META_FILE, EXPORT_MARKER, *TOKENIZER_FILES)
 
 
 def is_exported_dir(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a directory holding an exported model's files and nothing else."""
+    """True when ``path`` is a directory that sense_jax exported and that holds nothing else: its
+    files only, and one of sense_jax's own (:data:`EXPORT_MARKER`; ``adaptor.json`` or
+    :data:`TASK_META_FILE` for exports of releases before the marker). A transformers
+    ``save_pretrained`` directory (config.json + model.safetensors) is a user's model, not ours."""
     path = Path(path)
-    return path.is_dir() and holds_only(path, EXPORT_FILES, ("config.json", "model.safetensors"))
+    return (path.is_dir() and holds_only(path, EXPORT_FILES, ("config.json", "model.safetensors"))
+            and any((path / f).is_file() for f in (EXPORT_MARKER, "adaptor.json", TASK_META_FILE)))
+
+
+def write_export_marker(directory: Path) -> None:
+    """:data:`EXPORT_MARKER` in ``directory`` (the versions that wrote it)."""
+    write_json_atomic(directory / EXPORT_MARKER, {"written_by": "sense_jax export", "provenance": provenance()})
 
 
 def check_exported_replaceable(out: str | os.PathLike, overwrite: bool) -> None:
@@ -99,6 +111,7 @@ def export_hf(out: str | os.PathLike, family: Any, student_cfg: Any, student_par
                   metadata={"format": "pt"})
         if tokenizer_dir is not None:
             copy_tokenizer_files(Path(tokenizer_dir), tmp)
+        write_export_marker(tmp)
         if adaptor is not None:
             k = np.asarray(jax.device_get(adaptor["dense"]["kernel"]), np.float32)
             tensors = {"weight": np.ascontiguousarray(k.T),
@@ -167,4 +180,5 @@ def export_model(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tok_dir is not None:
             copy_tokenizer_files(tok_dir, tmp)
+        write_export_marker(tmp)
     return Path(out)

@@ -52,11 +52,21 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iter
         except OSError as e:
             raise SenseJaxError(f"cannot write under {out.parent}: {e.strerror or e}") from None
         yield tmp
+        _readable_as_created(tmp, 0o666 & ~umask)
         replace_directory(tmp, out)
         done = True
     finally:
         if not done:
             discard_directory(tmp)
+
+
+def _readable_as_created(root: Path, mode: int) -> None:
+    """Give every file under ``root`` the ``mode`` of a file opened with ``open(..., "w")``:
+    safetensors' ``save_file`` creates its files 0600 whatever the umask, and an artefact
+    should be as shareable as any other file its user writes."""
+    for f in root.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)
 
 
 def discard_directory(tmp: Path) -> None:

@@ -15,14 +15,22 @@ from sense_jax.io_utils import atomic_directory
 
 
 def test_atomic_directory_is_readable_like_mkdir(tmp_path):
+    # Fresh-user trial: every .safetensors file came out 0600 (safetensors' save_file), the rest
+    # 0644, so a sense dictionary or an exported student could not be shared.
+    from safetensors.numpy import save_file
+
     old = os.umask(0o022)
     try:
         with atomic_directory(tmp_path / "out") as tmp:
             (tmp / "f").write_text("x")
+            (tmp / "sub").mkdir()
+            save_file({"a": np.zeros(2, np.float32)}, str(tmp / "sub" / "t.safetensors"))
     finally:
         os.umask(old)
     assert (tmp_path / "out" / "f").read_text() == "x"
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    for f in ("f", "sub/t.safetensors"):
+        assert (tmp_path / "out" / f).stat().st_mode & 0o777 == 0o644, f
 
 
 def test_failed_write_leaves_nothing(tmp_path):

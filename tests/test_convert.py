@@ -190,7 +190,10 @@ def test_overwrite_never_deletes_a_user_directory_or_file(tmp_path, tiny_dir, ca
     replaced whatever directory OUT named. Only an artefact of the command's own kind (or an
     empty directory) is replaced now; anything else is refused by name and left as it was."""
     from sense_jax.cli import main
-    from sense_jax.hf_export import export_model
+    from sense_jax.hf_export import EXPORT_FILES, export_model
+    from sense_jax.labelled import VOCABULARY_FILE
+
+    assert VOCABULARY_FILE in EXPORT_FILES  # a task export's label vocabulary is replaceable too
 
     user = tmp_path / "user"
     user.mkdir()
@@ -205,6 +208,11 @@ def test_overwrite_never_deletes_a_user_directory_or_file(tmp_path, tiny_dir, ca
     assert (user / "notes.txt").read_text() == "mine" and (tmp_path / "file.txt").read_text() == "mine too"
     assert main(["export", str(model), str(user), "--overwrite"]) == 2
     assert "is not an exported model directory" in capsys.readouterr().err
+    # a user's own transformers model (save_pretrained: config.json + model.safetensors) is not ours
+    theirs = _copy(tiny_dir, tmp_path / "theirs")
+    with pytest.raises(SenseJaxError, match="is not an exported model directory"):
+        export_model(model, theirs, overwrite=True)
+    assert (theirs / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
     # An exported directory is not a converted one, and the other way round.
     exported = export_model(model, tmp_path / "hf")
     with pytest.raises(SenseJaxError, match="is not a converted model directory"):

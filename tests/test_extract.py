@@ -492,6 +492,10 @@ def test_overwrite_spares_the_inputs_and_user_directories(tiny, corpus, tmp_path
     (tmp_path / "user" / "keep.txt").write_text("mine")
     (tmp_path / "file.txt").write_text("mine too")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "named").mkdir()  # a user's own files that happen to bear store file names
+    (tmp_path / "named" / "meta.json").write_text('{"my": "notes"}')
+    ex.extract(tiny[1], corpus, tmp_path / "done", **RUN)  # a complete store, with a user's file beside it
+    (tmp_path / "done" / "NOTES.md").write_text("my analysis")
     before = _tree_bytes(tmp_path)
     o1 = tmp_path / "o1"
     for (t, c, out, *flags), msg in [
@@ -501,6 +505,8 @@ def test_overwrite_spares_the_inputs_and_user_directories(tiny, corpus, tmp_path
         ((teacher, tmp_path / "o3.partial" / "corpus.txt", tmp_path / "o3"), "o3.partial holds the input"),
         ((teacher, corpus, tmp_path / "user"), f"{tmp_path / 'user'} exists and is not an extraction store"),
         ((teacher, corpus, tmp_path / "file.txt"), f"{tmp_path / 'file.txt'} exists and is not a store"),
+        ((teacher, corpus, tmp_path / "named"), f"{tmp_path / 'named'} exists and is not an extraction store"),
+        ((teacher, corpus, tmp_path / "done", "--seed", "1"), f"{tmp_path / 'done'} exists and is not an extraction store"),
         ((teacher, corpus, tmp_path / "new", "--batch-size", "0"), "--batch-size must be >= 1, got 0"),
         ((teacher, corpus, tmp_path / "new", "--window", "0"), "--window must be >= 1, got 0"),
     ]:

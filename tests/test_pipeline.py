@@ -187,6 +187,17 @@ def test_out_that_is_a_file_is_refused_by_name(tmp_path, capsys):
     assert f.read_text() == "mine"
 
 
+def test_an_empty_stage_list_is_refused_not_read_as_every_stage(tmp_path, capsys):
+    """Fresh-user trial: ``--stages "$EMPTY"`` ran the whole default pipeline (15 minutes)."""
+    from sense_jax.cli import main
+
+    for stages, task in (("", []), (" , ", []), ("", ["--set", "task=wic"])):
+        capsys.readouterr()
+        assert main(["pipeline", "--out", str(tmp_path / "run"), "--stages", stages, *task]) == 2
+        assert f"--stages {stages!r} names no stage" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_that_completed_no_stage_does_not_lock_its_output(tmp_path, tiny_teacher):
     """Fresh-user trial: a run that failed before any stage completed (a wrong teacher path) left
     pipeline_config.json, and the corrected re-run into the same --out was refused as "made with

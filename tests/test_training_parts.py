@@ -163,3 +163,24 @@ def test_a_run_into_a_model_directory_is_refused_and_writes_nothing(tmp_path):
     with pytest.raises(ConfigError, match=r"model[/\\]config.json is not a run's config"):
         T.train(T.load_config(None, config_overrides(FIXTURE, model, 2)), log=lambda m: None)
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+def test_a_run_into_one_of_its_inputs_is_refused_and_writes_nothing(tmp_path):
+    # Fresh-user trial: distill with out_dir = the sense dictionary, the store, or the folder
+    # holding teacher, senses and corpus exited 0 and wrote checkpoints/, config.json and
+    # tokenizer/ among them (a later `cluster --overwrite` then refused the spoiled dictionary).
+    import shutil
+
+    from make_checkpoint_fixture import config_overrides
+
+    work = tmp_path / "work"
+    for name in ("teacher", "senses"):
+        shutil.copytree(FIXTURE / name, work / name)
+    corpus = shutil.copy(Path(__file__).parent / "data" / "sentences.txt", work / "corpus.txt")
+    before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    for out, verb, src in ((work / "senses", "is", work / "senses"), (work, "holds", work / "teacher")):
+        sets = [s for s in config_overrides(FIXTURE, out, 2) if not s.startswith(("teacher=", "senses=", "train_data="))]
+        sets += [f"teacher={work / 'teacher'}", f"senses={work / 'senses'}", f"train_data={corpus}"]
+        with pytest.raises(ConfigError, match=f"output {out} {verb} the input {src}"):
+            T.train(T.load_config(None, sets), log=lambda m: None)
+    assert {p: p.read_bytes() for p in work.rglob("*") if p.is_file()} == before

@@ -45,13 +45,29 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
-    stages = [s.strip() for s in (args.stages or ",".join(DEFAULT_STAGES)).split(",") if s.strip()]
+    stages = parse_stages(args.stages, DEFAULT_STAGES)
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise ConfigError(f"--stages: unknown stage(s) {bad}; choose from {list(STAGES)}")
     report = Pipeline(cfg).run(stages)
     _say_where(report, "report.json, PNG plots")
     return 0
+
+
+def parse_stages(text: str | None, default: tuple[str, ...]) -> list[str]:
+    """``--stages a,b`` -> ["a", "b"]; absent -> ``default``.
+
+    Raises:
+      ConfigError: the list is given but names no stage (``--stages ""``, an empty shell
+        variable): that would otherwise run every stage, for minutes to hours.
+    """
+    if text is None:
+        return list(default)
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    if not stages:
+        raise ConfigError(f"--stages {text!r} names no stage; leave the option out to run them all "
+                          f"({','.join(default)})")
+    return stages
 
 
 def _say_where(report, also: str) -> None:
@@ -78,7 +94,6 @@ def _run_task(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
-    stages = [s.strip() for s in (args.stages or ",".join(TASK_STAGES)).split(",") if s.strip()]
-    report = TaskPipeline(cfg).run(stages)
+    report = TaskPipeline(cfg).run(parse_stages(args.stages, TASK_STAGES))
     _say_where(report, "report.json")
     return 0

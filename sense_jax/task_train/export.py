@@ -18,7 +18,8 @@ from safetensors.numpy import load_file, save_file
 
 from sense_jax.convert import _match, copy_tokenizer_files, params_to_hf
 from sense_jax.errors import SenseJaxError
-from sense_jax.hf_export import HEAD_FILE, TASK_META_FILE, check_exported_replaceable, export_hf, load_adaptor
+from sense_jax.hf_export import (HEAD_FILE, TASK_META_FILE, check_exported_replaceable, export_hf, load_adaptor,
+                                 write_export_marker)
 from sense_jax.io_utils import atomic_directory, read_json, write_json_atomic
 from sense_jax.labelled import VOCABULARY_FILE, LabelVocabulary
 from sense_jax.loading import load_model
@@ -196,6 +197,7 @@ def export_task(run_dir: str | Path, out: str | Path, *, overwrite: bool = False
                 copy_tokenizer_files(tok_dir, tmp)
             vocab.save(tmp / VOCABULARY_FILE)
             write_json_atomic(tmp / TASK_META_FILE, info)
+            write_export_marker(tmp)
         return Path(out)
 
     head = dict(params["head"])

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from sense_jax.compile_cache import enable_compile_cache
 from sense_jax.convert import copy_tokenizer_files
 from sense_jax.errors import ConfigError, SenseJaxError
-from sense_jax.io_utils import write_json_atomic
+from sense_jax.io_utils import check_out_spares_sources, write_json_atomic
 from sense_jax.sharding import process_rows
 from sense_jax.training.cache import use_teacher_cache
 from sense_jax.training.checkpoint import check_resume, checkpoint_manager, restore_latest, save_checkpoint
@@ -147,6 +147,10 @@ def run(s: Setup, stream: PassageStream, hooks: LoopHooks, *, stop_after: int | 
     if s.teacher.tokenizer is None:
         raise SenseJaxError(f"teacher {s.meta['teacher_path']}: no tokenizer files")
     check_run_dir(run_dir)
+    # The run writes checkpoints, config.json and tokenizer/ into out_dir: never into an input.
+    check_out_spares_sources(run_dir, *(p for p in (
+        s.meta["teacher_path"], cfg.teacher, cfg.senses, cfg.train_data, cfg.eval_data, cfg.task_data,
+        "" if cfg.student in ("truncate", "fresh") else cfg.student) if p))
     # Inputs are valid: only now does the run directory appear.
     mngr = checkpoint_manager(run_dir / "checkpoints", save_every=cfg.save_every, keep=cfg.keep_checkpoints)
     try:
