@@ -408,63 +408,95 @@ _SPY = textwrap.dedent("""
     import json, sys
     sys.path[:0] = [sys.argv[1]]
     from sense_jax.training import data as T  # where the trainer tokenises (training and held-out)
-    log, real = open(sys.argv[2], "w"), T.tokenize
+    real = T.tokenize
 
-    def spy(tok, texts, max_length, batch_size=None):  # what this process tokenises
-        log.write(json.dumps(list(texts)) + "\\n"); log.flush()
-        return real(tok, texts, max_length, batch_size)
-
-    T.tokenize = spy
     from sense_jax.cli import main
-    sys.exit(main(sys.argv[3:]))
+    # Several runs one after another in this process (argv[2]: JSON [[log, argv], ...]); the first's
+    # --distributed flags initialise jax.distributed, which the later runs share.
+    for log_path, argv in json.loads(sys.argv[2]):
+        log = open(log_path, "w")
+
+        def spy(tok, texts, max_length, batch_size=None, log=log):  # what this process tokenises
+            log.write(json.dumps(list(texts)) + "\\n"); log.flush()
+            return real(tok, texts, max_length, batch_size)
+
+        T.tokenize = spy
+        if main(argv) != 0:
+            sys.exit(1)
+        log.close()
 """)
 
+PACKS = (0, 32)
 
-@pytest.mark.parametrize("pack", [0, 32])
-def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets, tmp_path, pack):
-    # pack 32: 4 rows of 32 tokens per micro-batch, each process tokenising its 2 rows' passages.
-    # (No teacher cache: its build would tokenise too; packed, 2 steps see the passages twice.)
+
+def _two_process_kw(pack: int) -> dict:
+    return dict(steps=2, batch_size=4, grad_accum=2, save_every=2, eval_every=0, eval_fraction=0.1,
+                plot=False, pack_length=pack, teacher_cache="off")
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(assets, tmp_path_factory):
+    """For each pack length in PACKS: one run by two processes of one device each (over
+    jax.distributed) and one run of the same config by one process of two devices. The 3 processes
+    are started once and run both pack lengths one after the other (half the process starts and
+    jax.distributed handshakes). Returns the root; its pack{P}/ holds two/, one/ and the
+    tokenisation logs texts0.jsonl, texts1.jsonl, texts-one.jsonl."""
     import dataclasses
     import socket
 
+    root = tmp_path_factory.mktemp("two-processes")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    kw = dict(steps=2, batch_size=4, grad_accum=2, save_every=2, eval_every=0, eval_fraction=0.1,
-              plot=False, pack_length=pack, teacher_cache="off")
 
-    def spawn(out: str, devices: int, *flags: str, log: str = "unused") -> subprocess.Popen:
-        cfg = _cfg(assets, tmp_path / out, **kw)
-        sets = [x for k, v in dataclasses.asdict(cfg).items() for x in ("--set", f"{k}={v}")]
+    def runs(out: str, log: str, *flags: str) -> list:
+        plan = []
+        for i, pack in enumerate(PACKS):
+            (root / f"pack{pack}").mkdir(exist_ok=True)
+            cfg = _cfg(assets, root / f"pack{pack}" / out, **_two_process_kw(pack))
+            sets = [x for k, v in dataclasses.asdict(cfg).items() for x in ("--set", f"{k}={v}")]
+            plan.append([str(root / f"pack{pack}" / log), ["distill", *(flags if i == 0 else ()), *sets]])
+        return plan
+
+    def spawn(devices: int, plan: list) -> subprocess.Popen:
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                    JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        return subprocess.Popen([sys.executable, "-c", _SPY, str(ROOT), str(tmp_path / log), "distill",
-                                 *flags, *sets], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        return subprocess.Popen([sys.executable, "-c", _SPY, str(ROOT), json.dumps(plan)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     # Two processes of one device each, and the same global batches on one process of two devices.
-    procs = [spawn("two", 1, "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                   "--process-id", str(i), log=f"texts{i}.jsonl") for i in range(2)]
-    procs.append(spawn("one", 2, log="texts-one.jsonl"))
+    procs = [spawn(1, runs("two", f"texts{i}.jsonl", "--distributed", "--coordinator", f"127.0.0.1:{port}",
+                           "--num-processes", "2", "--process-id", str(i))) for i in range(2)]
+    procs.append(spawn(2, runs("one", "texts-one.jsonl")))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-2000:] for o in outs)
-    assert "trained to step 2" in outs[0] and "trained to step 2" in outs[2]
+    for o in (outs[0], outs[2]):
+        assert o.count("trained to step 2") == len(PACKS), o[-2000:]
+    return root
+
+
+@pytest.mark.parametrize("pack", PACKS)
+def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets, two_process_runs, tmp_path, pack):
+    # pack 32: 4 rows of 32 tokens per micro-batch, each process tokenising its 2 rows' passages.
+    # (No teacher cache: its build would tokenise too; packed, 2 steps see the passages twice.)
+    kw = _two_process_kw(pack)
+    runs = two_process_runs / f"pack{pack}"
     # Each process tokenised only its half of every batch (4 training micro-batches, 1 held-out).
-    seen = [[json.loads(x) for x in (tmp_path / f"texts{i}.jsonl").read_text().splitlines()]
+    seen = [[json.loads(x) for x in (runs / f"texts{i}.jsonl").read_text().splitlines()]
             for i in ("0", "1", "-one")]
     assert [a + b for a, b in zip(seen[0], seen[1])] == seen[2] and len(seen[2]) == 5
     if pack:  # several passages per row; each process its rows' passages
         assert all(len(b) > 4 for b in seen[2][:4]) and all(len(b) > 0 for b in seen[0][:4] + seen[1][:4])
     else:
         assert all(len(b) == 4 for b in seen[2]) and all(len(b) == 2 for b in seen[0])
-    held_out = [[r for r in map(json.loads, (tmp_path / out / "metrics.jsonl").read_text().splitlines())
+    held_out = [[r for r in map(json.loads, (runs / out / "metrics.jsonl").read_text().splitlines())
                  if r["kind"] == "eval"] for out in ("two", "one")]
     assert held_out[0] == held_out[1] and len(held_out[0]) == 1
     # Both checkpoints restore here, on one device, to the same params.
     s = T.setup(_cfg(assets, tmp_path / "x", **kw))
     restored = {}
     for out in ("two", "one"):
-        mngr = T.checkpoint_manager(tmp_path / out / "checkpoints", save_every=2, keep=3)
+        mngr = T.checkpoint_manager(runs / out / "checkpoints", save_every=2, keep=3)
         try:
             state, data, step = T.restore_latest(mngr, s.layout.abstract_state)
         finally:
@@ -474,7 +506,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets
     _assert_same(restored["two"], restored["one"])
     if not pack:  # (the same restore path packed or not: run once)
         # The checkpoint of 2 processes resumes on 1.
-        r = T.train(_cfg(assets, tmp_path / "two", **dict(kw, steps=3)))
+        r = T.train(_cfg(assets, runs / "two", **dict(kw, steps=3)))
         assert r.resumed_from == 2 and int(r.state.step) == 3
 
 
