@@ -203,58 +203,74 @@ _CROSS = textwrap.dedent("""
     sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
     from sense_jax import trainer as T
     from test_train import _flat
-    mode, cfg_json, dump = sys.argv[2], sys.argv[3], sys.argv[4]
+    cfg_json, dump = sys.argv[2], sys.argv[3]
     cfg = T.DistillConfig(**json.loads(cfg_json))
     assert jax.device_count() == 8
-    if mode == "save":
-        r = T.train(cfg, stop_after=1)
-        np.savez(dump, **_flat(r.state.params))
-        spec = r.state.params["student"]["embeddings"]["word_embeddings"]["embedding"].sharding.spec
-        print("SPEC", spec)
-    else:
-        s = T.setup(cfg)
-        mngr = T.checkpoint_manager(cfg.out_dir + "/checkpoints", save_every=1, keep=3)
-        state, data, step = T.restore_latest(mngr, s.layout.abstract_state)
-        ref = np.load(dump, allow_pickle=False)
-        got = _flat(state.params)
-        assert sorted(ref.files) == sorted(got), "keys"
-        for k in got:
-            np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
-        print("RESTORED", step, data["micro_batches"])
+    # 1. Train one step, save, dump the params.
+    r = T.train(cfg, stop_after=1)
+    np.savez(dump, **_flat(r.state.params))
+    spec = r.state.params["student"]["embeddings"]["word_embeddings"]["embedding"].sharding.spec
+    print("SPEC", spec)
+    print("SAVED", flush=True)
+    # 2. Once the test has trained on elsewhere (it writes the params' path to stdin): restore the
+    # newest checkpoint onto this 8-device layout, equal to those params.
+    dump = sys.stdin.readline().strip()
+    s = T.setup(cfg)
+    mngr = T.checkpoint_manager(cfg.out_dir + "/checkpoints", save_every=1, keep=3)
+    state, data, step = T.restore_latest(mngr, s.layout.abstract_state)
+    ref = np.load(dump, allow_pickle=False)
+    got = _flat(state.params)
+    assert sorted(ref.files) == sorted(got), "keys"
+    for k in got:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    print("RESTORED", step, data["micro_batches"])
 """)
 
 
-def _run8(mode: str, cfg, dump: Path) -> str:
+def _start8(cfg, dump: Path, stderr) -> subprocess.Popen:
+    """The _CROSS process on 8 simulated devices: one process for both directions (one start and
+    one import of the libraries fewer than a process per direction)."""
     import dataclasses
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    import time
-
-    t0 = time.time()
-    p = subprocess.run([sys.executable, "-c", _CROSS, str(ROOT), mode, json.dumps(dataclasses.asdict(cfg)),
-                        str(dump)], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    print(f"{mode} subprocess: {time.time() - t0:.1f}s")
-    return p.stdout
+    return subprocess.Popen([sys.executable, "-c", _CROSS, str(ROOT), json.dumps(dataclasses.asdict(cfg)), str(dump)],
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
-def test_checkpoint_moves_between_8_devices_and_1(full_run, assets, tmp_path):
+def test_checkpoint_moves_between_8_devices_and_1(assets, tmp_path):
     out = tmp_path / "run"
     # The full run's program, FSDP-sharded over 8 devices; saved after step 1.
     cfg8 = _cfg(assets, out, fsdp=True, save_every=1, eval_every=0)
-    stdout = _run8("save", cfg8, tmp_path / "eight.npz")
-    assert "('model', 'data')" in stdout  # the word embeddings really were sharded
-    # 8 -> 1: restore on this process's single device, equal to what the 8-device run held.
-    cfg1 = dataclasses_replace(cfg8, fsdp=False)
-    r = T.train(cfg1, stop_after=1)
-    assert r.resumed_from == 1 and jax.device_count() == 1
-    _assert_same(_flat(r.state.params), dict(np.load(tmp_path / "eight.npz", allow_pickle=False)))
-    # Train on to step 6 on 1 device; 1 -> 8: restore onto the 8-device FSDP layout.
-    r = T.train(dataclasses_replace(cfg1, save_every=3))
-    assert int(r.state.step) == 6
-    np.savez(tmp_path / "one.npz", **_flat(r.state.params))
-    assert "RESTORED 6 12" in _run8("check", cfg8, tmp_path / "one.npz")
+    with open(tmp_path / "stderr8.txt", "w+") as err:
+        p = _start8(cfg8, tmp_path / "eight.npz", err)
+        try:
+            stdout = ""
+            while "SAVED" not in stdout:
+                line = p.stdout.readline()
+                if not line:  # the process ended before saving
+                    p.wait(timeout=60)
+                    err.seek(0)
+                    raise AssertionError(f"8-device process exited {p.returncode}: {err.read()[-3000:]}")
+                stdout += line
+            assert "('model', 'data')" in stdout  # the word embeddings really were sharded
+            # 8 -> 1: restore on this process's single device, equal to what the 8-device run held.
+            cfg1 = dataclasses_replace(cfg8, fsdp=False)
+            r = T.train(cfg1, stop_after=1)
+            assert r.resumed_from == 1 and jax.device_count() == 1
+            _assert_same(_flat(r.state.params), dict(np.load(tmp_path / "eight.npz", allow_pickle=False)))
+            # Train on to step 6 on 1 device; 1 -> 8: restore onto the 8-device FSDP layout.
+            r = T.train(dataclasses_replace(cfg1, save_every=3))
+            assert int(r.state.step) == 6
+            np.savez(tmp_path / "one.npz", **_flat(r.state.params))
+            rest, _ = p.communicate(str(tmp_path / "one.npz") + "\n", timeout=300)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        err.seek(0)
+        assert p.returncode == 0, err.read()[-3000:]
+    assert "RESTORED 6 12" in rest
 
 
 def dataclasses_replace(cfg, **kw):
