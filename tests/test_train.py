@@ -203,58 +203,74 @@ _CROSS = textwrap.dedent("""
     sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
     from sense_jax import trainer as T
     from test_train import _flat
-    mode, cfg_json, dump = sys.argv[2], sys.argv[3], sys.argv[4]
+    cfg_json, dump = sys.argv[2], sys.argv[3]
     cfg = T.DistillConfig(**json.loads(cfg_json))
     assert jax.device_count() == 8
-    if mode == "save":
-        r = T.train(cfg, stop_after=1)
-        np.savez(dump, **_flat(r.state.params))
-        spec = r.state.params["student"]["embeddings"]["word_embeddings"]["embedding"].sharding.spec
-        print("SPEC", spec)
-    else:
-        s = T.setup(cfg)
-        mngr = T.checkpoint_manager(cfg.out_dir + "/checkpoints", save_every=1, keep=3)
-        state, data, step = T.restore_latest(mngr, s.layout.abstract_state)
-        ref = np.load(dump, allow_pickle=False)
-        got = _flat(state.params)
-        assert sorted(ref.files) == sorted(got), "keys"
-        for k in got:
-            np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
-        print("RESTORED", step, data["micro_batches"])
+    # 1. Train one step, save, dump the params.
+    r = T.train(cfg, stop_after=1)
+    np.savez(dump, **_flat(r.state.params))
+    spec = r.state.params["student"]["embeddings"]["word_embeddings"]["embedding"].sharding.spec
+    print("SPEC", spec)
+    print("SAVED", flush=True)
+    # 2. Once the test has trained on elsewhere (it writes the params' path to stdin): restore the
+    # newest checkpoint onto this 8-device layout, equal to those params.
+    dump = sys.stdin.readline().strip()
+    s = T.setup(cfg)
+    mngr = T.checkpoint_manager(cfg.out_dir + "/checkpoints", save_every=1, keep=3)
+    state, data, step = T.restore_latest(mngr, s.layout.abstract_state)
+    ref = np.load(dump, allow_pickle=False)
+    got = _flat(state.params)
+    assert sorted(ref.files) == sorted(got), "keys"
+    for k in got:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    print("RESTORED", step, data["micro_batches"])
 """)
 
 
-def _run8(mode: str, cfg, dump: Path) -> str:
+def _start8(cfg, dump: Path, stderr) -> subprocess.Popen:
+    """The _CROSS process on 8 simulated devices: one process for both directions (one start and
+    one import of the libraries fewer than a process per direction)."""
     import dataclasses
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    import time
-
-    t0 = time.time()
-    p = subprocess.run([sys.executable, "-c", _CROSS, str(ROOT), mode, json.dumps(dataclasses.asdict(cfg)),
-                        str(dump)], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    print(f"{mode} subprocess: {time.time() - t0:.1f}s")
-    return p.stdout
+    return subprocess.Popen([sys.executable, "-c", _CROSS, str(ROOT), json.dumps(dataclasses.asdict(cfg)), str(dump)],
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
-def test_checkpoint_moves_between_8_devices_and_1(full_run, assets, tmp_path):
+def test_checkpoint_moves_between_8_devices_and_1(assets, tmp_path):
     out = tmp_path / "run"
     # The full run's program, FSDP-sharded over 8 devices; saved after step 1.
     cfg8 = _cfg(assets, out, fsdp=True, save_every=1, eval_every=0)
-    stdout = _run8("save", cfg8, tmp_path / "eight.npz")
-    assert "('model', 'data')" in stdout  # the word embeddings really were sharded
-    # 8 -> 1: restore on this process's single device, equal to what the 8-device run held.
-    cfg1 = dataclasses_replace(cfg8, fsdp=False)
-    r = T.train(cfg1, stop_after=1)
-    assert r.resumed_from == 1 and jax.device_count() == 1
-    _assert_same(_flat(r.state.params), dict(np.load(tmp_path / "eight.npz", allow_pickle=False)))
-    # Train on to step 6 on 1 device; 1 -> 8: restore onto the 8-device FSDP layout.
-    r = T.train(dataclasses_replace(cfg1, save_every=3))
-    assert int(r.state.step) == 6
-    np.savez(tmp_path / "one.npz", **_flat(r.state.params))
-    assert "RESTORED 6 12" in _run8("check", cfg8, tmp_path / "one.npz")
+    with open(tmp_path / "stderr8.txt", "w+") as err:
+        p = _start8(cfg8, tmp_path / "eight.npz", err)
+        try:
+            stdout = ""
+            while "SAVED" not in stdout:
+                line = p.stdout.readline()
+                if not line:  # the process ended before saving
+                    p.wait(timeout=60)
+                    err.seek(0)
+                    raise AssertionError(f"8-device process exited {p.returncode}: {err.read()[-3000:]}")
+                stdout += line
+            assert "('model', 'data')" in stdout  # the word embeddings really were sharded
+            # 8 -> 1: restore on this process's single device, equal to what the 8-device run held.
+            cfg1 = dataclasses_replace(cfg8, fsdp=False)
+            r = T.train(cfg1, stop_after=1)
+            assert r.resumed_from == 1 and jax.device_count() == 1
+            _assert_same(_flat(r.state.params), dict(np.load(tmp_path / "eight.npz", allow_pickle=False)))
+            # Train on to step 6 on 1 device; 1 -> 8: restore onto the 8-device FSDP layout.
+            r = T.train(dataclasses_replace(cfg1, save_every=3))
+            assert int(r.state.step) == 6
+            np.savez(tmp_path / "one.npz", **_flat(r.state.params))
+            rest, _ = p.communicate(str(tmp_path / "one.npz") + "\n", timeout=300)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        err.seek(0)
+        assert p.returncode == 0, err.read()[-3000:]
+    assert "RESTORED 6 12" in rest
 
 
 def dataclasses_replace(cfg, **kw):
@@ -408,63 +424,95 @@ _SPY = textwrap.dedent("""
     import json, sys
     sys.path[:0] = [sys.argv[1]]
     from sense_jax.training import data as T  # where the trainer tokenises (training and held-out)
-    log, real = open(sys.argv[2], "w"), T.tokenize
+    real = T.tokenize
 
-    def spy(tok, texts, max_length, batch_size=None):  # what this process tokenises
-        log.write(json.dumps(list(texts)) + "\\n"); log.flush()
-        return real(tok, texts, max_length, batch_size)
-
-    T.tokenize = spy
     from sense_jax.cli import main
-    sys.exit(main(sys.argv[3:]))
+    # Several runs one after another in this process (argv[2]: JSON [[log, argv], ...]); the first's
+    # --distributed flags initialise jax.distributed, which the later runs share.
+    for log_path, argv in json.loads(sys.argv[2]):
+        log = open(log_path, "w")
+
+        def spy(tok, texts, max_length, batch_size=None, log=log):  # what this process tokenises
+            log.write(json.dumps(list(texts)) + "\\n"); log.flush()
+            return real(tok, texts, max_length, batch_size)
+
+        T.tokenize = spy
+        if main(argv) != 0:
+            sys.exit(1)
+        log.close()
 """)
 
+PACKS = (0, 32)
 
-@pytest.mark.parametrize("pack", [0, 32])
-def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets, tmp_path, pack):
-    # pack 32: 4 rows of 32 tokens per micro-batch, each process tokenising its 2 rows' passages.
-    # (No teacher cache: its build would tokenise too; packed, 2 steps see the passages twice.)
+
+def _two_process_kw(pack: int) -> dict:
+    return dict(steps=2, batch_size=4, grad_accum=2, save_every=2, eval_every=0, eval_fraction=0.1,
+                plot=False, pack_length=pack, teacher_cache="off")
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(assets, tmp_path_factory):
+    """For each pack length in PACKS: one run by two processes of one device each (over
+    jax.distributed) and one run of the same config by one process of two devices. The 3 processes
+    are started once and run both pack lengths one after the other (half the process starts and
+    jax.distributed handshakes). Returns the root; its pack{P}/ holds two/, one/ and the
+    tokenisation logs texts0.jsonl, texts1.jsonl, texts-one.jsonl."""
     import dataclasses
     import socket
 
+    root = tmp_path_factory.mktemp("two-processes")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    kw = dict(steps=2, batch_size=4, grad_accum=2, save_every=2, eval_every=0, eval_fraction=0.1,
-              plot=False, pack_length=pack, teacher_cache="off")
 
-    def spawn(out: str, devices: int, *flags: str, log: str = "unused") -> subprocess.Popen:
-        cfg = _cfg(assets, tmp_path / out, **kw)
-        sets = [x for k, v in dataclasses.asdict(cfg).items() for x in ("--set", f"{k}={v}")]
+    def runs(out: str, log: str, *flags: str) -> list:
+        plan = []
+        for i, pack in enumerate(PACKS):
+            (root / f"pack{pack}").mkdir(exist_ok=True)
+            cfg = _cfg(assets, root / f"pack{pack}" / out, **_two_process_kw(pack))
+            sets = [x for k, v in dataclasses.asdict(cfg).items() for x in ("--set", f"{k}={v}")]
+            plan.append([str(root / f"pack{pack}" / log), ["distill", *(flags if i == 0 else ()), *sets]])
+        return plan
+
+    def spawn(devices: int, plan: list) -> subprocess.Popen:
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                    JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        return subprocess.Popen([sys.executable, "-c", _SPY, str(ROOT), str(tmp_path / log), "distill",
-                                 *flags, *sets], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        return subprocess.Popen([sys.executable, "-c", _SPY, str(ROOT), json.dumps(plan)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     # Two processes of one device each, and the same global batches on one process of two devices.
-    procs = [spawn("two", 1, "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                   "--process-id", str(i), log=f"texts{i}.jsonl") for i in range(2)]
-    procs.append(spawn("one", 2, log="texts-one.jsonl"))
+    procs = [spawn(1, runs("two", f"texts{i}.jsonl", "--distributed", "--coordinator", f"127.0.0.1:{port}",
+                           "--num-processes", "2", "--process-id", str(i))) for i in range(2)]
+    procs.append(spawn(2, runs("one", "texts-one.jsonl")))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-2000:] for o in outs)
-    assert "trained to step 2" in outs[0] and "trained to step 2" in outs[2]
+    for o in (outs[0], outs[2]):
+        assert o.count("trained to step 2") == len(PACKS), o[-2000:]
+    return root
+
+
+@pytest.mark.parametrize("pack", PACKS)
+def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets, two_process_runs, tmp_path, pack):
+    # pack 32: 4 rows of 32 tokens per micro-batch, each process tokenising its 2 rows' passages.
+    # (No teacher cache: its build would tokenise too; packed, 2 steps see the passages twice.)
+    kw = _two_process_kw(pack)
+    runs = two_process_runs / f"pack{pack}"
     # Each process tokenised only its half of every batch (4 training micro-batches, 1 held-out).
-    seen = [[json.loads(x) for x in (tmp_path / f"texts{i}.jsonl").read_text().splitlines()]
+    seen = [[json.loads(x) for x in (runs / f"texts{i}.jsonl").read_text().splitlines()]
             for i in ("0", "1", "-one")]
     assert [a + b for a, b in zip(seen[0], seen[1])] == seen[2] and len(seen[2]) == 5
     if pack:  # several passages per row; each process its rows' passages
         assert all(len(b) > 4 for b in seen[2][:4]) and all(len(b) > 0 for b in seen[0][:4] + seen[1][:4])
     else:
         assert all(len(b) == 4 for b in seen[2]) and all(len(b) == 2 for b in seen[0])
-    held_out = [[r for r in map(json.loads, (tmp_path / out / "metrics.jsonl").read_text().splitlines())
+    held_out = [[r for r in map(json.loads, (runs / out / "metrics.jsonl").read_text().splitlines())
                  if r["kind"] == "eval"] for out in ("two", "one")]
     assert held_out[0] == held_out[1] and len(held_out[0]) == 1
     # Both checkpoints restore here, on one device, to the same params.
     s = T.setup(_cfg(assets, tmp_path / "x", **kw))
     restored = {}
     for out in ("two", "one"):
-        mngr = T.checkpoint_manager(tmp_path / out / "checkpoints", save_every=2, keep=3)
+        mngr = T.checkpoint_manager(runs / out / "checkpoints", save_every=2, keep=3)
         try:
             state, data, step = T.restore_latest(mngr, s.layout.abstract_state)
         finally:
@@ -474,7 +522,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(assets
     _assert_same(restored["two"], restored["one"])
     if not pack:  # (the same restore path packed or not: run once)
         # The checkpoint of 2 processes resumes on 1.
-        r = T.train(_cfg(assets, tmp_path / "two", **dict(kw, steps=3)))
+        r = T.train(_cfg(assets, runs / "two", **dict(kw, steps=3)))
         assert r.resumed_from == 2 and int(r.state.step) == 3
 
 
