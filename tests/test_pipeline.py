@@ -187,6 +187,23 @@ def test_out_that_is_a_file_is_refused_by_name(tmp_path, capsys):
     assert f.read_text() == "mine"
 
 
+def test_settings_that_fail_late_are_refused_before_anything_is_written(tmp_path, tiny_teacher, capsys):
+    """Fresh-user trial: store_dtype=int4 failed after convert and corpus, learning_rate=-1 after
+    extract and cluster, and the finished stages then locked --out to the bad value."""
+    from sense_jax.cli import main
+
+    for setting, msg in (("store_dtype=int4", "store_dtype='int4': choose from"),
+                         ("learning_rate=-1", "learning_rate=-1.0 must be > 0"),
+                         ("n_heldout=-1", "n_heldout=-1 must be >= 0"),
+                         ("student_layers=3", f"student_layers=3: teacher {tiny_teacher} has 2 layers"),
+                         ("max_length=1000", "config: max_length")):
+        capsys.readouterr()
+        assert main(["pipeline", "--out", str(tmp_path / "run"), "--set", f"teacher={tiny_teacher}",
+                     "--set", setting]) == 2, setting
+        assert msg in capsys.readouterr().err, setting
+        assert not (tmp_path / "run").exists(), setting
+
+
 def test_an_empty_stage_list_is_refused_not_read_as_every_stage(tmp_path, capsys):
     """Fresh-user trial: ``--stages "$EMPTY"`` ran the whole default pipeline (15 minutes)."""
     from sense_jax.cli import main
