@@ -54,11 +54,14 @@ def token_senses(token: str, sense_dict_dir, store_dir, *, corpus=None, teacher=
     else the paper's "dot"); "l2" reproduces the k-means clusters the senses came from.
 
     Returns a dict with ``token``, ``token_id`` and ``senses``: a list of
-    ``{"index", "assigned", "contexts": [(score, passage text with the token in [[ ]])]}``.
+    ``{"index", "assigned", "count", "contexts": [(score, passage text with the token in [[ ]])]}``
+    (``assigned``: the token's samples nearest to the sense by ``metric``; ``count``: the
+    dictionary's, the samples k-means assigned to it when it was built).
 
     Raises:
       SenseJaxError: the token is not one vocabulary token, has no entry, or the files are
-        missing / from different teachers.
+        missing / from different teachers; ``corpus`` is not the one the store was extracted from
+        (a sampled position holds another token).
     """
     store = open_store(store_dir)
     sd = SenseDictionary.load(sense_dict_dir)
@@ -106,11 +109,17 @@ def token_senses(token: str, sense_dict_dir, store_dir, *, corpus=None, teacher=
         if p not in texts:
             return f"(passage {p}, token {pos}; corpus not available)"
         enc = tok(texts[p], truncation=True, max_length=max_len, return_offsets_mapping=True)
+        if pos >= len(enc["input_ids"]) or enc["input_ids"][pos] != tid:  # another corpus than the store's
+            raise SenseJaxError(f"corpus {corpus}: passage {p} has no {token!r} at token {pos}, where the "
+                                f"store {store_dir} sampled it: not the corpus the store was extracted from "
+                                f"({store.meta.get('corpus', '?')})")
         a, b = enc["offset_mapping"][pos]
         return texts[p][:a] + "[[" + texts[p][a:b] + "]]" + texts[p][b:]
 
-    senses = [{"index": k, "assigned": n, "contexts": [(s, mark(p, pos)) for s, p, pos in lst]}
-              for k, (n, lst) in chosen.items()]
+    start = int(np.asarray(sd.offsets)[tid])
+    built = np.asarray(sd.counts)[start:start + int(sd.n_senses[tid])]
+    senses = [{"index": k, "assigned": n, "count": int(built[k]),
+               "contexts": [(s, mark(p, pos)) for s, p, pos in lst]} for k, (n, lst) in chosen.items()]
     return {"token": token, "token_id": tid, "samples": len(x), "occurrences": int(store.occurrences[tid]),
             "metric": metric, "senses": senses}
 
@@ -120,7 +129,8 @@ def format_senses(r: dict) -> str:
     lines = [f"{r['token']!r} (id {r['token_id']}): {len(r['senses'])} senses from {r['samples']} sampled "
              f"of {r['occurrences']} occurrences (look-up: {r['metric']})"]
     for s in r["senses"]:
-        lines.append(f"  sense {s['index']} ({s['assigned']} samples)")
+        lines.append(f"  sense {s['index']} ({s['assigned']} samples nearest by {r['metric']}; "
+                     f"{s['count']} assigned when it was built)")
         for score, text in s["contexts"]:
             lines.append(f"    {score:8.2f}  {text}")
     return "\n".join(lines)

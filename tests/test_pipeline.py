@@ -6,11 +6,14 @@ import dataclasses
 import json
 import time
 
+import numpy as np
 import pytest
 from transformers import BertConfig
 
 from sense_jax.errors import ConfigError, SenseJaxError
 from sense_jax.pipeline import Pipeline, PipelineConfig, load_pipeline_config
+from sense_jax.sense_dict import SenseDictionary
+from sense_jax.store import open_store
 from conftest import save_tiny_hf_model
 
 VARIANTS = {"teacher", "teacher_senses", "teacher_one_sense", "skd_student_senses", "skd_student",
@@ -120,6 +123,27 @@ def test_stage_times_add_up_over_the_runs_into_one_output(tmp_path):
     (tmp_path / TIMINGS_FILE).write_text("[1, 2]")  # a damaged record loses only the earlier times
     run_stages(Job(), ["report"])
     assert set(json.loads((tmp_path / TIMINGS_FILE).read_text())) == {"report"}
+
+
+def test_inspect_shows_the_sampled_contexts_and_refuses_another_corpus(finished):
+    """Fresh-user trial: ``inspect --corpus WRONG`` printed other texts' tokens as the word's contexts."""
+    from sense_jax.inspection import token_senses
+
+    run = finished[0] / "run"
+    store = open_store(run / "store")
+    tid = int(np.argmax(np.asarray(store.n_samples())))  # the most sampled token, surely with senses
+    r = token_senses(f"#{tid}", run / "senses", run / "store", contexts=2)
+    texts = [t for s in r["senses"] for _, t in s["contexts"]]
+    assert texts and all("[[" in t and "]]" in t for t in texts)
+    # each sense shows both its share of the samples by the look-up and the dictionary's own count
+    r = token_senses(f"#{tid}", run / "senses", run / "store", contexts=0, metric="l2")
+    sd = SenseDictionary.load(run / "senses")
+    start = int(np.asarray(sd.offsets)[tid])
+    assert [s["count"] for s in r["senses"]] == np.asarray(sd.counts)[start:start + len(r["senses"])].tolist()
+    assert sum(s["count"] for s in r["senses"]) == sum(s["assigned"] for s in r["senses"]) == r["samples"]
+    wrong = run / "corpus" / "heldout.txt"  # definitions too, but not the extracted ones
+    with pytest.raises(SenseJaxError, match="not the corpus the store was extracted from"):
+        token_senses(f"#{tid}", run / "senses", run / "store", corpus=wrong, contexts=2)
 
 
 def test_a_half_written_stage_is_redone_identically(finished, tiny_teacher):
