@@ -436,14 +436,37 @@ def peak_rss_bytes() -> int:
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
+def artefact_kind(path: Path) -> str | None:
+    """What sense_jax artefact directory ``path`` is ("a converted model", ...), None for another
+    directory (a pipeline's output, an empty or a user's directory)."""
+    from sense_jax.hf_export import is_exported_dir
+    from sense_jax.sense_dict import is_dictionary_dir
+
+    if (path / METADATA_FILE).is_file():
+        return "a converted model"
+    if (path / "vectors.npy").is_file() and (path / "offsets.npy").is_file():
+        return "an extraction store"
+    if is_dictionary_dir(path):
+        return "a sense dictionary"
+    if is_exported_dir(path):
+        return "an exported model"
+    if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
+        return "a training run"
+    return None
+
+
 def make_out_dir(out: Path) -> None:
     """Create the pipeline's output directory ``out`` (and its parents).
 
     Raises:
-      ConfigError: ``out`` is an existing file, or cannot be created (named).
+      ConfigError: ``out`` is an existing file or another sense_jax artefact (a converted model, a
+        store, a sense dictionary, an exported model, a training run), or cannot be created (named).
     """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory; choose another --out")
+    kind = artefact_kind(out) if out.is_dir() else None
+    if kind:  # the run would write its stages into it (a converted model would stop loading as one)
+        raise ConfigError(f"--out {out}: is {kind}, not a pipeline's output directory; choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file among its parents, no permission

@@ -228,6 +228,26 @@ def test_settings_that_fail_late_are_refused_before_anything_is_written(tmp_path
         assert not (tmp_path / "run").exists(), setting
 
 
+def test_out_that_is_another_artefact_is_refused_by_name(finished, tmp_path, capsys):
+    """Fresh-user trial: ``pipeline --out CONVERTED_MODEL --stages convert`` exited 0 and wrote
+    teacher/ and pipeline_config.json into the model, which then no longer loaded as one."""
+    from sense_jax.cli import main
+
+    run = finished[0] / "run"
+    for sub, kind in (("teacher", "a converted model"), ("store", "an extraction store"),
+                      ("senses", "a sense dictionary"), ("skd_student", "an exported model"),
+                      ("skd", "a training run")):
+        before = sorted(p.name for p in (run / sub).iterdir())
+        capsys.readouterr()
+        assert main(["pipeline", "--out", str(run / sub), "--stages", "corpus"]) == 2, sub
+        assert f"--out {run / sub}: is {kind}, not a pipeline's output directory" in capsys.readouterr().err
+        assert sorted(p.name for p in (run / sub).iterdir()) == before
+    from sense_jax.pipeline import artefact_kind
+
+    (tmp_path / "mine.txt").write_text("x")
+    assert artefact_kind(run) is None and artefact_kind(tmp_path) is None  # a pipeline's own or a user's: fine
+
+
 def test_an_empty_stage_list_is_refused_not_read_as_every_stage(tmp_path, capsys):
     """Fresh-user trial: ``--stages "$EMPTY"`` ran the whole default pipeline (15 minutes)."""
     from sense_jax.cli import main
