@@ -5,11 +5,12 @@ sequence classification head, :func:`export_model`) and a distilled student with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -64,16 +65,17 @@ def is_exported_dir(path: str | os.PathLike) -> bool:
             and any((path / f).is_file() for f in (EXPORT_MARKER, "adaptor.json", TASK_META_FILE)))
 
 
-def write_export_marker(directory: Path) -> None:
-    """:data:`EXPORT_MARKER` in ``directory`` (the versions that wrote it)."""
-    write_json_atomic(directory / EXPORT_MARKER, {"written_by": "sense_jax export", "provenance": provenance()})
-
-
-def check_exported_replaceable(out: str | os.PathLike, overwrite: bool) -> None:
-    """With ``overwrite``, refuse an ``out`` that is a file or a directory other than an exported
-    model or an empty one (ConfigError naming it): a user's directory is never deleted."""
+@contextlib.contextmanager
+def export_directory(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+    """:func:`~sense_jax.io_utils.atomic_directory` for an export: with ``overwrite`` it replaces
+    only an exported directory or an empty one (ConfigError naming anything else: a user's
+    directory is never deleted), and it marks what it writes with :data:`EXPORT_MARKER` (the
+    versions that wrote it)."""
     if overwrite:
         check_replaceable(out, is_exported_dir, "an exported model directory")
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        yield tmp
+        write_json_atomic(tmp / EXPORT_MARKER, {"written_by": "sense_jax export", "provenance": provenance()})
 
 
 def export_hf(out: str | os.PathLike, family: Any, student_cfg: Any, student_params: dict,
@@ -103,15 +105,13 @@ def export_hf(out: str | os.PathLike, family: Any, student_cfg: Any, student_par
         params["pooler"] = pooler
         cfg = dataclasses.replace(student_cfg, add_pooler=True)
     state = params_to_hf(family, params)
-    check_exported_replaceable(out, overwrite)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with export_directory(out, overwrite) as tmp:
         with open(tmp / "config.json", "w", encoding="utf-8") as f:
             json.dump(student_hf_config(teacher_hf_config, cfg), f, indent=2, sort_keys=True)
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         if tokenizer_dir is not None:
             copy_tokenizer_files(Path(tokenizer_dir), tmp)
-        write_export_marker(tmp)
         if adaptor is not None:
             k = np.asarray(jax.device_get(adaptor["dense"]["kernel"]), np.float32)
             tensors = {"weight": np.ascontiguousarray(k.T),
@@ -173,12 +173,10 @@ def export_model(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
     if not isinstance(id2label, dict) or len(id2label) != cfg.num_labels:
         hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
         hf_config["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
-    check_exported_replaceable(out, overwrite)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with export_directory(out, overwrite) as tmp:
         with open(tmp / "config.json", "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tok_dir is not None:
             copy_tokenizer_files(tok_dir, tmp)
-        write_export_marker(tmp)
     return Path(out)

@@ -40,10 +40,11 @@ from sense_jax.config import load_config
 from sense_jax.convert import METADATA_FILE, convert, read_hf_config
 from sense_jax.errors import ConfigError, SenseJaxError
 from sense_jax.extract import extract
+from sense_jax.hf_export import is_exported_dir
 from sense_jax.io_utils import atomic_directory, read_json, write_json_atomic
 from sense_jax.models import check_input_length, get_family
 from sense_jax.sense_builder import build_sense_dictionary
-from sense_jax.sense_dict import META_FILE
+from sense_jax.sense_dict import META_FILE, is_dictionary_dir
 from sense_jax.store import COMPLETE_MARKER, STORE_DTYPES, open_store
 from sense_jax.training.cache import build_for_run
 
@@ -205,7 +206,7 @@ class Pipeline:
     def stage_convert(self) -> None:
         if (self.teacher_dir / METADATA_FILE).exists():
             self.log(f"[convert] done already: {self.teacher_dir}")
-            self._check_max_length()
+            self._check_teacher_limits()
             return
         src = self.teacher_source()
         if (Path(src) / METADATA_FILE).exists():  # already a converted directory: copy
@@ -215,9 +216,9 @@ class Pipeline:
         else:
             convert(src, self.teacher_dir, overwrite=True)  # absent or incomplete
         self.log(f"[convert] {src} -> {self.teacher_dir}")
-        self._check_max_length()
+        self._check_teacher_limits()
 
-    def _check_max_length(self, teacher: Path | None = None) -> None:
+    def _check_teacher_limits(self, teacher: Path | None = None) -> None:
         """Refuse settings the teacher cannot take (a training ``max_length`` past its positions,
         more ``student_layers`` than it has) now, not after the extraction and clustering stages
         (the trainer checks them again at setup). ``teacher``: a transformers or converted
@@ -232,13 +233,13 @@ class Pipeline:
                               f"{cfg.num_hidden_layers} layers; set student_layers <= {cfg.num_hidden_layers}")
 
     def _check_teacher_fits(self, stages) -> None:
-        """:meth:`_check_max_length` before anything is written (a refused setting must not lock
+        """:meth:`_check_teacher_limits` before anything is written (a refused setting must not lock
         ``--out``), on the converted teacher if there is one, else on the source directory (a hub
         id is checked after its conversion)."""
         if (self.teacher_dir / METADATA_FILE).exists():
-            self._check_max_length()
+            self._check_teacher_limits()
         elif "convert" in stages and (Path(src := self.teacher_source()) / "config.json").is_file():
-            self._check_max_length(Path(src))
+            self._check_teacher_limits(Path(src))
 
     def heldout_path(self) -> Path | None:
         """Held-out passages for the students' sense accuracy (None: the trainer holds out 5%)."""
@@ -439,9 +440,6 @@ def peak_rss_bytes() -> int:
 def artefact_kind(path: Path) -> str | None:
     """What sense_jax artefact directory ``path`` is ("a converted model", ...), None for another
     directory (a pipeline's output, an empty or a user's directory)."""
-    from sense_jax.hf_export import is_exported_dir
-    from sense_jax.sense_dict import is_dictionary_dir
-
     if (path / METADATA_FILE).is_file():
         return "a converted model"
     if (path / "vectors.npy").is_file() and (path / "offsets.npy").is_file():

@@ -18,9 +18,8 @@ from safetensors.numpy import load_file, save_file
 
 from sense_jax.convert import _match, copy_tokenizer_files, params_to_hf
 from sense_jax.errors import SenseJaxError
-from sense_jax.hf_export import (HEAD_FILE, TASK_META_FILE, check_exported_replaceable, export_hf, load_adaptor,
-                                 write_export_marker)
-from sense_jax.io_utils import atomic_directory, read_json, write_json_atomic
+from sense_jax.hf_export import HEAD_FILE, TASK_META_FILE, export_directory, export_hf, load_adaptor
+from sense_jax.io_utils import read_json, write_json_atomic
 from sense_jax.labelled import VOCABULARY_FILE, LabelVocabulary
 from sense_jax.loading import load_model
 from sense_jax.models import get_family
@@ -43,7 +42,6 @@ def best_manager(run_dir: Path, create: bool = True):
                                            read_only=not create, save_interval_steps=0)
     return ocp.CheckpointManager((Path(run_dir) / BEST_DIR).absolute(), options=options,
                                  item_names=("params", "meta"))
-
 
 
 def restore_best(run_dir: str | Path) -> tuple[dict, dict]:
@@ -88,7 +86,6 @@ def restore_best(run_dir: str | Path) -> tuple[dict, dict]:
         mngr.close()
     meta["family_config"] = {"student": scfg, "head": hcfg}
     return jax.device_get(params), meta
-
 
 
 def load_exported_student(path: str | Path) -> tuple[Any, Any, dict, Any, Any]:
@@ -188,8 +185,7 @@ def export_task(run_dir: str | Path, out: str | Path, *, overwrite: bool = False
             "provenance": provenance(), "trained_with": meta.get("provenance")}
     if meta["config"].get("objective") == "finetune":
         state = classifier_state_dict(family, hcfg, params["student"], params["head"])
-        check_exported_replaceable(out, overwrite)
-        with atomic_directory(out, overwrite=overwrite) as tmp:
+        with export_directory(out, overwrite) as tmp:
             with open(tmp / "config.json", "w", encoding="utf-8") as f:
                 json.dump(classifier_hf_config(meta["teacher_hf_config"], hcfg, vocab), f, indent=2, sort_keys=True)
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -197,7 +193,6 @@ def export_task(run_dir: str | Path, out: str | Path, *, overwrite: bool = False
                 copy_tokenizer_files(tok_dir, tmp)
             vocab.save(tmp / VOCABULARY_FILE)
             write_json_atomic(tmp / TASK_META_FILE, info)
-            write_export_marker(tmp)
         return Path(out)
 
     head = dict(params["head"])
@@ -205,8 +200,7 @@ def export_task(run_dir: str | Path, out: str | Path, *, overwrite: bool = False
     info["head_config"] = dataclasses.asdict(hcfg)
     # the teacher whose dictionary the student's senses come from (checked by evaluate-task --senses)
     info.update(teacher_fingerprint=meta.get("teacher_fingerprint"), embedding_fingerprint=meta.get("embedding_fingerprint"))
-    check_exported_replaceable(out, overwrite)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with export_directory(out, overwrite) as tmp:
         student = export_hf(tmp / "student", family, scfg, params["student"], meta["teacher_hf_config"],
                             tokenizer_dir=tok_dir, adaptor=params["adaptor"], pooler=head.get("pooler"),
                             extra_meta={"task": info})
